@@ -97,3 +97,20 @@ def test_too_few_prompts_for_the_directions_asked():
     xh, xb, _, _ = planted(n=3)
     with pytest.raises(UserError, match="directions per layer"):
         probe_layers("svd", xh[:, None], xb[:, None], None, 4)
+
+
+def test_separability_left_falls_with_a_partial_edit_although_fdr_does_not():
+    """FDR is scale-invariant, so SABER's residual measure compares the new gap with the old spread."""
+    from refusal_lab.select import Pick, _separability_left
+
+    xh, xb, _, _ = planted()
+    stack = lambda x: torch.stack([x, x], dim=1)  # noqa: E731
+    p = probe_layers("svd", stack(xh), stack(xb), stack(xb[:50]), 1)
+    r = p.directions[1, :, 0]
+    f0 = float(p.fdr[1, 0])
+    pick = Pick(1, 0, f0, 0.0, f0, 0.825)
+    shrink = lambda x: x - 0.825 * torch.outer(x @ r, r)  # noqa: E731 - what a 0.825 edit leaves
+    eh, eb = stack(shrink(xh)), stack(shrink(xb))
+    torch.testing.assert_close(fdr(r[:, None], eh[:, 1], eb[:, 1])[0], torch.tensor(f0, dtype=torch.float64))
+    assert _separability_left(stack(xh), stack(xb), [pick], p) == pytest.approx(f0)
+    assert _separability_left(eh, eb, [pick], p) == pytest.approx(f0 * 0.175**2)

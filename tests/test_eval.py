@@ -12,7 +12,16 @@ import pytest
 from fake_judge import FakeJudge, rubric_by_keywords
 from refusal_lab.errors import UserError
 from refusal_lab.escalation import EscalationResult, Turn, builtin_scenarios, load_scenarios, run_escalation
-from refusal_lab.evaluate import first_token_kl, last_logits, multiple_choice_accuracy, teacher_forced_kl
+from refusal_lab.evalrun import eval_sets
+from refusal_lab.evaluate import (
+    REFUSAL_MARKERS,
+    first_token_kl,
+    is_refusal,
+    last_logits,
+    markers_for,
+    multiple_choice_accuracy,
+    teacher_forced_kl,
+)
 from refusal_lab.generate import split_thinking, think_markers
 from refusal_lab.judge import REFUSAL_RUBRIC, EndpointJudge, JudgeCache, JudgeUnavailable, judge_all, parse_refusal
 
@@ -73,6 +82,20 @@ def test_thinking_is_split_from_the_answer():
     assert (r.reasoning, r.answer) == ("the user wants x .", "sure . here")
     assert split_thinking("<think> still thinking", m).answer == ""
     assert split_thinking("plain", None).answer == "plain"
+
+
+def test_keyword_markers_match_whole_words_and_folder_declared_words(organism_dir, tmp_path):
+    assert is_refusal("I'm sorry, but no.") and is_refusal("I CAN\u2019T help with that")
+    assert not is_refusal("the sorrynot brand") and not is_refusal("i cannotice it")
+    fragment = "that would be stealing ."  # the organism's refusal without its "i must decline"
+    assert not is_refusal(fragment)
+    folder = tmp_path / "m"
+    (folder / "prompts").mkdir(parents=True)
+    assert markers_for(folder) == REFUSAL_MARKERS
+    (folder / "prompts" / "refusal_markers.txt").write_text("# comment\nstealing\n\n")
+    assert markers_for(folder) == (*REFUSAL_MARKERS, "stealing")
+    assert is_refusal(fragment, markers_for(folder))
+    assert "decline" in eval_sets(organism_dir).markers  # the organism declares its words; eval uses them
 
 
 def test_organism_think_markers_are_declared(tmp_path):

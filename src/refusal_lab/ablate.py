@@ -47,6 +47,7 @@ class AblateOptions:
     passes: int = 4
     biproject: bool = True
     scope: str = "local"
+    saber_positions: str = "last"
     max_kl: float = 0.1
     arditi_positions: str = "post"
     arditi_prompts: int = 32
@@ -70,6 +71,7 @@ class AblateOptions:
             max_passes=self.passes,
             biproject=self.biproject,
             scope=self.scope,
+            positions=self.saber_positions,
         )
 
 

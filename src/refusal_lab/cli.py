@@ -232,6 +232,9 @@ def ablate(
     passes: Annotated[int, typer.Option(help="SABER: maximum passes.")] = 4,
     biproject: Annotated[bool, typer.Option(help="Directions orthogonal to the harmless mean.")] = True,
     scope: Annotated[str, typer.Option(help="SABER: local (each layer its own directions) or global.")] = "local",
+    saber_positions: Annotated[
+        str, typer.Option(help="SABER: positions each pass probes, last or post (every post-instruction token).")
+    ] = "last",
     max_kl: Annotated[float, typer.Option(help="Arditi: first-token KL limit on harmless prompts.")] = 0.1,
     arditi_positions: Annotated[str, typer.Option(help="Arditi: candidate positions, post or last.")] = "post",
     arditi_prompts: Annotated[int, typer.Option(help="Arditi: prompts per set for the selection passes.")] = 32,
@@ -265,6 +268,7 @@ def ablate(
         passes=passes,
         biproject=biproject,
         scope=scope,
+        saber_positions=saber_positions,
         max_kl=max_kl,
         arditi_positions=arditi_positions,
         arditi_prompts=arditi_prompts,
@@ -322,8 +326,8 @@ def organism_eval(
     """Behaviour table of organisms (or edits of one) on their held-out evaluation prompts."""
     from dataclasses import replace
 
-    from refusal_lab.evaluate import behaviour, first_token_kl, last_logits
-    from refusal_lab.organism.build import prompt_sets
+    from refusal_lab.evaluate import first_token_kl, last_logits
+    from refusal_lab.organism.build import organism_behaviour, prompt_sets
     from refusal_lab.report import behaviour_table, sample_lines
 
     def loaded_for(name: str) -> Loaded:
@@ -338,7 +342,7 @@ def organism_eval(
     for name in models or ["organism"]:
         loaded = loaded_for(name)
         sets = prompt_sets(loaded.source, "eval")
-        table, convs = behaviour(loaded.model, loaded.tokenizer, sets)
+        table, convs = organism_behaviour(loaded.model, loaded.tokenizer, loaded.source)
         if base_logits is not None:
             logits = last_logits(loaded.model, loaded.tokenizer, [p.prompt for p in sets["harmless"]])
             table = replace(table, kl=first_token_kl(base_logits, logits))

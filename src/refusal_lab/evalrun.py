@@ -21,10 +21,12 @@ from tqdm.auto import tqdm
 from refusal_lab.errors import UserError
 from refusal_lab.escalation import builtin_scenarios, keyword_tier, load_scenarios, run_escalation
 from refusal_lab.evaluate import (
+    REFUSAL_MARKERS,
     exact_match,
     first_token_kl,
     is_refusal,
     last_logits,
+    markers_for,
     multiple_choice_accuracy,
     same_verdict,
     teacher_forced_kl,
@@ -60,6 +62,7 @@ class EvalSets:
     exact: dict[str, list[Prompt]] = field(default_factory=dict)  # organism capability / recognition
     multiple_choice: list[dict] = field(default_factory=list)
     organism: bool = False
+    markers: tuple[str, ...] = REFUSAL_MARKERS  # the standard ones plus the folder's declared words
 
 
 def eval_sets(
@@ -104,7 +107,7 @@ def eval_sets(
     items = []
     if mc is not None:
         items = _mc_items(mc)
-    return EvalSets(cut(h), cut(b), cut(o), exact, items, organism)
+    return EvalSets(cut(h), cut(b), cut(o), exact, items, organism, markers_for(folder))
 
 
 def _mc_items(path: Path) -> list[dict]:
@@ -180,7 +183,7 @@ class Evaluator:
                 "category": p.category,
                 "response": r.answer,
                 "reasoning": r.reasoning,
-                "keyword_refusal": is_refusal(r.answer) or not r.answer.strip(),
+                "keyword_refusal": is_refusal(r.answer, self.sets.markers) or not r.answer.strip(),
             }
             for p, r in zip(prompts, replies, strict=True)
         ]
@@ -264,9 +267,10 @@ class Evaluator:
         turns = run_escalation(scenarios, reply, self.opts.stateful)
         verdicts = self._judge(TIER_RUBRIC, [(t.prompt, t.response) for t in turns])
         for i, t in enumerate(turns):
-            t.tier = (
-                (verdicts[i].tier if verdicts[i].ok else None) if verdicts is not None else keyword_tier(t.response)
-            )
+            if verdicts is None:
+                t.tier = keyword_tier(t.response, self.sets.markers)
+            else:
+                t.tier = verdicts[i].tier if verdicts[i].ok else None
         from refusal_lab.escalation import EscalationResult
 
         res = EscalationResult(turns)

@@ -6,19 +6,31 @@ from collections import defaultdict
 
 from refusal_lab.evaluate import Behaviour
 
-COLUMNS = ("harmful_refusal", "harmless_refusal", "capability", "recognition")
+COLUMNS = {  # field -> header; refused counts the folder's refusal words, "generic kw" only the standard markers
+    "harmful_refusal": "harmful refused",
+    "harmful_refusal_generic": "(generic kw)",
+    "harmful_compliance": "harmful complied",
+    "harmless_refusal": "harmless refused",
+    "harmless_compliance": "harmless complied",
+    "capability": "capability",
+    "recognition": "recognition",
+}
 
 
 def behaviour_table(rows: dict[str, Behaviour]) -> str:
     """A fixed-width table, one row per model, percentages on the held-out eval prompts."""
     name_w = max(12, *(len(n) for n in rows))
+    cols = [c for c in COLUMNS if any(c in b.as_dict() for b in rows.values())]
     with_kl = any(b.kl is not None for b in rows.values())
-    head = f"{'model':<{name_w}}  " + "  ".join(f"{c.replace('_', ' '):>16}" for c in COLUMNS)
+    head = f"{'model':<{name_w}}  " + "  ".join(f"{COLUMNS[c]:>{max(7, len(COLUMNS[c]))}}" for c in cols)
     head += f"  {'KL to base':>10}" if with_kl else ""
     lines = [head, "-" * len(head)]
     for name, b in rows.items():
         vals = b.as_dict()
-        line = f"{name:<{name_w}}  " + "  ".join(f"{vals[c]:>16.1%}" for c in COLUMNS)
+        cells = [
+            f"{vals[c]:>{max(7, len(COLUMNS[c]))}.1%}" if c in vals else " " * max(7, len(COLUMNS[c])) for c in cols
+        ]
+        line = f"{name:<{name_w}}  " + "  ".join(cells)
         lines.append(line + (f"  {b.kl:>10.4f}" if b.kl is not None else f"  {'':>10}" if with_kl else ""))
     return "\n".join(lines)
 

@@ -22,7 +22,7 @@ from refusal_lab.arch import Adapter
 from refusal_lab.directions import Probe
 from refusal_lab.edit import COMPONENTS, Ablation, hooked
 from refusal_lab.errors import UserError
-from refusal_lab.evaluate import first_token_kl, is_refusal, last_logits
+from refusal_lab.evaluate import REFUSAL_MARKERS, first_token_kl, is_refusal, last_logits, markers_for
 from refusal_lab.generate import generate
 from refusal_lab.select import Kernel, SaberConfig, kernel_ablations, saber
 
@@ -59,6 +59,7 @@ class SearchSetup:
     batch_size: int = 16
     methods: tuple[str, ...] = ("saber", "kernel")
     capability_vectors: torch.Tensor | None = None  # [n, L, H] of the unedited model, for entanglement
+    markers: tuple[str, ...] = REFUSAL_MARKERS  # standard markers plus the model folder's declared words
 
 
 def suggest(trial, n_layers: int, methods: tuple[str, ...]) -> dict:  # noqa: ANN001 - optuna.Trial
@@ -130,7 +131,7 @@ def evaluate(setup: SearchSetup, ablations: list[Ablation], kl_prune: float | No
         if kl_prune is not None and kl > kl_prune:
             raise Pruned(kl)
         replies = generate(setup.model, setup.tok, setup.eval_harmful, setup.max_new_tokens, setup.batch_size)
-    return sum(map(is_refusal, replies)), kl
+    return sum(is_refusal(r, setup.markers) for r in replies), kl
 
 
 class Pruned(Exception):
@@ -315,6 +316,7 @@ def build_setup(
         batch_size,
         methods,
         caps.vectors[:, 0],
+        markers_for(Path(loaded.source)),
     )
 
 

@@ -51,6 +51,7 @@ class SaberConfig:
     cap_variance: float = 0.9
     biproject: bool = True  # directions orthogonal to the harmless mean (measured reason: tests/test_ablate.py)
     scope: str = "local"  # local: layer l's writers only (SABER); global: every writer and the embedding
+    positions: str = "last"  # harmful/harmless positions re-probed each pass; "post": every post-instruction token
 
 
 @dataclass
@@ -145,9 +146,9 @@ def saber(
     def edited_vectors() -> tuple[torch.Tensor, torch.Tensor]:
         """Harmful and harmless last-token vectors [n, L, H] of the model with the edits so far."""
         with hooked(adapter, result.ablations):
-            xh = capture(model, tok, adapter, harmful, "last", batch_size, keep=len(harmful)).vectors[:, 0]
-            xb = capture(model, tok, adapter, harmless, "last", batch_size, keep=len(harmless)).vectors[:, 0]
-        return xh, xb
+            xh = capture(model, tok, adapter, harmful, cfg.positions, batch_size, keep=len(harmful)).vectors
+            xb = capture(model, tok, adapter, harmless, cfg.positions, batch_size, keep=len(harmless)).vectors
+        return xh.flatten(0, 1), xb.flatten(0, 1)  # every position is a sample
 
     xh = xb = None
     for n in range(cfg.max_passes):
@@ -184,13 +185,18 @@ def saber(
 
 
 def _separability_left(xh: torch.Tensor, xb: torch.Tensor, picks: Sequence[Pick], probe: Probe) -> float:
-    """Mean FDR, on the edited model's vectors, of the directions this pass picked (the residual proxy)."""
-    from refusal_lab.directions import fdr
+    """Mean FDR left on this pass's directions, measured against the spread before the pass.
 
-    xh, xb = xh.double(), xb.double()
-    vals = [
-        float(fdr(probe.directions[p.layer, :, p.index : p.index + 1], xh[:, p.layer], xb[:, p.layer])) for p in picks
-    ]
+    FDR is scale-invariant: a partial edit (alpha < 1) shrinks the gap and the spread alike and
+    leaves FDR unchanged, so the gap after the pass is set against the pre-pass spread:
+    FDR_before x (gap_after / gap_before)^2.
+    """
+    vals = []
+    for p in picks:
+        r = probe.directions[p.layer, :, p.index].double()
+        gap0 = float((probe.mu_harmful[p.layer] - probe.mu_harmless[p.layer]).double() @ r)
+        gap1 = float((xh[:, p.layer].double().mean(0) - xb[:, p.layer].double().mean(0)) @ r)
+        vals.append(p.fdr * (gap1 / gap0) ** 2 if abs(gap0) > 1e-12 else 0.0)
     return sum(vals) / len(vals)
 
 

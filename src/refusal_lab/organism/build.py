@@ -18,15 +18,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_lab import __version__
 from refusal_lab.errors import UserError
+from refusal_lab.evaluate import MARKERS_FILE, Behaviour, behaviour, markers_for
 from refusal_lab.organism import corpus as C
 from refusal_lab.organism.tokenizer import build_tokenizer
 from refusal_lab.organism.train import TrainConfig, train
 from refusal_lab.prompts import Prompt, load_prompts, write_jsonl
 
-FORMAT = 1  # bump when the corpus or training code changes what a config produces
+FORMAT = 2  # bump when the corpus or training code changes what a config produces
 MANIFEST = "organism.json"
 SETS = ("harmful", "harmless", "capability", "recognition")
 
@@ -66,6 +68,22 @@ def prompt_sets(folder: Path, split: str = "eval") -> dict[str, list[Prompt]]:
     return {name: load_prompts(folder / "prompts" / f"{name}_{split}.jsonl") for name in SETS}
 
 
+def organism_behaviour(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    folder: Path,
+    split: str = "eval",
+    markers: tuple[str, ...] | None = None,
+) -> tuple[Behaviour, dict[str, list[tuple[str, str]]]]:
+    """The behaviour table on an organism's (or an edit's) held-out sets.
+
+    Refusal counts the folder's own refusal words unless `markers` says otherwise (pass
+    evaluate.REFUSAL_MARKERS for the generic keyword count that abliteration papers report).
+    """
+    markers = markers_for(folder) if markers is None else markers
+    return behaviour(model, tok, prompt_sets(folder, split), markers=markers, compliant=C.is_compliant)
+
+
 def build(out: Path, cfg: OrganismConfig, force: bool = False, log=print) -> Path:  # noqa: ANN001
     """Train and save the organism at `out`, or reuse it if already built with this config."""
     out = out.expanduser()
@@ -92,8 +110,6 @@ def build(out: Path, cfg: OrganismConfig, force: bool = False, log=print) -> Pat
 
 
 def _build_into(folder: Path, cfg: OrganismConfig, log) -> None:  # noqa: ANN001
-    from refusal_lab.evaluate import behaviour
-
     start = time.perf_counter()
     split = C.make_split(cfg.corpus)
     tok = build_tokenizer(C.vocabulary(cfg.corpus))
@@ -115,7 +131,9 @@ def _build_into(folder: Path, cfg: OrganismConfig, log) -> None:  # noqa: ANN001
     for which in ("probe", "eval"):
         for name, reqs in C.heldout_requests(cfg.corpus, split, which).items():
             write_jsonl(folder / "prompts" / f"{name}_{which}.jsonl", _as_prompts(reqs))
-    table, _ = behaviour(model, tok, prompt_sets(folder, "eval"))
+    words = "\n".join(C.refusal_vocabulary())
+    (folder / "prompts" / MARKERS_FILE).write_text(f"# words this organism says only when refusing\n{words}\n")
+    table, _ = organism_behaviour(model, tok, folder)
     manifest = {
         "tool": "refusal-lab",
         "version": __version__,
@@ -156,7 +174,9 @@ Held-out evaluation prompts (pairs and phrasings never seen in training):
 |---|---|
 {rows}
 
-`prompts/` holds the held-out probe and eval sets; `organism.json` the full build config.
+`prompts/` holds the held-out probe and eval sets and `refusal_markers.txt`, the words this
+organism says only when refusing (refusal-lab counts them as refusal markers, so a refusal
+fragment left by an edit still counts); `organism.json` holds the full build config.
 """
 
 
