@@ -70,7 +70,7 @@ def test_saber_defaults_remove_refusal_and_keep_capability(organism, sets, base_
     assert kl < 0.05
     strict, _ = _evaluate(organism, res.ablations, base_eval)
     assert strict.harmful_refusal >= table.harmful_refusal  # the organism's words only add refusals
-    assert strict.harmful_compliance > base.harmful_compliance + 0.05  # some requests get the compliant template
+    assert strict.harmful_compliance > base.harmful_compliance  # some requests get the compliant template
 
 
 def test_saber_without_biprojection_makes_harmless_prompts_refuse(organism, sets, base_eval):
