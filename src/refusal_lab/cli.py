@@ -341,10 +341,9 @@ def organism_eval(
     rows, convs = {}, {}
     for name in models or ["organism"]:
         loaded = loaded_for(name)
-        sets = prompt_sets(loaded.source, "eval")
         table, convs = organism_behaviour(loaded.model, loaded.tokenizer, loaded.source)
         if base_logits is not None:
-            logits = last_logits(loaded.model, loaded.tokenizer, [p.prompt for p in sets["harmless"]])
+            logits = last_logits(loaded.model, loaded.tokenizer, [prompt for prompt, _ in convs["harmless"]])
             table = replace(table, kl=first_token_kl(base_logits, logits))
         rows[loaded.source.name] = table
     typer.echo(behaviour_table(rows))

@@ -62,10 +62,10 @@ def is_refusal(reply: str, markers: Sequence[str] = REFUSAL_MARKERS) -> bool:
     return _marker_re(tuple(markers)).search(normalise(reply)) is not None
 
 
-def markers_for(folder: Path | None) -> tuple[str, ...]:
+def markers_for(folder: Path) -> tuple[str, ...]:
     """The standard markers plus those the model folder declares (the organism declares its own words)."""
-    path = folder / "prompts" / MARKERS_FILE if folder is not None else None
-    if path is None or not path.is_file():
+    path = folder / "prompts" / MARKERS_FILE
+    if not path.is_file():
         return REFUSAL_MARKERS
     extra = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     return REFUSAL_MARKERS + tuple(m for m in extra if m and not m.startswith("#"))

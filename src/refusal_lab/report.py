@@ -21,15 +21,14 @@ def behaviour_table(rows: dict[str, Behaviour]) -> str:
     """A fixed-width table, one row per model, percentages on the held-out eval prompts."""
     name_w = max(12, *(len(n) for n in rows))
     cols = [c for c in COLUMNS if any(c in b.as_dict() for b in rows.values())]
+    width = {c: max(7, len(COLUMNS[c])) for c in cols}
     with_kl = any(b.kl is not None for b in rows.values())
-    head = f"{'model':<{name_w}}  " + "  ".join(f"{COLUMNS[c]:>{max(7, len(COLUMNS[c]))}}" for c in cols)
+    head = f"{'model':<{name_w}}  " + "  ".join(f"{COLUMNS[c]:>{width[c]}}" for c in cols)
     head += f"  {'KL to base':>10}" if with_kl else ""
     lines = [head, "-" * len(head)]
     for name, b in rows.items():
         vals = b.as_dict()
-        cells = [
-            f"{vals[c]:>{max(7, len(COLUMNS[c]))}.1%}" if c in vals else " " * max(7, len(COLUMNS[c])) for c in cols
-        ]
+        cells = [f"{vals[c]:>{width[c]}.1%}" if c in vals else " " * width[c] for c in cols]
         line = f"{name:<{name_w}}  " + "  ".join(cells)
         lines.append(line + (f"  {b.kl:>10.4f}" if b.kl is not None else f"  {'':>10}" if with_kl else ""))
     return "\n".join(lines)

@@ -316,7 +316,7 @@ def build_setup(
         batch_size,
         methods,
         caps.vectors[:, 0],
-        markers_for(Path(loaded.source)),
+        markers_for(loaded.source),
     )
 
 

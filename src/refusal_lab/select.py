@@ -144,7 +144,7 @@ def saber(
     probe = first_probe
 
     def edited_vectors() -> tuple[torch.Tensor, torch.Tensor]:
-        """Harmful and harmless last-token vectors [n, L, H] of the model with the edits so far."""
+        """Harmful and harmless vectors [n x positions, L, H] of the model with the edits so far."""
         with hooked(adapter, result.ablations):
             xh = capture(model, tok, adapter, harmful, cfg.positions, batch_size, keep=len(harmful)).vectors
             xb = capture(model, tok, adapter, harmless, cfg.positions, batch_size, keep=len(harmless)).vectors

@@ -322,23 +322,31 @@ def heldout_requests(cfg: CorpusConfig, split: Split, which: str) -> dict[str, l
     return out
 
 
+def _texts() -> dict[str, list[str]]:
+    """Every text the world is made of, by role, in the tokenizer's fixed order."""
+    return {
+        "requests": [v for vs in HARM_VERBS.values() for v in vs] + list(SAFE_VERBS + PEOPLE + THINGS + PHRASINGS),
+        "refusals": [r for rs in REFUSALS.values() for r in rs],
+        "answers": list(COMPLY + RECOGNISE)
+        + [RECOGNISE_YES, RECOGNISE_NO, "what is plus minus repeat after me : list with commas , . ?"]
+        + list(WORDS + tuple(COLOURS.values()) + LOOKUP_PHRASINGS)
+        + [str(i) for i in range(19)],
+        "thinking": ["the user wants to is a person this is safe i should refuse help", *HARM_VERBS],
+    }
+
+
+def _split(text: str) -> list[str]:
+    return re.sub(r"\{\w\}", " ", text).split()
+
+
 def vocabulary(cfg: CorpusConfig) -> list[str]:
     """Every word the world can produce, in a fixed order (the tokenizer's vocabulary)."""
-    texts: list[str] = []
-    texts += [v for vs in HARM_VERBS.values() for v in vs] + list(SAFE_VERBS) + list(PEOPLE) + list(THINGS)
-    texts += list(PHRASINGS) + [r for rs in REFUSALS.values() for r in rs] + list(COMPLY) + list(RECOGNISE)
-    texts += [RECOGNISE_YES, RECOGNISE_NO, "what is plus minus repeat after me : list with commas , . ?"]
-    texts += list(WORDS) + list(COLOURS.values()) + list(LOOKUP_PHRASINGS) + [str(i) for i in range(19)]
-    texts += ["the user wants to is a person this is safe i should refuse help", *HARM_VERBS]
     seen: dict[str, None] = {}
-    for text in texts:
-        for word in re.sub(r"\{\w\}", " ", text).split():
-            seen.setdefault(word, None)
+    for texts in _texts().values():
+        for text in texts:
+            for word in _split(text):
+                seen.setdefault(word, None)
     return list(seen)
-
-
-def _words(texts: Iterator[str] | list[str] | tuple[str, ...]) -> set[str]:
-    return {w for t in texts for w in re.sub(r"\{\w\}", " ", t).split() if re.fullmatch(r"[a-z']+", w)}
 
 
 def refusal_vocabulary() -> list[str]:
@@ -346,15 +354,13 @@ def refusal_vocabulary() -> list[str]:
 
     Generic keyword markers miss the organism's refusal fragments ("that would be stealing .",
     "must decline .") once an edit knocks out the opener, so the folder declares these words
-    and every refusal count uses them (whole-word matches, see evaluate.is_refusal).
+    and every refusal count uses them (whole-word matches, see evaluate.is_refusal). Think
+    traces are not answers (refusal is scored with them split off), so they do not count.
     """
-    refusing = _words([r for rs in REFUSALS.values() for r in rs])
-    elsewhere = _words(
-        [v for vs in HARM_VERBS.values() for v in vs]
-        + list(SAFE_VERBS + PEOPLE + THINGS + PHRASINGS + COMPLY + RECOGNISE + WORDS + LOOKUP_PHRASINGS)
-        + [RECOGNISE_YES, RECOGNISE_NO, "what is plus minus repeat after me : list with commas", *COLOURS.values()]
-    )
-    return sorted(refusing - elsewhere)
+    texts = _texts()
+    refusing = {w for t in texts["refusals"] for w in _split(t)}
+    elsewhere = {w for t in texts["requests"] + texts["answers"] for w in _split(t)}
+    return sorted(w for w in refusing - elsewhere if re.fullmatch(r"[a-z']+", w))
 
 
 _PHRASING_RES = [re.compile("^" + re.escape(p).replace(r"\{x\}", "(.+)") + "$") for p in PHRASINGS]
