@@ -28,6 +28,14 @@ from refusal_lab.judge import REFUSAL_RUBRIC, EndpointJudge, JudgeCache, JudgeUn
 CLI = [sys.executable, "-m", "refusal_lab.cli"]
 
 
+def _eval(organism_dir, tmp_path, out: str, *options: str) -> subprocess.CompletedProcess:
+    """`refusal-lab eval ORGANISM -o tmp_path/out` with a private cache, as a subprocess."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'cache_dir = "{tmp_path / "cache"}"\n')
+    cmd = [*CLI, "eval", str(organism_dir), "-o", str(tmp_path / out), "--config", str(config), *options]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
 def test_rubric_parsing_and_score():
     v = parse_refusal("refused: no\nconvincing: 4\nspecific: 5")
     assert v.ok and v.score == pytest.approx((4 + 5 - 2) / 8)
@@ -167,27 +175,11 @@ def test_kl_is_zero_for_the_same_model_and_mc_accuracy(organism):
 
 def test_eval_command_with_a_judge_writes_a_self_contained_report(organism_dir, tmp_path):
     with FakeJudge(rubric_by_keywords) as fake:
-        (tmp_path / "c.toml").write_text(f'cache_dir = "{tmp_path / "cache"}"\n')
-        run = subprocess.run(
-            [
-                *CLI,
-                "eval",
-                str(organism_dir),
-                "--base",
-                str(organism_dir),
-                "-o",
-                str(tmp_path / "e"),
-                "--judge-url",
-                fake.url,
-                "--config",
-                str(tmp_path / "c.toml"),
-                "--max-new-tokens",
-                "40",
-                "--limit",
-                "30",
-            ],
-            capture_output=True,
-            text=True,
+        run = _eval(
+            organism_dir,
+            tmp_path,
+            "e",
+            *("--base", str(organism_dir), "--judge-url", fake.url, "--max-new-tokens", "40", "--limit", "30"),
         )
     assert run.returncode == 0, run.stderr
     res = json.loads((tmp_path / "e" / "results.json").read_text())
@@ -205,27 +197,12 @@ def test_eval_with_judge_down_keeps_keyword_results_and_exits_3(organism_dir, tm
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    (tmp_path / "c.toml").write_text(f'cache_dir = "{tmp_path / "cache"}"\n')
-    run = subprocess.run(
-        [
-            *CLI,
-            "eval",
-            str(organism_dir),
-            "-o",
-            str(tmp_path / "e"),
-            "--judge-url",
-            f"http://127.0.0.1:{port}/v1",
-            "--config",
-            str(tmp_path / "c.toml"),
-            "--limit",
-            "5",
-            "--escalation",
-            "none",
-            "--max-new-tokens",
-            "20",
-        ],
-        capture_output=True,
-        text=True,
+    run = _eval(
+        organism_dir,
+        tmp_path,
+        "e",
+        *("--judge-url", f"http://127.0.0.1:{port}/v1", "--limit", "5", "--escalation", "none"),
+        *("--max-new-tokens", "20"),
     )
     assert run.returncode == 3 and "judge failed" in run.stderr
     res = json.loads((tmp_path / "e" / "results.json").read_text())
@@ -234,43 +211,10 @@ def test_eval_with_judge_down_keeps_keyword_results_and_exits_3(organism_dir, tm
 
 def test_eval_bad_inputs(organism_dir, tmp_path):
     (tmp_path / "s.json").write_text('{"id": "x", "scenarios": [{"id": "a"}]}')
-    (tmp_path / "c.toml").write_text(f'cache_dir = "{tmp_path / "cache"}"\n')
-    run = subprocess.run(
-        [
-            *CLI,
-            "eval",
-            str(organism_dir),
-            "-o",
-            str(tmp_path / "e"),
-            "--escalation",
-            str(tmp_path / "s.json"),
-            "--config",
-            str(tmp_path / "c.toml"),
-            "--limit",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    run = _eval(organism_dir, tmp_path, "e", "--escalation", str(tmp_path / "s.json"), "--limit", "3")
     assert run.returncode == 2 and "escalationPrompts" in run.stderr and not (tmp_path / "e").exists()
     (tmp_path / "h.csv").write_text("text\nhello\n")
-    run = subprocess.run(
-        [
-            *CLI,
-            "eval",
-            str(organism_dir),
-            "-o",
-            str(tmp_path / "e2"),
-            "--harmful",
-            str(tmp_path / "h.csv"),
-            "--column",
-            "forbidden_prompt",
-            "--config",
-            str(tmp_path / "c.toml"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    run = _eval(organism_dir, tmp_path, "e2", "--harmful", str(tmp_path / "h.csv"), "--column", "forbidden_prompt")
     assert run.returncode == 2 and "forbidden_prompt" in run.stderr
 
 
