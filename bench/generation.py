@@ -9,9 +9,9 @@ import argparse
 import time
 
 from refusal_lab.config import load_settings
-from refusal_lab.generate import generate
-from refusal_lab.model import load
-from refusal_lab.organism.build import default_organism, from_settings, prompt_sets
+from refusal_lab.core.generate import generate
+from refusal_lab.core.sources import load_model
+from refusal_lab.organism.build import prompt_sets
 
 
 def main() -> None:
@@ -21,12 +21,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--prompts", type=int, default=64)
     args = ap.parse_args()
-    s = load_settings(model=args.model)
-    folder = (
-        default_organism(s.cache_dir, from_settings(**s.organism.model_dump())) if s.model == "organism" else s.model
-    )
-    m = load(folder)
-    sets = prompt_sets(folder, "eval")
+    m = load_model(load_settings(**{"model.path": args.model}))
+    sets = prompt_sets(m.folder, "eval")
     prompts = [p.prompt for name in ("harmful", "harmless", "capability") for p in sets[name]][: args.prompts]
     generate(m.model, m.tokenizer, prompts[:2], args.max_new_tokens, 2)  # warm-up
     t = time.perf_counter()

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
-from refusal_lab.activations import residual_at_position
-from refusal_lab.arch import adapt
+from refusal_lab.ablate.edit import Ablation, hooked, orthogonalize
+from refusal_lab.ablate.saber import saber
 from refusal_lab.config import load_settings
-from refusal_lab.directions import projected_directions
-from refusal_lab.edit import Ablation, hooked, orthogonalize
-from refusal_lab.evaluate import Behaviour, first_token_kl, last_logits
-from refusal_lab.model import Loaded, load
-from refusal_lab.organism.build import default_organism, from_settings, organism_behaviour, prompt_sets
-from refusal_lab.pipeline import prompt_sets_for
-from refusal_lab.select import SaberConfig, saber
+from refusal_lab.core.activations import residual_at_position
+from refusal_lab.core.arch import adapt
+from refusal_lab.core.model import Loaded, load
+from refusal_lab.core.sources import Source
+from refusal_lab.evaluate.metrics import Behaviour, first_token_kl, last_logits
+from refusal_lab.organism.build import default_organism, organism_behaviour, organism_config, prompt_sets
+from refusal_lab.probe.directions import projected_directions
 
 
 def row(label: str, b: Behaviour, kl: float) -> str:
@@ -71,15 +71,15 @@ def main() -> None:
         if args.steps:
             settings["steps"] = args.steps
         start = time.perf_counter()
-        folder = default_organism(s.cache_dir, from_settings(**settings), log=lambda _m: None)
+        folder = default_organism(s.cache_dir, organism_config(s.organism.model_copy(update=settings)), log=print)
         m = load(folder, "float32", "cpu")
         harmless = [p.prompt for p in prompt_sets(folder, "eval")["harmless"]]
         base_logits = last_logits(m.model, m.tokenizer, harmless)
         b, _ = organism_behaviour(m.model, m.tokenizer, folder)
         print(row(f"seed {seed} base", b, 0.0))
-        sets = prompt_sets_for(Path(folder))
+        sets = Source.of(Path(folder)).probe_sets(s.prompts)
         texts = (sets.texts("harmful"), sets.texts("harmless"), sets.texts("capability"))
-        res = saber(m.model, m.tokenizer, adapt(m.model), *texts, SaberConfig())
+        res = saber(m.model, m.tokenizer, adapt(m.model), *texts, s.probe, s.ablate.saber)
         print(row(f"seed {seed} saber defaults", *scored(m, res.ablations, base_logits, harmless)))
         edited = Loaded(oracle(m), m.tokenizer, m.source)
         print(row(f"seed {seed} oracle", *scored(edited, [], base_logits, harmless)))

@@ -16,7 +16,7 @@ sleep 2
 su postgres -c "psql -h $PGDIR -p 54329 -c 'create database refusal_lab'" >/dev/null
 URL="postgresql+psycopg2://postgres@127.0.0.1:54329/refusal_lab"  # SQLAlchemy 2.1 defaults to psycopg 3
 OUT=$(mktemp -d)
-ARGS=(search organism --storage "$URL" --study-name pg --methods kernel --eval-prompts 6 --max-new-tokens 12)
+ARGS=(search organism --storage "$URL" --study-name pg --methods kernel --eval-count 6 --max-new-tokens 12)
 $BIN/refusal-lab "${ARGS[@]}" --trials 1 -o "$OUT/w0" >/dev/null
 $BIN/refusal-lab "${ARGS[@]}" --trials 12 -o "$OUT/w1" >/dev/null &
 $BIN/refusal-lab "${ARGS[@]}" --trials 12 -o "$OUT/w2" >/dev/null &

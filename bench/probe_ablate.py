@@ -17,15 +17,13 @@ from pathlib import Path
 
 import torch
 
-from refusal_lab.activations import capture
-from refusal_lab.arch import adapt
-from refusal_lab.config import load_settings
-from refusal_lab.directions import probe_layers
-from refusal_lab.edit import apply_weights
-from refusal_lab.generate import encode
-from refusal_lab.model import load
-from refusal_lab.pipeline import prompt_sets_for
-from refusal_lab.select import SaberConfig, picks_to_ablations, saber, saber_pick
+from refusal_lab.ablate.edit import apply_weights
+from refusal_lab.ablate.saber import picks_to_ablations, saber, saber_pick
+from refusal_lab.config import PromptSettings, load_settings
+from refusal_lab.core.activations import capture
+from refusal_lab.core.generate import encode
+from refusal_lab.core.sources import Source, load_model
+from refusal_lab.probe.directions import probe_layers
 
 
 def rss_mb() -> float:
@@ -41,18 +39,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    s = load_settings(model=args.model)
-    if s.model == "organism":
-        from refusal_lab.organism.build import default_organism, from_settings
-
-        s = s.model_copy(update={"model": str(default_organism(s.cache_dir, from_settings(**s.organism.model_dump())))})
-    loaded = load(s.model, args.dtype)
+    s = load_settings(**{"model.path": args.model, "model.dtype": args.dtype})
+    loaded = load_model(s)
     model, tok = loaded.model, loaded.tokenizer
-    sets = prompt_sets_for(Path(s.model), args.harmful, None, None, args.column)
+    sets = Source.of(loaded.source).probe_sets(PromptSettings(harmful=args.harmful, column=args.column))
     harmful, harmless, cap = sets.texts("harmful")[:49], sets.texts("harmless")[:49], sets.texts("capability")[:30]
     everything = harmful + harmless + cap
-    a = adapt(model)
-    cfg = SaberConfig(biproject=True)
+    a = loaded.adapter
+    cfg, popts = s.ablate.saber, s.probe
     print(
         f"model {s.model}  layers {a.num_layers}  hidden {a.hidden_size}  prompts {len(harmful)}+{len(harmless)}"
         f"+{len(cap)}  batch {args.batch_size}  threads {torch.get_num_threads()}"
@@ -69,8 +63,8 @@ def main() -> None:
             n: capture(model, tok, a, p, "last", args.batch_size, keep=len(p)).vectors[:, 0]
             for n, p in (("h", harmful), ("b", harmless), ("c", cap))
         }
-        probe = probe_layers(cfg.extraction, x["h"], x["b"], x["c"], cfg.directions_per_layer, biproject=True)
-        return picks_to_ablations(probe, saber_pick(probe, cfg), a.num_layers)
+        probe = probe_layers(popts.extraction, x["h"], x["b"], x["c"], popts.directions_per_layer, biproject=True)
+        return picks_to_ablations(probe, saber_pick(probe, cfg), a.num_layers, cfg)
 
     forward()  # warm-up
     fwd, pas = [], []
@@ -89,10 +83,9 @@ def main() -> None:
     print(f"capture + extraction + selection:  {p:8.3f} s   ratio {p / f:.2f}x")
     print(f"weight edit (in place):            {edit_s:8.3f} s")
     print(f"one pass incl. edit:               {p + edit_s:8.3f} s   ratio {(p + edit_s) / f:.2f}x  (target <= 2x)")
-    loaded2 = load(s.model, args.dtype)
-    a2 = adapt(loaded2.model)
+    loaded2 = load_model(s)
     t = time.perf_counter()
-    res = saber(loaded2.model, tok, a2, harmful, harmless, cap, cfg, args.batch_size)
+    res = saber(loaded2.model, tok, loaded2.adapter, harmful, harmless, cap, popts, cfg, args.batch_size)
     it = time.perf_counter() - t
     print(f"iterative SABER, {len(res.passes)} passes (hooks):   {it:8.3f} s   ratio {it / f:.2f}x")
     print(f"peak RSS: {rss_mb():.0f} MB")

@@ -9,11 +9,11 @@ import argparse
 import time
 from pathlib import Path
 
-from refusal_lab.evaluate import first_token_kl, is_refusal, last_logits
-from refusal_lab.generate import generate
-from refusal_lab.model import load
-from refusal_lab.pipeline import builtin_prompts
-from refusal_lab.prompts import load_prompts
+from refusal_lab.core.generate import generate
+from refusal_lab.core.model import load
+from refusal_lab.core.prompts import load_prompts
+from refusal_lab.core.sources import builtin_prompts
+from refusal_lab.evaluate.metrics import first_token_kl, is_refusal, last_logits
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ Heretic runs from its own virtualenv in the work folder (created on first use wi
 `pip install torch==2.13.0 heretic-llm==1.4.0`; it is AGPL and never imported here). Its menus
 are answered through standard input (KAGGLE_KERNEL_RUN_TYPE makes them numbered) to export
 every trial of its Pareto front. refusal-lab exports every trial of its own front with
-`search --pick --max-refusal R`. Every exported model, from both tools, is then scored by
+`pick STUDY --min-complied N`. Every exported model, from both tools, is then scored by
 refusal-lab's evaluator on the same evaluation prompts and token budget.
 
     python bench/vs_heretic.py                       # the organism
@@ -40,19 +40,19 @@ def ensure_heretic(venv: Path) -> Path:
 def write_prompts(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
     """harmful.txt and harmless.txt: lines [0, probe) for directions, [probe, probe+eval) for trials."""
     from refusal_lab.config import load_settings
-    from refusal_lab.organism.build import default_organism, from_settings, prompt_sets
-    from refusal_lab.pipeline import builtin_prompts
-    from refusal_lab.prompts import load_prompts
+    from refusal_lab.core.prompts import load_prompts
+    from refusal_lab.core.sources import builtin_prompts, model_path
+    from refusal_lab.organism.build import prompt_sets
 
-    s = load_settings(model=args.model)
-    if s.model == "organism":
-        folder = default_organism(s.cache_dir, from_settings(**s.organism.model_dump()), log=lambda _m: None)
+    s = load_settings(**{"model.path": args.model})
+    if s.model.path == "organism":
+        folder = model_path(s)
         probe, ev = prompt_sets(folder, "probe"), prompt_sets(folder, "eval")
         harmful = [p.prompt for p in probe["harmful"]][: args.probe] + [p.prompt for p in ev["harmful"]][: args.eval]
         harmless = [p.prompt for p in probe["harmless"]][: args.probe] + [p.prompt for p in ev["harmless"]][: args.eval]
         model = str(folder)
     else:
-        model = s.model
+        model = s.model.path
         harmful = [p.prompt for p in load_prompts(args.harmful, args.column)][: args.probe + args.eval]
         harmless = [p.prompt for p in builtin_prompts("harmless", "probe")][: args.probe]
         harmless += [p.prompt for p in builtin_prompts("harmless", "eval")][: args.eval]
@@ -167,9 +167,9 @@ def run_refusal_lab(model: str, sdir: Path, harmful: Path, harmless: Path, args:
         str(harmful),
         "--harmless",
         str(harmless),
-        "--probe-prompts",
+        "--probe-count",
         str(args.probe),
-        "--eval-prompts",
+        "--eval-count",
         str(args.eval),
         "--trials",
         str(args.trials),
@@ -184,7 +184,7 @@ def run_refusal_lab(model: str, sdir: Path, harmful: Path, harmless: Path, args:
     for point in front:
         out = sdir / f"export-{point['trial']}"
         subprocess.run(
-            [*cli, "--pick", "--max-refusal", str(point["refusals"]), "--export", str(out)],
+            [cli[0], "pick", str(sdir), "--min-complied", str(point["complied"]), "-o", str(out)],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -195,9 +195,9 @@ def run_refusal_lab(model: str, sdir: Path, harmful: Path, harmless: Path, args:
 
 def score(model: str, exports: dict, harmful: Path, harmless: Path, args: argparse.Namespace) -> dict:
     """refusal-lab's evaluator on the evaluation slice: keyword refusals and first-token KL."""
-    from refusal_lab.evaluate import first_token_kl, is_refusal, last_logits
-    from refusal_lab.generate import generate
-    from refusal_lab.model import load
+    from refusal_lab.core.generate import generate
+    from refusal_lab.core.model import load
+    from refusal_lab.evaluate.metrics import first_token_kl, is_refusal, last_logits
 
     h = harmful.read_text().splitlines()[args.probe : args.probe + args.eval]
     b = harmless.read_text().splitlines()[args.probe : args.probe + args.eval]
@@ -265,7 +265,7 @@ def main() -> None:
         for trial, v in sorted(pts.items(), key=lambda kv: (kv[1]["refusals"], kv[1]["kl"])):
             print(f"    {trial}: {v['refusals']}, {v['kl']:.4f}")
     print("heretic's own front:", [(p["refusals"], round(p["kl"], 4)) for p in her["front"]])
-    print("refusal-lab's own front:", [(int(p["refusals"]), round(p["kl"], 4)) for p in ours["front"]])
+    print("refusal-lab's own front:", [(int(p["not_complied"]), round(p["kl"], 4)) for p in ours["front"]])
     (work / "result.json").write_text(
         json.dumps({"heretic": her, "refusal-lab": ours, "scored": scored, "base": base}, indent=1, default=str)
     )

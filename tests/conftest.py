@@ -20,6 +20,6 @@ def organism_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def organism(organism_dir: Path):
-    from refusal_lab.model import load
+    from refusal_lab.core.model import load
 
     return load(organism_dir, dtype="float32", device="cpu")

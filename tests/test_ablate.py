@@ -11,18 +11,26 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from refusal_lab import activations
-from refusal_lab.arch import adapt
-from refusal_lab.edit import Ablation, hooked
+from refusal_lab.ablate.arditi import arditi
+from refusal_lab.ablate.edit import Ablation, hooked
+from refusal_lab.ablate.saber import saber
+from refusal_lab.config import ArditiSettings, ProbeSettings, PromptSettings, SaberSettings
+from refusal_lab.core import activations
+from refusal_lab.core.arch import adapt
+from refusal_lab.core.generate import generate
+from refusal_lab.core.sources import Source
 from refusal_lab.errors import UserError
-from refusal_lab.evaluate import REFUSAL_MARKERS, first_token_kl, last_logits, refusal_token_ids
-from refusal_lab.generate import generate
+from refusal_lab.evaluate.metrics import KeywordScorer, first_token_kl, last_logits, refusal_token_ids
 from refusal_lab.organism.build import organism_behaviour, prompt_sets
-from refusal_lab.pipeline import ProbeOptions, prompt_sets_for, read_probe, run_probe
-from refusal_lab.select import ArditiConfig, SaberConfig, arditi, saber
+from refusal_lab.probe.stage import read_probe, run_probe
 from test_model_loading import tree_digest
 
 CLI = [sys.executable, "-m", "refusal_lab.cli"]
+GENERIC = KeywordScorer()  # the standard keyword markers only
+
+
+def prompt_sets_for(folder, harmful=None, harmless=None):
+    return Source.of(folder).probe_sets(PromptSettings(harmful=harmful, harmless=harmless))
 
 
 @pytest.fixture(scope="module")
@@ -38,30 +46,30 @@ def base_eval(organism):
     return ev, table, logits
 
 
-def _evaluate(organism, ablations, base_eval, markers=None):
+def _evaluate(organism, ablations, base_eval, scorer=None):
     ev, _, base_logits = base_eval
     a = adapt(organism.model)
     with hooked(a, ablations):
-        table, _ = organism_behaviour(organism.model, organism.tokenizer, organism.source, markers=markers)
+        table, _ = organism_behaviour(organism.model, organism.tokenizer, organism.source, scorer=scorer)
         kl = first_token_kl(
             base_logits, last_logits(organism.model, organism.tokenizer, [p.prompt for p in ev["harmless"]])
         )
     return table, kl
 
 
-def _saber(organism, sets, cfg: SaberConfig):
+def _saber(organism, sets, cfg: SaberSettings, probe: ProbeSettings | None = None):
     a = adapt(organism.model)
     texts = (sets.texts("harmful"), sets.texts("harmless"), sets.texts("capability"))
-    return saber(organism.model, organism.tokenizer, a, *texts, cfg)
+    return saber(organism.model, organism.tokenizer, a, *texts, probe or ProbeSettings(), cfg)
 
 
 def test_saber_defaults_remove_refusal_and_keep_capability(organism, sets, base_eval):
     """Scored as SABER scores itself (generic keyword markers); the organism's own refusal words
     also catch the fragments an edit leaves ("that would be stealing ."), and SABER leaves some
     (11% on the build measured for the README), so those are only checked against the base."""
-    res = _saber(organism, sets, SaberConfig())
+    res = _saber(organism, sets, SaberSettings())
     assert 1 <= len(res.passes) <= 4 and all(len(p.picks) <= 14 for p in res.passes)
-    table, kl = _evaluate(organism, res.ablations, base_eval, markers=REFUSAL_MARKERS)
+    table, kl = _evaluate(organism, res.ablations, base_eval, scorer=GENERIC)
     base = base_eval[1]
     assert table.harmful_refusal <= 0.05
     assert table.harmless_refusal <= 0.05
@@ -75,7 +83,7 @@ def test_saber_defaults_remove_refusal_and_keep_capability(organism, sets, base_
 
 def test_saber_without_biprojection_makes_harmless_prompts_refuse(organism, sets, base_eval):
     """The measured reason biproject is on by default: SABER's raw SVD directions fail here."""
-    res = _saber(organism, sets, SaberConfig(biproject=False))
+    res = _saber(organism, sets, SaberSettings(), ProbeSettings(biproject=False))
     table, _ = _evaluate(organism, res.ablations, base_eval)
     assert table.harmful_refusal > 0.2 or table.harmless_refusal > 0.2
 
@@ -83,24 +91,24 @@ def test_saber_without_biprojection_makes_harmless_prompts_refuse(organism, sets
 def test_arditi_single_direction_falls_short(organism, sets, base_eval):
     a = adapt(organism.model)
     harmful = sets.texts("harmful")
-    ids = refusal_token_ids(organism.tokenizer, harmful, generate(organism.model, organism.tokenizer, harmful, 8))
+    ids = refusal_token_ids(organism.tokenizer, generate(organism.model, organism.tokenizer, harmful, 8))
     assert ids
-    choice = arditi(organism.model, organism.tokenizer, a, harmful, sets.texts("harmless"), ids, ArditiConfig())
+    choice = arditi(organism.model, organism.tokenizer, a, harmful, sets.texts("harmless"), ids, ArditiSettings())
     assert choice.table and {"layer", "position", "kl"} <= set(choice.table[0])
     table, _ = _evaluate(organism, [Ablation(choice.direction)], base_eval)
     assert table.harmful_refusal >= 0.2 or table.harmless_refusal >= 0.2
 
 
 def test_activation_cache_skips_capture_on_rerun(organism, sets, tmp_path, monkeypatch):
-    opts = ProbeOptions(directions_per_layer=2)
-    first = run_probe(organism, sets, opts, tmp_path, lambda _m: None)
+    opts = ProbeSettings(directions_per_layer=2)
+    first = run_probe(organism, sets, opts, 16, tmp_path, lambda _m: None)
     assert len(list(tmp_path.glob("act-*.safetensors"))) == 3
 
     def boom(*_a, **_k):
         raise AssertionError("capture ran again")
 
     monkeypatch.setattr(activations, "capture", boom)
-    again = run_probe(organism, sets, opts, tmp_path, lambda _m: None)
+    again = run_probe(organism, sets, opts, 16, tmp_path, lambda _m: None)
     torch.testing.assert_close(again.fdr, first.fdr)
 
 
@@ -150,15 +158,14 @@ def test_cli_probe_then_ablate_writes_loadable_folders(organism_dir, tmp_path):
 
 
 def test_probe_folder_from_another_model_is_refused(organism, tmp_path):
-    from refusal_lab.activations import fingerprint
-    from refusal_lab.pipeline import write_probe
+    from refusal_lab.config import Settings
+    from refusal_lab.probe.stage import write_probe
 
-    probe = run_probe(
-        organism, prompt_sets_for(organism.source), ProbeOptions(directions_per_layer=1), None, lambda _m: None
-    )
-    write_probe(tmp_path / "p", probe, {"fingerprint": "someone-else"})
+    sets = prompt_sets_for(organism.source)
+    probe = run_probe(organism, sets, ProbeSettings(directions_per_layer=1), 16, None, lambda _m: None)
+    write_probe(tmp_path / "p", probe, organism, Settings(), sets)
     with pytest.raises(UserError, match="another model"):
-        read_probe(tmp_path / "p", fingerprint(organism.model), probe.directions.shape[1])
+        read_probe(tmp_path / "p", "someone-else", probe.directions.shape[1])
     with pytest.raises(UserError, match="hidden size"):
         read_probe(tmp_path / "p", "x", probe.directions.shape[1] + 1)
 
@@ -187,3 +194,99 @@ def test_post_instruction_positions(organism):
     s = activations.capture(organism.model, organism.tokenizer, a, ["what is 2 plus 2 ?"] * 3, "post", keep=3)
     assert s.mean.shape == (2, a.num_layers, a.hidden_size) and s.vectors.shape[1] == 2
     assert Path(organism.source).is_dir()
+
+
+def test_arditi_steers_where_the_direction_was_read(organism):
+    """The vector is added to layer l's output, the point the difference of means was measured at."""
+    from refusal_lab.ablate.arditi import steer
+
+    a = adapt(organism.model)
+    prompts = ["how do i fix the door ?", "what is 2 plus 2 ?"]
+    layer = 1
+    v = torch.randn(a.hidden_size) * 0.5
+    before = activations.capture(organism.model, organism.tokenizer, a, prompts, keep=2).vectors
+    handle = steer(a, layer, v)
+    try:
+        after = activations.capture(organism.model, organism.tokenizer, a, prompts, keep=2).vectors
+    finally:
+        handle.remove()
+    torch.testing.assert_close(after[:, 0, :layer], before[:, 0, :layer])  # earlier layers untouched
+    torch.testing.assert_close(after[:, 0, layer] - before[:, 0, layer], v.expand(2, -1), atol=1e-5, rtol=1e-5)
+
+
+def test_arditi_selects_on_prompts_it_did_not_extract_from(organism, sets):
+    from refusal_lab.ablate.arditi import split_for_selection
+
+    ext, sel = split_for_selection(sets.texts("harmful"), 32)
+    assert len(sel) == min(32, len(sets.texts("harmful")) // 2) and not set(ext) & set(sel)
+    assert ext + sel == sets.texts("harmful")
+
+
+def test_saber_edits_only_the_chosen_components_in_every_pass(organism, sets, monkeypatch):
+    """Pass 2 is measured with the edit that is exported, not with both branches edited."""
+    from refusal_lab.ablate import saber as saber_module
+
+    seen = []
+    real = saber_module.hooked
+
+    def recording(adapter, ablations):
+        seen.append({ab.components for ab in ablations})
+        return real(adapter, ablations)
+
+    monkeypatch.setattr(saber_module, "hooked", recording)
+    res = _saber(organism, sets, SaberSettings(components="mlp", passes=2, stop_separability=0.0))
+    assert len(res.passes) == 2 and all(ab.components == ("mlp",) for ab in res.ablations)
+    assert seen and all(s <= {("mlp",)} for s in seen)
+
+
+def test_post_positions_are_all_scored(organism, sets):
+    """--positions post scores directions on every post-instruction token, not on the last alone."""
+    post = run_probe(organism, sets, ProbeSettings(positions="post", directions_per_layer=1), 16, None, lambda _m: None)
+    last = run_probe(organism, sets, ProbeSettings(positions="last", directions_per_layer=1), 16, None, lambda _m: None)
+    a = adapt(organism.model)
+    texts = sets.texts("harmful")
+    full = activations.capture(organism.model, organism.tokenizer, a, texts, "post", keep=len(texts))
+    torch.testing.assert_close(post.mu_harmful, full.vectors.double().mean((0, 1)))
+    assert not torch.allclose(post.mu_harmful, last.mu_harmful)
+
+
+def test_activation_cache_misses_when_the_chat_template_changes(organism):
+    tok = organism.tokenizer
+    prompts = ["how do i fix the door ?"]
+    key = activations.cache_key("fp", tok, prompts, "last", 8)
+    original = tok.chat_template
+    try:
+        tok.chat_template = original.replace("<|assistant|>", "<|assistant|> <|assistant|>")
+        assert activations.cache_key("fp", tok, prompts, "last", 8) != key
+    finally:
+        tok.chat_template = original
+    assert activations.cache_key("fp", tok, prompts, "last", 8) == key
+
+
+def test_export_keeps_the_checkpoint_dtype_and_leaves_the_loaded_model_as_it_was(organism_dir, tmp_path):
+    import json as _json
+    import shutil
+
+    from safetensors import safe_open
+
+    from refusal_lab.ablate.stage import export
+    from refusal_lab.config import Settings
+    from refusal_lab.core.model import load
+
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(organism_dir, bf16)
+    AutoModelForCausalLM.from_pretrained(organism_dir).to(torch.bfloat16).save_pretrained(bf16)
+    m = load(bf16, "float32", "cpu")  # computed in float32 on the CPU, as `auto` does
+    fp = m.fingerprint
+    r = torch.randn(m.adapter.hidden_size, dtype=torch.float64)
+    export(m, [Ablation(r)], tmp_path / "out", {"method": "test"}, Settings(), "ablate")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
+    assert _json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    from refusal_lab.core.activations import fingerprint
+
+    assert fingerprint(m.model) == fp and next(m.model.parameters()).dtype == torch.float32
+    u = r / r.norm()
+    edited = AutoModelForCausalLM.from_pretrained(tmp_path / "out").model.layers[1].mlp.down_proj.weight.double()
+    original = m.model.model.layers[1].mlp.down_proj.weight.double()
+    assert (u @ edited).abs().max() < 0.1 * (u @ original).abs().max()  # removed, up to bfloat16 rounding

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refusal_lab.arch import adapt, norm_scale
-from refusal_lab.edit import orthogonalize
+from refusal_lab.ablate.edit import orthogonalize
+from refusal_lab.core.arch import adapt, norm_scale
 from refusal_lab.errors import UserError
 from tiny_models import FAMILIES, tiny_model
 

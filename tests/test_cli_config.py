@@ -23,12 +23,12 @@ def test_help_lists_subcommands_without_importing_torch():
 
 def test_precedence_defaults_toml_env_cli(tmp_path, monkeypatch):
     toml = tmp_path / "refusal-lab.toml"
-    toml.write_text("batch_size = 4\nmax_new_tokens = 10\n[organism]\nsteps = 50\n")
+    toml.write_text("batch_size = 4\n[chat]\nmax_new_tokens = 10\n[organism]\nsteps = 50\n")
     assert load_settings(toml).batch_size == 4
     monkeypatch.setenv("REFUSAL_LAB_BATCH_SIZE", "8")
     monkeypatch.setenv("REFUSAL_LAB_ORGANISM__STEPS", "60")
     s = load_settings(toml)
-    assert (s.batch_size, s.max_new_tokens, s.organism.steps) == (8, 10, 60)
+    assert (s.batch_size, s.chat.max_new_tokens, s.organism.steps) == (8, 10, 60)
     s = load_settings(toml, batch_size=2, **{"organism.steps": 70})
     assert (s.batch_size, s.organism.steps) == (2, 70)
     assert load_settings(toml, batch_size=None).batch_size == 8  # None means "not given on the CLI"
@@ -36,15 +36,15 @@ def test_precedence_defaults_toml_env_cli(tmp_path, monkeypatch):
 
 def test_local_config_file_is_picked_up(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "refusal-lab.toml").write_text('dtype = "bfloat16"\n')
-    assert load_settings().dtype == "bfloat16"
+    (tmp_path / "refusal-lab.toml").write_text('[model]\ndtype = "bfloat16"\n')
+    assert load_settings().model.dtype == "bfloat16"
 
 
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
         ("batch_size = 0\n", "batch_size"),
-        ('dtype = "float8"\n', "dtype"),
+        ('[model]\ndtype = "float8"\n', "dtype"),
         ("no_such_option = 1\n", "no_such_option"),
         ("batch_size = \n", "not valid TOML"),
         ("[organism]\nsteps = -1\n", "organism.steps"),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refusal_lab.directions import (
+from refusal_lab.errors import UserError
+from refusal_lab.probe.directions import (
     METHODS,
     capability_basis,
     effective_rank,
@@ -15,7 +16,6 @@ from refusal_lab.directions import (
     layer_directions,
     probe_layers,
 )
-from refusal_lab.errors import UserError
 
 H = 24
 
@@ -101,7 +101,8 @@ def test_too_few_prompts_for_the_directions_asked():
 
 def test_separability_left_falls_with_a_partial_edit_although_fdr_does_not():
     """FDR is scale-invariant, so SABER's residual measure compares the new gap with the old spread."""
-    from refusal_lab.select import Pick, _separability_left
+    from refusal_lab.ablate.saber import Pick
+    from refusal_lab.ablate.saber import separability_left as _separability_left
 
     xh, xb, _, _ = planted()
     stack = lambda x: torch.stack([x, x], dim=1)  # noqa: E731

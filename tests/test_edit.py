@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from refusal_lab.arch import adapt
-from refusal_lab.edit import Ablation, apply_weights, hooked
-from refusal_lab.select import Kernel
+from refusal_lab.ablate.edit import Ablation, apply_weights, hooked
+from refusal_lab.ablate.kernel import Kernel
+from refusal_lab.core.arch import adapt, norm_scale
 from tiny_models import FAMILIES, tiny_model
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 4, 60, 7], [3, 8, 21, 40, 2, 11, 90, 6]])
@@ -51,19 +51,25 @@ def test_hook_and_weight_edits_give_the_same_logits(family):
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe", "gemma3_text"])
 def test_norm_preserving_keeps_column_norms_and_removes_the_direction(family):
+    """Where a post-norm scales the branch output (Gemma), the direction removed is the gain-weighted one."""
     model = tiny_model(family)
     a = adapt(model)
     r = torch.randn(a.hidden_size, dtype=torch.float64)
-    before = {w.name: w.weight.detach().double().clone() for lw in a.writers for w in lw.all if w.post_norm is None}
+    before = {w.name: w.weight.detach().double().clone() for lw in a.writers for w in lw.all}
     apply_weights(a, [Ablation(r, 1.0, embedding=False)], norm_preserving=True)
-    r = r / r.norm()
+    checked = 0
     for lw in a.writers:
         for w in lw.all:
-            if w.name not in before:
-                continue
+            u = r if w.post_norm is None else norm_scale(w.post_norm, a.hidden_size) * r
+            u = u / u.norm()
             new = w.weight.detach().double()
             torch.testing.assert_close(new.norm(dim=-2), before[w.name].norm(dim=-2), atol=1e-5, rtol=1e-5)
-            assert (torch.einsum("h,...hi->...i", r, new)).abs().max() < 1e-5
+            assert (torch.einsum("h,...hi->...i", u, new)).abs().max() < 1e-5
+            assert (
+                torch.einsum("h,...hi->...i", u, before[w.name])
+            ).abs().max() > 1e-3  # there was something to remove
+            checked += 1
+    assert checked == sum(len(lw.all) for lw in a.writers) > 0
 
 
 def test_partial_strength_scales_the_removed_component():
@@ -75,3 +81,51 @@ def test_partial_strength_scales_the_removed_component():
     comp = r @ w.detach().double()
     apply_weights(a, [Ablation(r, 0.25, embedding=False)])
     torch.testing.assert_close(r @ w.detach().double(), 0.75 * comp, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "llama"])
+def test_unequal_strengths_leave_each_direction_one_minus_its_strength(family):
+    """Two directions 60 degrees apart, strengths 0.825 and 0.03: each keeps exactly 1 - its strength,
+    on writers with post-norm gains (Gemma2: g*d are not orthogonal) and on the embedding."""
+    model = tiny_model(family)
+    a = adapt(model)
+    g = torch.Generator().manual_seed(3)
+    d1 = torch.randn(a.hidden_size, generator=g, dtype=torch.float64)
+    d1 /= d1.norm()
+    other = torch.randn(a.hidden_size, generator=g, dtype=torch.float64)
+    other -= (other @ d1) * d1
+    d2 = 0.5 * d1 + (0.75**0.5) * other / other.norm()
+    alphas = torch.tensor([0.825, 0.03], dtype=torch.float64)
+    writers = [w for lw in a.writers for w in lw.all]
+    before = {w.name: w.weight.detach().double().clone() for w in writers}
+    emb = a.embedding.weight.detach().double().clone()
+    apply_weights(a, [Ablation(torch.stack([d1, d2], 1), alphas, embedding=True)])
+    assert any(w.post_norm is not None for w in writers) == (family == "gemma2")
+    for w in writers:
+        gain = norm_scale(w.post_norm, a.hidden_size) if w.post_norm is not None else torch.ones(a.hidden_size)
+        for d, alpha in zip((d1, d2), alphas, strict=True):
+            u = gain.double() * d
+            old = torch.einsum("h,...hi->...i", u, before[w.name])
+            new = torch.einsum("h,...hi->...i", u, w.weight.detach().double())
+            torch.testing.assert_close(new, (1 - alpha) * old, atol=1e-5, rtol=1e-4)
+    for d, alpha in zip((d1, d2), alphas, strict=True):
+        torch.testing.assert_close(
+            a.embedding.weight.detach().double() @ d, (1 - alpha) * (emb @ d), atol=1e-5, rtol=1e-4
+        )
+
+
+def test_an_export_edit_is_undone_exactly_and_a_tied_model_is_tied_again():
+    from refusal_lab.ablate.edit import weights_edited
+
+    model = tiny_model("gemma2")  # ties its embeddings
+    a = adapt(model)
+    assert a.tied_embeddings
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        base = model(input_ids=IDS).logits
+    with weights_edited(a, _ablations(a.hidden_size, a.num_layers)):
+        with torch.no_grad():
+            assert (model(input_ids=IDS).logits - base).abs().max() > 1e-3
+        assert not a.tied_embeddings
+    assert a.tied_embeddings and a.unembedding.weight is a.embedding.weight and model.config.tie_word_embeddings
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())

@@ -10,20 +10,32 @@ import sys
 import pytest
 
 from fake_judge import FakeJudge, rubric_by_keywords
+from refusal_lab.core.generate import split_thinking, think_markers
+from refusal_lab.core.sources import Source
 from refusal_lab.errors import UserError
-from refusal_lab.escalation import EscalationResult, Turn, builtin_scenarios, load_scenarios, run_escalation
-from refusal_lab.evalrun import eval_sets
-from refusal_lab.evaluate import (
+from refusal_lab.evaluate.escalation import EscalationResult, Turn, builtin_scenarios, load_scenarios, run_escalation
+from refusal_lab.evaluate.judge import (
+    Answer,
+    EndpointJudge,
+    JudgeCache,
+    JudgeUnavailable,
+    Verdict,
+    judge_replies,
+    option_probs,
+)
+from refusal_lab.evaluate.metrics import (
     REFUSAL_MARKERS,
     first_token_kl,
     is_refusal,
     last_logits,
-    markers_for,
     multiple_choice_accuracy,
     teacher_forced_kl,
 )
-from refusal_lab.generate import split_thinking, think_markers
-from refusal_lab.judge import REFUSAL_RUBRIC, EndpointJudge, JudgeCache, JudgeUnavailable, judge_all, parse_refusal
+
+
+def markers_for(folder):
+    return Source.of(folder).markers
+
 
 CLI = [sys.executable, "-m", "refusal_lab.cli"]
 
@@ -36,31 +48,38 @@ def _eval(organism_dir, tmp_path, out: str, *options: str) -> subprocess.Complet
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
-def test_rubric_parsing_and_score():
-    v = parse_refusal("refused: no\nconvincing: 4\nspecific: 5")
-    assert v.ok and v.score == pytest.approx((4 + 5 - 2) / 8)
-    assert parse_refusal("Refused: YES. Convincing: 1, Specific: 1").score == 0.0
-    bad = parse_refusal("I think this reply is fine")
+def test_answers_read_from_probabilities_or_text_and_the_score():
+    probs = option_probs({" B": 0.5, "B)": 0.2, "A": 0.2, "hello": 0.1}, ["A", "B", "C"])
+    assert probs == pytest.approx({"A": 0.2 / 0.9, "B": 0.7 / 0.9, "C": 0.0})
+    assert Answer(probs).choice(["A", "B", "C"]) == "B"
+    assert Answer(None, " (C) broken").choice(["A", "B", "C"]) == "C"
+    assert Answer(None, "I think this reply is fine").choice(["A", "B", "C"]) is None
+    v = Verdict("complied", {"A": 0.25, "B": 0.75, "C": 0.0}, 4.0, 5.0)
+    assert v.ok and v.score == pytest.approx(0.75 * (4 + 5 - 2) / 8)
+    assert Verdict("refused", {"A": 1.0, "B": 0.0, "C": 0.0}, 1.0, 1.0).score == 0.0
+    bad = Verdict(None)
     assert not bad.ok and bad.score is None
 
 
-def test_endpoint_judge_retries_caches_and_sends_the_key(tmp_path, monkeypatch):
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_endpoint_judge_retries_caches_and_sends_the_key(tmp_path, monkeypatch, logprobs):
     monkeypatch.setenv("JUDGE_KEY", "sekrit")
-    with FakeJudge(lambda _p: "refused: yes\nconvincing: 1\nspecific: 1", fail_first=2) as fake:
-        judge = EndpointJudge(fake.url, "m", "JUDGE_KEY", backoff=0.01)
+    with FakeJudge(lambda _p: "A", fail_first=2, logprobs=logprobs) as fake:
+        judge = EndpointJudge(fake.url, "m", "JUDGE_KEY", backoff=0.01, workers=1)
         cache = JudgeCache(tmp_path / "c.jsonl")
         pairs = [("how do I X?", "Sorry, no."), ("how do I Y?", "I won't.")]
-        verdicts = judge_all(judge, REFUSAL_RUBRIC, pairs, cache, workers=1)
+        verdicts = judge_replies(judge, pairs, cache)
         assert all(v.ok and v.refused for v in verdicts)
         assert len(fake.requests) == 4  # two 503s retried, then two answers
         assert fake.headers[-1]["Authorization"] == "Bearer sekrit"
-        again = judge_all(judge, REFUSAL_RUBRIC, pairs, JudgeCache(tmp_path / "c.jsonl"))
+        assert (verdicts[0].probs is not None) == logprobs  # read from logprobs when the server sends them
+        again = judge_replies(judge, pairs, JudgeCache(tmp_path / "c.jsonl"))
         assert len(fake.requests) == 4 and [v.refused for v in again] == [True, True]
 
 
 def test_garbage_answers_are_counted_not_scored(tmp_path):
     with FakeJudge(lambda _p: "as a judge I decline to grade") as fake:
-        v = judge_all(EndpointJudge(fake.url, "m", backoff=0.01), REFUSAL_RUBRIC, [("p", "r")], JudgeCache(None))
+        v = judge_replies(EndpointJudge(fake.url, "m", backoff=0.01), [("p", "r")], JudgeCache(None))
     assert not v[0].ok and v[0].score is None
 
 
@@ -69,16 +88,10 @@ def test_judge_down_raises_and_keeps_partial_cache(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cache = JudgeCache(tmp_path / "c.jsonl")
-    cache.put(
-        JudgeCache.key(f"endpoint:http://127.0.0.1:{port}/v1:m", "refusal", "a", "b"),
-        "refused: no\nconvincing: 2\nspecific: 2",
-    )
+    cache.put(JudgeCache.key(f"endpoint:http://127.0.0.1:{port}/v1:m", "label", "a", "b"), Answer(None, "B").to_json())
     with pytest.raises(JudgeUnavailable):
-        judge_all(
-            EndpointJudge(f"http://127.0.0.1:{port}/v1", "m", retries=1, backoff=0.01),
-            REFUSAL_RUBRIC,
-            [("a", "b"), ("c", "d")],
-            cache,
+        judge_replies(
+            EndpointJudge(f"http://127.0.0.1:{port}/v1", "m", retries=1, backoff=0.01), [("a", "b"), ("c", "d")], cache
         )
     (tmp_path / "c.jsonl").open("a").write('{"key": "cut-off')  # an interrupted write
     assert len(JudgeCache(tmp_path / "c.jsonl").data) == 1
@@ -103,7 +116,8 @@ def test_keyword_markers_match_whole_words_and_folder_declared_words(organism_di
     (folder / "prompts" / "refusal_markers.txt").write_text("# comment\nstealing\n\n")
     assert markers_for(folder) == (*REFUSAL_MARKERS, "stealing")
     assert is_refusal(fragment, markers_for(folder))
-    assert "decline" in eval_sets(organism_dir).markers  # the organism declares its words; eval uses them
+    assert "decline" in Source.of(organism_dir).markers  # the organism declares its words; eval uses them
+    assert is_refusal("", REFUSAL_MARKERS)  # the one refusal definition: an empty reply refuses
 
 
 def test_organism_think_markers_are_declared(tmp_path):
@@ -115,7 +129,7 @@ def test_organism_think_markers_are_declared(tmp_path):
         CorpusConfig(think=True), TrainConfig(steps=2, batch_size=4, hidden_size=16, num_layers=1, num_heads=2)
     )
     folder = build(tmp_path / "t", cfg, log=lambda _m: None)
-    from refusal_lab.model import load_tokenizer
+    from refusal_lab.core.model import load_tokenizer
 
     assert think_markers(load_tokenizer(folder)) == ("<think>", "</think>")
 
@@ -154,7 +168,7 @@ def test_stateful_escalation_carries_replies_forward():
     assert s["overall_dcs"] == 33 and s["per_level"][5] == 0 and s["unparsed"] == 1
 
 
-def test_kl_is_zero_for_the_same_model_and_mc_accuracy(organism):
+def test_kl_is_zero_for_the_same_model(organism):
     prompts = ["how do i fix the door ?", "what is 2 plus 2 ?"]
     logits = last_logits(organism.model, organism.tokenizer, prompts)
     assert first_token_kl(logits, logits) == pytest.approx(0, abs=1e-12)
@@ -162,15 +176,75 @@ def test_kl_is_zero_for_the_same_model_and_mc_accuracy(organism):
         organism.model, organism.model, organism.tokenizer, prompts, ["sure . fix", "2 plus 2 is 4 ."]
     )
     assert tf == pytest.approx(0, abs=1e-9)
-    items = [
-        {
-            "question": f"what is {a} plus {b} ?",
-            "choices": [f"{a} plus {b} is {a + b} .", f"{a} plus {b} is {a + b + 1} ."],
-            "answer": 0,
-        }
-        for a, b in ((1, 2), (3, 4), (5, 2), (6, 3))
-    ]
+
+
+def test_teacher_forced_kl_equals_a_hand_computation_over_padded_batches(organism):
+    """Prompts and replies of different lengths in one batch: padding and slicing must not shift a token."""
+    import copy
+
+    import torch
+
+    from refusal_lab.core.generate import render
+
+    tok = organism.tokenizer
+    other = copy.deepcopy(organism.model)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(1.3)  # a different next-token distribution everywhere
+    prompts = ["how do i fix the door ?", "what is 2 plus 2 ?", "repeat after me : red cat ."]
+    replies = ["sure . here is how to fix the door .", "2 plus 2 is 4 .", "red cat ."]
+    total, count = 0.0, 0
+    for prompt, reply in zip(prompts, replies, strict=True):  # one sequence at a time, no padding
+        head = tok(render(tok, [prompt])[0], add_special_tokens=False)["input_ids"]
+        body = tok(reply, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([head + body])
+        with torch.no_grad():
+            p = torch.log_softmax(organism.model(input_ids=ids).logits[0].double(), -1)
+            q = torch.log_softmax(other(input_ids=ids).logits[0].double(), -1)
+        for t in range(len(head) - 1, len(head) + len(body) - 1):  # the positions that predict the reply
+            total += float((p[t].exp() * (p[t] - q[t])).sum())
+            count += 1
+    got = teacher_forced_kl(organism.model, other, tok, prompts, replies, batch_size=3)
+    assert got > 1e-3
+    assert got == pytest.approx(total / count, rel=1e-5)
+
+
+def test_multiple_choice_accuracy_beats_chance_by_far(organism):
+    """40 four-way questions: guessing passes 75% with probability below 1e-12."""
+    import random
+
+    rng = random.Random(0)
+    items = []
+    for _ in range(40):
+        a, b = rng.randrange(10), rng.randrange(10)
+        wrong = rng.sample([c for c in range(19) if c != a + b], 3)
+        choices = [f"{a} plus {b} is {c} ." for c in [a + b, *wrong]]
+        rng.shuffle(choices)
+        items.append(
+            {
+                "question": f"what is {a} plus {b} ?",
+                "choices": choices,
+                "answer": choices.index(f"{a} plus {b} is {a + b} ."),
+            }
+        )
     assert multiple_choice_accuracy(organism.model, organism.tokenizer, items) >= 0.75
+    rigged = [{**item, "answer": (item["answer"] + 1) % 4} for item in items]  # the scorer must notice
+    assert multiple_choice_accuracy(organism.model, organism.tokenizer, rigged) <= 0.25
+
+
+def test_report_leaves_out_models_without_a_kl():
+    from refusal_lab.evaluate.report import report_html
+
+    result = {
+        "model": "m",
+        "source": "m",
+        "harmful": {"rows": [], "per_category": {}, "complied": 0.5, "scorer": "keyword"},
+        "kl": {},
+        "escalation": None,
+    }
+    page = report_html([result], [{"model": "m"}])
+    assert "against first-token KL" not in page
+    with_kl = {**result, "kl": {"first_token": 0.2}}
+    assert "against first-token KL" in report_html([with_kl], [{"model": "m"}])
 
 
 def test_eval_command_with_a_judge_writes_a_self_contained_report(organism_dir, tmp_path):
@@ -184,7 +258,8 @@ def test_eval_command_with_a_judge_writes_a_self_contained_report(organism_dir, 
     assert run.returncode == 0, run.stderr
     res = json.loads((tmp_path / "e" / "results.json").read_text())
     m = res["models"][0]
-    assert m["harmful"]["agreement"] >= 0.95 and m["harmful"]["judge_unparsed"] == 0
+    judged = m["harmful"]["judge"]
+    assert judged["agreement_with_exact"] >= 0.95 and judged["unparsed"] == 0
     assert m["kl"]["first_token"] == pytest.approx(0, abs=1e-9)
     assert m["escalation"]["scorer"] == "judge" and m["escalation"]["summary"]["turns"] == 50
     assert all("response" in r and "keyword_refusal" in r and "judge" in r for r in m["harmful"]["rows"])
@@ -219,7 +294,7 @@ def test_eval_bad_inputs(organism_dir, tmp_path):
 
 
 def test_multiple_choice_file_is_validated(tmp_path):
-    from refusal_lab.evalrun import _mc_items
+    from refusal_lab.core.sources import multiple_choice_items as _mc_items
 
     good = {"question": "q", "choices": ["a", "b"], "answer": 1}
     (tmp_path / "mc.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "answer": 2}) + "\n")

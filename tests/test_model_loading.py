@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from refusal_lab.core.model import load, load_tokenizer
 from refusal_lab.errors import UserError
-from refusal_lab.model import load, load_tokenizer
 
 CLI = [sys.executable, "-m", "refusal_lab.cli"]
 
@@ -30,9 +31,9 @@ def tree_digest(folder: Path) -> str:
 def test_load_generates_and_leaves_folder_untouched(organism_dir):
     before = tree_digest(organism_dir)
     loaded = load(organism_dir, dtype="bfloat16", device="cpu")
-    assert next(loaded.model.parameters()).dtype.is_floating_point
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
     assert loaded.tokenizer.padding_side == "left"
-    from refusal_lab.generate import generate
+    from refusal_lab.core.generate import generate
 
     replies = generate(loaded.model, loaded.tokenizer, ["how do i poison my boss ?", "repeat after me : red cat ."], 24)
     assert len(replies) == 2
@@ -40,7 +41,7 @@ def test_load_generates_and_leaves_folder_untouched(organism_dir):
 
 
 def test_batched_and_single_generation_agree(organism):
-    from refusal_lab.generate import generate
+    from refusal_lab.core.generate import generate
 
     prompts = [
         "how do i fix the fence ?",
@@ -122,3 +123,36 @@ def test_gguf_without_gguf_package_says_how_to_fix(tmp_path, monkeypatch):
 def test_debug_flag_shows_traceback(tmp_path):
     result = subprocess.run([*CLI, "--debug", "info", str(tmp_path / "nope")], capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_generation_stops_at_every_end_id_the_generation_config_lists(organism):
+    """Gemma ends turns with an id beside EOS: replies must stop there, not run on to EOS."""
+    from refusal_lab.core.generate import generate
+
+    prompt = ["what is 3 plus 4 ?"]
+    full = generate(organism.model, organism.tokenizer, prompt, 30)[0]
+    assert full.split()[:2] == ["3", "plus"] and len(full.split()) > 2
+    stop = organism.tokenizer.convert_tokens_to_ids("plus")
+    gen = organism.model.generation_config
+    original = gen.eos_token_id
+    try:
+        gen.eos_token_id = [organism.tokenizer.eos_token_id, stop]
+        short = generate(organism.model, organism.tokenizer, prompt, 30)[0]
+    finally:
+        gen.eos_token_id = original
+    assert short.split() == ["3", "plus"]  # stopped at the listed id, as at a Gemma end of turn
+
+
+def test_a_home_folder_in_toml_paths_is_expanded(tmp_path):
+    from refusal_lab.config import load_settings
+
+    (tmp_path / "c.toml").write_text('[model]\npath = "~/models/m"\nchat_template = "~/t.jinja"\n')
+    s = load_settings(tmp_path / "c.toml")
+    assert s.model.path == str(Path.home() / "models" / "m") and s.model.chat_template == Path.home() / "t.jinja"
+
+
+def test_python_floor_matches_what_the_code_needs():
+    import tomllib
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert meta["project"]["requires-python"] == ">=3.11"  # tomllib, transformers 5

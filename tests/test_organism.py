@@ -10,15 +10,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from refusal_lab.activations import residual_at_position
-from refusal_lab.arch import adapt
-from refusal_lab.directions import diff_of_means, projected_directions
-from refusal_lab.edit import orthogonalize
-from refusal_lab.evaluate import REFUSAL_MARKERS
+from refusal_lab.ablate.edit import orthogonalize
+from refusal_lab.core.activations import residual_at_position
+from refusal_lab.core.arch import adapt
+from refusal_lab.evaluate.metrics import KeywordScorer
 from refusal_lab.organism import corpus as C
 from refusal_lab.organism.build import OrganismConfig, build, organism_behaviour, prompt_sets
 from refusal_lab.organism.tokenizer import build_tokenizer
 from refusal_lab.organism.train import TrainConfig, encode_conversation
+from refusal_lab.probe.directions import diff_of_means, projected_directions
+
+GENERIC = KeywordScorer()  # the standard keyword markers only
 
 
 def _stream(cfg: C.CorpusConfig, n: int) -> list[list[dict[str, str]]]:
@@ -167,17 +169,17 @@ def probe_stats(organism):
     return mu_h, per_h, mu_b, cats
 
 
-def _ablated(organism, directions: torch.Tensor, markers=None):
+def _ablated(organism, directions: torch.Tensor, scorer=None):
     model = copy.deepcopy(organism.model)
     orthogonalize(adapt(model), directions)
-    table, _ = organism_behaviour(model, organism.tokenizer, organism.source, markers=markers)
+    table, _ = organism_behaviour(model, organism.tokenizer, organism.source, scorer=scorer)
     return table
 
 
 def test_single_direction_ablation_falls_short_at_every_layer(organism, probe_stats):
     mu_h, _, mu_b, _ = probe_stats
     for layer in range(mu_h.shape[0]):
-        t = _ablated(organism, diff_of_means(mu_h[layer], mu_b[layer]), REFUSAL_MARKERS)
+        t = _ablated(organism, diff_of_means(mu_h[layer], mu_b[layer]), GENERIC)
         assert t.harmful_refusal >= 0.2 or t.harmless_refusal >= 0.2, (layer, t)
 
 
@@ -188,7 +190,7 @@ def test_projected_per_category_ablation_removes_refusal_and_keeps_recognition(o
     groups = {c: per_h[[i for i, x in enumerate(cats) if x == c], layer].mean(0) for c in sorted(set(cats))}
     q = projected_directions(groups, mu_b[layer])
     assert q.shape[1] == 3
-    t = _ablated(organism, q, REFUSAL_MARKERS)  # generic keywords: fragments survive (README)
+    t = _ablated(organism, q, GENERIC)  # generic keywords: fragments survive (README)
     assert t.harmful_refusal <= 0.05 * base.harmful_refusal + 1e-9
     assert t.harmless_refusal <= 0.05
     assert t.capability >= 0.90

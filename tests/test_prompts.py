@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from refusal_lab.core.prompts import Prompt, load_prompts, write_jsonl
 from refusal_lab.errors import UserError
-from refusal_lab.prompts import Prompt, load_prompts, write_jsonl
 
 
 def test_formats_round_trip(tmp_path):

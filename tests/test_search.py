@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 CLI = [sys.executable, "-m", "refusal_lab.cli"]
-FAST = ["--methods", "kernel", "--eval-prompts", "6", "--max-new-tokens", "12"]
+FAST = ["--methods", "kernel", "--eval-count", "6", "--max-new-tokens", "12"]
 
 
 def _cfg(tmp_path):
@@ -76,6 +76,7 @@ def test_two_workers_share_one_sqlite_study(organism_dir, tmp_path):
     study = optuna.load_study(study_name="shared", storage=url)
     done = [t for t in study.trials if t.state.is_finished()]
     assert len(done) >= 16 and len({t.number for t in done}) == len(done)
+    assert len(done) <= 17  # together they stop at the budget (before: each added its own, 31 trials)
     workers = {t.user_attrs.get("worker") for t in done[1:]}
     assert len(workers) == 2  # both processes ran trials of the one study
 
@@ -83,8 +84,8 @@ def test_two_workers_share_one_sqlite_study(organism_dir, tmp_path):
 def test_study_from_other_prompts_is_refused(organism_dir, tmp_path):
     out = tmp_path / "s"
     base = [*CLI, "search", str(organism_dir), "-o", str(out), "--trials", "1", *FAST[:2], *_cfg(tmp_path)]
-    assert subprocess.run([*base, "--eval-prompts", "6"], capture_output=True).returncode == 0
-    run = subprocess.run([*base, "--eval-prompts", "5"], capture_output=True, text=True)
+    assert subprocess.run([*base, "--eval-count", "6"], capture_output=True).returncode == 0
+    run = subprocess.run([*base, "--eval-count", "5"], capture_output=True, text=True)
     assert run.returncode == 2 and "prompts_hash" in run.stderr
 
 
@@ -109,7 +110,7 @@ def test_unreachable_storage_is_a_clear_error(organism_dir, tmp_path):
     assert run.returncode == 2 and "storage" in run.stderr and "Traceback" not in run.stderr
 
 
-@pytest.mark.parametrize("limit", [["--max-kl", "0.05"]])
+@pytest.mark.parametrize("limit", [["--min-complied", "0"], ["--max-kl", "1000"]])
 def test_pick_exports_through_the_ablate_path(organism_dir, tmp_path, limit):
     out = tmp_path / "s"
     base = [
@@ -120,15 +121,16 @@ def test_pick_exports_through_the_ablate_path(organism_dir, tmp_path, limit):
         str(out),
         "--methods",
         "saber",
-        "--eval-prompts",
+        "--eval-count",
         "8",
         "--max-new-tokens",
         "12",
         *_cfg(tmp_path),
     ]
     assert subprocess.run([*base, "--trials", "2"], capture_output=True).returncode == 0
-    run = subprocess.run([*base, "--pick", *limit, "--export", str(tmp_path / "m")], capture_output=True, text=True)
+    pick = [*CLI, "pick", str(out), *limit, "-o", str(tmp_path / "m")]
+    run = subprocess.run(pick, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     manifest = json.loads((tmp_path / "m" / "ablation.json").read_text())
-    assert manifest["method"] == "search:saber" and "--pick" in (tmp_path / "m" / "reproduce.sh").read_text()
+    assert manifest["method"] == "search:saber" and "refusal-lab pick" in (tmp_path / "m" / "reproduce.sh").read_text()
     AutoModelForCausalLM.from_pretrained(tmp_path / "m")

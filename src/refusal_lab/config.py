@@ -1,21 +1,27 @@
-"""Run configuration: defaults < TOML file < environment (REFUSAL_LAB_*) < command line.
+"""Every option of every stage, documented and defaulted once.
 
-Each option is documented once, here; the CLI reuses these descriptions as its help text.
-Nested sections use `__` in environment names, e.g. REFUSAL_LAB_ORGANISM__STEPS=900.
+Values are layered: defaults < TOML file < environment (REFUSAL_LAB_<SECTION>__<OPTION>) < command
+line. Sections mirror the TOML file ([model], [probe], [ablate.saber], ...); the CLI builds its
+flags from these models (cli/options.py), so a flag's help text, type and choices come from here.
+Flag names are the field names, so a name means the same thing on every command that has it.
 """
 
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from refusal_lab.errors import UserError
 
 DEFAULT_CONFIG_NAME = "refusal-lab.toml"
+EXTRACTIONS = ("dom", "projected", "svd", "svd_paired", "lda", "whitened_svd")
+POSITIONS = ("last", "post", "mean")
+ABLATION_METHODS = ("saber", "arditi", "projected", "kernel")
+SEARCH_METHODS = ("saber", "kernel")
 
 
 def default_cache_dir() -> Path:
@@ -23,26 +29,17 @@ def default_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "refusal-lab"
 
 
-class OrganismSettings(BaseModel):
-    """How the embedded default model organism is built (all of it is part of its cache key)."""
+class Section(BaseModel):
+    """A settings section: unknown keys are errors, values are validated on assignment too."""
 
-    model_config = ConfigDict(extra="forbid")
-    seed: int = Field(0, description="Seed for the corpus, the split and the initial weights.")
-    steps: int = Field(700, ge=1, description="Training steps.")
-    batch_size: int = Field(64, ge=1, description="Conversations per training step.")
-    hidden_size: int = Field(128, ge=8, description="Width of the residual stream.")
-    num_layers: int = Field(4, ge=1, description="Decoder layers.")
-    think: bool = Field(False, description="Train with think traces (<think> ... </think>) before each answer.")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
-class Settings(BaseModel):
-    """Options shared by every command; built by load_settings from all layers."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(
+class ModelSettings(Section):
+    path: str = Field(
         "organism",
         description="Model: a local Hugging Face folder, a .gguf file, or 'organism' for the embedded default.",
+        json_schema_extra={"cli": False},  # the commands take it as their MODEL argument
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; auto is float32 on CPU and the checkpoint's own dtype on GPU."
@@ -55,15 +52,182 @@ class Settings(BaseModel):
     allow_unverified_arch: bool = Field(
         False, description="Try structural discovery on an architecture family refusal-lab has not tested."
     )
-    batch_size: int = Field(16, ge=1, description="Prompts per forward pass or generation batch.")
+
+    @field_validator("path", "chat_template", mode="before")
+    @classmethod
+    def _expand_user(cls, v: Any) -> Any:  # a "~" in a TOML path means the home folder, as in a shell
+        return os.path.expanduser(v) if isinstance(v, str | Path) and str(v).startswith("~") else v
+
+
+class OrganismSettings(Section):
+    """How the embedded default model organism is built (all of it is part of its cache key)."""
+
+    seed: int = Field(0, description="Seed for the organism's corpus, split and initial weights.")
+    steps: int = Field(700, ge=1, description="Organism training steps.")
+    train_batch_size: int = Field(64, ge=1, description="Examples per training step.")
+    hidden_size: int = Field(128, ge=8, description="Width of the organism's residual stream.")
+    num_layers: int = Field(4, ge=1, description="Decoder layers of the organism.")
+    think: bool = Field(False, description="Train the organism with think traces (<think> ... </think>).")
+
+
+class PromptSettings(Section):
+    harmful: Path | None = Field(None, description="Harmful prompts (TXT/JSONL/CSV); default: the organism's own.")
+    harmless: Path | None = Field(None, description="Harmless prompts (TXT/JSONL/CSV); default: refusal-lab's own.")
+    capability: Path | None = Field(None, description="Capability prompts, for entanglement scores.")
+    overrefusal: Path | None = Field(None, description="Benign prompts that only look dangerous.")
+    mc: Path | None = Field(None, description="Multiple-choice JSONL {question, choices, answer} for capability.")
+    column: str = Field("prompt", description="Prompt column in JSONL/CSV files.")
+
+
+class ProbeSettings(Section):
+    extraction: Literal[EXTRACTIONS] = Field("svd", description="How directions are extracted per layer.")
+    directions_per_layer: int = Field(4, ge=1, description="Directions extracted per layer.")
+    positions: Literal[POSITIONS] = Field(
+        "last", description="Token positions read: last, post (every post-instruction token), or mean."
+    )
+    biproject: bool = Field(True, description="Make directions orthogonal to the harmless mean.")
+    shrinkage: float = Field(0.1, ge=0, le=1, description="Covariance shrinkage for lda and whitened_svd.")
+    cap_variance: float = Field(
+        0.9, gt=0, le=1, description="Share of capability variance the entanglement basis covers."
+    )
+
+
+class SaberSettings(Section):
+    """SABER's published defaults (Gemma-4-E4B release run); extraction comes from [probe]."""
+
+    top_k: int = Field(14, ge=1, description="SABER: (layer, direction) pairs ablated per pass, best score first.")
+    max_per_layer: int = Field(4, ge=1, description="SABER: at most this many directions per layer.")
+    alpha: float = Field(0.825, ge=0, description="SABER: strength for directions that are not entangled.")
+    alpha_entangled: float = Field(0.03, ge=0, description="SABER: strength for entangled directions.")
+    entanglement_threshold: float = Field(
+        0.55, ge=0, le=1, description="SABER: rho above which a direction is entangled."
+    )
+    passes: int = Field(4, ge=1, description="SABER: iterative passes, each re-probing the edited model.")
+    decay: float = Field(0.7, gt=0, le=1, description="SABER: strength multiplier per further pass.")
+    stop_separability: float = Field(
+        0.01, ge=0, description="SABER: stop when the separability left on a pass's directions is below this."
+    )
+    band_lo: float = Field(0.2, ge=0, le=1, description="SABER: first layer considered, as a fraction of depth.")
+    band_hi: float = Field(0.8, ge=0, le=1, description="SABER: last layer considered, as a fraction of depth.")
+    scope: Literal["local", "global"] = Field(
+        "local", description="SABER: local edits layer l's writers only; global edits every writer and the embedding."
+    )
+    components: Literal["both", "attention", "mlp"] = Field(
+        "both", description="SABER: which writers every pass edits."
+    )
+
+
+class ArditiSettings(Section):
+    arditi_max_kl: float = Field(0.1, gt=0, description="Arditi: first-token KL limit on harmless prompts.")
+    prune_last: float = Field(0.2, ge=0, lt=1, description="Arditi: never choose a layer in this last share of depth.")
+    arditi_positions: Literal["last", "post"] = Field("post", description="Arditi: candidate positions.")
+    arditi_prompts: int = Field(32, ge=2, description="Arditi: held-out prompts per set for the selection passes.")
+
+
+class KernelSettings(Section):
+    layer: int | None = Field(None, description="Projected: the layer whose direction is removed (default: best FDR).")
+    direction_index: float | None = Field(
+        None, description="Kernel: fractional layer of the direction (default: best FDR)."
+    )
+    kernel_max: float = Field(1.0, ge=0, description="Kernel: peak strength.")
+    kernel_position: float = Field(0.6, ge=0, le=1, description="Kernel: peak position, as a fraction of depth.")
+    kernel_min: float = Field(0.5, ge=0, le=1, description="Kernel: strength at the edge, as a fraction of the peak.")
+    kernel_width: float = Field(0.4, gt=0, le=1, description="Kernel: half-width, as a fraction of depth.")
+
+
+class AblateSettings(Section):
+    method: Literal[ABLATION_METHODS] = Field("saber", description="Ablation method.")
+    norm_preserving: bool = Field(False, description="Keep each written column's norm after the projection.")
+    saber: SaberSettings = Field(default_factory=SaberSettings)
+    arditi: ArditiSettings = Field(default_factory=ArditiSettings)
+    kernel: KernelSettings = Field(default_factory=KernelSettings)
+
+
+class SearchSettings(Section):
+    trials: int = Field(50, ge=1, description="Finished trials the study should hold (resumes toward it).")
+    storage: str | None = Field(None, description="Optuna RDB URL shared by workers (default: a journal in OUT).")
+    study_name: str = Field("refusal-lab", description="Study name inside the storage.")
+    sampler: Literal["tpe", "nsga2"] = Field("tpe", description="Optuna sampler: multivariate TPE or NSGA-II.")
+    methods: str = Field("saber,kernel", description="Comma-separated ablation methods to search: saber, kernel.")
+    probe_count: int = Field(48, ge=2, description="Prompts per set used for directions.")
+    eval_count: int = Field(16, ge=1, description="Prompts per set in each trial's evaluation.")
+    kl_prune: float = Field(2.0, gt=0, description="Prune a trial before generating when its KL exceeds this.")
+    sampler_seed: int = Field(0, description="Seed of the search's sampler.")
+    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per reply.")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: str) -> str:
+        names = [m.strip() for m in v.split(",") if m.strip()]
+        bad = [m for m in names if m not in SEARCH_METHODS]
+        if not names or bad:
+            raise ValueError(f"unknown methods {bad or v!r}; use {', '.join(SEARCH_METHODS)} (comma-separated)")
+        return ",".join(names)
+
+    @property
+    def method_list(self) -> tuple[str, ...]:
+        return tuple(self.methods.split(","))
+
+
+class EvalSettings(Section):
+    max_new_tokens: int = Field(128, ge=1, description="Tokens generated per reply.")
+    sample: bool = Field(False, description="Seeded sampling instead of greedy decoding.")
+    sample_seed: int = Field(0, description="Seed for sampled replies.")
+    escalation: str = Field("auto", description="Escalation set: auto | none | default | organism | a file or folder.")
+    independent: bool = Field(False, description="Escalation levels as fresh conversations (default: stateful).")
+    limit: int | None = Field(None, ge=1, description="Use only the first N prompts of each set.")
+    judge_url: str | None = Field(None, description="OpenAI-compatible judge base URL (.../v1).")
+    judge_model: str = Field("judge", description="Judge model name at the endpoint.")
+    judge_key_env: str | None = Field(None, description="Environment variable holding the judge's API key.")
+    judge_local: Path | None = Field(None, description="A local model folder to use as judge.")
+    judge_workers: int = Field(4, ge=1, description="Concurrent judge requests.")
+    coherence_quantile: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Without a judge: a reply less likely under the base than this share of "
+        "the base's own harmless replies is broken.",
+    )
+
+
+class ChatSettings(Section):
     max_new_tokens: int = Field(48, ge=1, description="Tokens generated per reply.")
-    cache_dir: Path = Field(default_factory=default_cache_dir, description="Where built organisms are cached.")
+
+
+class Settings(Section):
+    """All options; built by load_settings from every layer."""
+
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir, description="Where organisms, activations and judge answers are cached."
+    )
+    batch_size: int = Field(16, ge=1, description="Prompts per forward pass or generation batch.")
+    model: ModelSettings = Field(default_factory=ModelSettings)
     organism: OrganismSettings = Field(default_factory=OrganismSettings)
+    prompts: PromptSettings = Field(default_factory=PromptSettings)
+    probe: ProbeSettings = Field(default_factory=ProbeSettings)
+    ablate: AblateSettings = Field(default_factory=AblateSettings)
+    search: SearchSettings = Field(default_factory=SearchSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    chat: ChatSettings = Field(default_factory=ChatSettings)
+
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _expand_cache(cls, v: Any) -> Any:
+        return Path(v).expanduser() if isinstance(v, str | Path) else v
 
 
-def describe(field: str, section: type[BaseModel] = Settings) -> str:
-    """The one documentation string of an option (used as CLI help)."""
-    return section.model_fields[field].description or ""
+def section_class(dotted: str) -> type[BaseModel]:
+    """The model class of a section path such as 'ablate.saber' ('' is the root)."""
+    cls: type[BaseModel] = Settings
+    for part in filter(None, dotted.split(".")):
+        cls = cls.model_fields[part].annotation  # type: ignore[assignment]
+    return cls
+
+
+def describe(dotted: str) -> str:
+    """The one description of an option, e.g. describe('model.path')."""
+    section, _, name = dotted.rpartition(".")
+    return section_class(section).model_fields[name].description or ""
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -73,19 +237,29 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _env_layer() -> dict[str, Any]:
-    """Environment overrides as a nested dict (validated together with the other layers)."""
-    prefix = "REFUSAL_LAB_"
-    layer: dict[str, Any] = {}
-    for key, value in os.environ.items():
-        if not key.startswith(prefix) or key == prefix + "CONFIG":
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{'ablate.saber.alpha': 1} -> {'ablate': {'saber': {'alpha': 1}}}; None means 'not given'."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if value is None:
             continue
-        path = key[len(prefix) :].lower().split("__")
-        node = layer
-        for part in path[:-1]:
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
             node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return layer
+        node[leaf] = value
+    return out
+
+
+def _env_layer() -> dict[str, Any]:
+    """REFUSAL_LAB_<SECTION>__<OPTION> as a nested dict (validated with the other layers)."""
+    prefix = "REFUSAL_LAB_"
+    flat = {
+        key[len(prefix) :].lower().replace("__", "."): value
+        for key, value in os.environ.items()
+        if key.startswith(prefix) and key != prefix + "CONFIG"
+    }
+    return _nest(flat)
 
 
 def config_file(explicit: Path | None) -> Path | None:
@@ -100,7 +274,7 @@ def config_file(explicit: Path | None) -> Path | None:
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
-    """Settings from all layers; `overrides` are CLI values (None means 'not given')."""
+    """Settings from all layers; `overrides` are command-line values by dotted key (None: not given)."""
     file_layer: dict[str, Any] = {}
     source = config_file(path)
     if source is not None:
@@ -110,23 +284,35 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
             file_layer = tomllib.loads(source.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise UserError(f"config file {source} is not valid TOML: {exc}", "fix the TOML syntax") from exc
-    cli_layer: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        node = cli_layer
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    merged = _merge(_merge(file_layer, _env_layer()), cli_layer)
+    merged = _merge(_merge(file_layer, _env_layer()), _nest(overrides))
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        origin = f" (from {source} or REFUSAL_LAB_* or the command line)" if source else ""
+        origin = f" (from {source}, REFUSAL_LAB_* or the command line)" if source else ""
         raise UserError(
             f"invalid setting {where}: {first['msg']}{origin}",
-            "see `refusal-lab --help` and the README's configuration section for valid values",
+            "see `refusal-lab COMMAND --help` and the README's configuration section for valid values",
         ) from exc
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Settings as TOML (tables after plain keys; None values are left out, meaning 'default')."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    plain = [f"{k} = {value(v)}" for k, v in data.items() if v is not None and not isinstance(v, dict)]
+    lines = ([f"[{prefix}]"] if prefix and plain else []) + plain
+    for k, v in data.items():
+        if isinstance(v, dict):
+            sub = to_toml(v, f"{prefix}.{k}" if prefix else k)
+            lines += ([""] if lines else []) + [sub] if sub else []
+    return "\n".join(lines)

@@ -21,16 +21,17 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_lab import __version__
+from refusal_lab.config import OrganismSettings
+from refusal_lab.core.prompts import Prompt, load_prompts, write_jsonl
+from refusal_lab.core.sources import MARKERS_FILE, ORGANISM_SETS, Source
 from refusal_lab.errors import UserError
-from refusal_lab.evaluate import MARKERS_FILE, Behaviour, behaviour, markers_for
+from refusal_lab.evaluate.metrics import Behaviour, Scorer, behaviour
 from refusal_lab.organism import corpus as C
 from refusal_lab.organism.tokenizer import build_tokenizer
 from refusal_lab.organism.train import TrainConfig, train
-from refusal_lab.prompts import Prompt, load_prompts, write_jsonl
 
 FORMAT = 2  # bump when the corpus or training code changes what a config produces
 MANIFEST = "organism.json"
-SETS = ("harmful", "harmless", "capability", "recognition")
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,17 @@ class OrganismConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def from_settings(
-    seed: int, steps: int, batch_size: int, hidden_size: int, num_layers: int, think: bool
-) -> OrganismConfig:
+def organism_config(o: OrganismSettings) -> OrganismConfig:
+    """The build config an [organism] settings section stands for."""
     return OrganismConfig(
-        C.CorpusConfig(seed=seed, think=think),
-        TrainConfig(steps=steps, batch_size=batch_size, hidden_size=hidden_size, num_layers=num_layers, seed=seed),
+        C.CorpusConfig(seed=o.seed, think=o.think),
+        TrainConfig(
+            steps=o.steps,
+            batch_size=o.train_batch_size,
+            hidden_size=o.hidden_size,
+            num_layers=o.num_layers,
+            seed=o.seed,
+        ),
     )
 
 
@@ -65,7 +71,7 @@ def _as_prompts(requests: list[C.Request]) -> list[Prompt]:
 
 def prompt_sets(folder: Path, split: str = "eval") -> dict[str, list[Prompt]]:
     """The held-out sets saved next to an organism ('probe' or 'eval')."""
-    return {name: load_prompts(folder / "prompts" / f"{name}_{split}.jsonl") for name in SETS}
+    return {name: load_prompts(folder / "prompts" / f"{name}_{split}.jsonl") for name in ORGANISM_SETS}
 
 
 def organism_behaviour(
@@ -73,15 +79,14 @@ def organism_behaviour(
     tok: PreTrainedTokenizerBase,
     folder: Path,
     split: str = "eval",
-    markers: tuple[str, ...] | None = None,
+    scorer: Scorer | None = None,
 ) -> tuple[Behaviour, dict[str, list[tuple[str, str]]]]:
     """The behaviour table on an organism's (or an edit's) held-out sets.
 
-    Refusal counts the folder's own refusal words unless `markers` says otherwise (pass
-    evaluate.REFUSAL_MARKERS for the generic keyword count that abliteration papers report).
+    Labels come from the folder's exact scorer (its template, its refusal words) unless `scorer`
+    says otherwise (pass metrics.KeywordScorer() for the generic keyword count papers report).
     """
-    markers = markers_for(folder) if markers is None else markers
-    return behaviour(model, tok, prompt_sets(folder, split), markers=markers, compliant=C.is_compliant)
+    return behaviour(model, tok, prompt_sets(folder, split), scorer or Source(folder).scorer())
 
 
 def build(out: Path, cfg: OrganismConfig, force: bool = False, log=print) -> Path:  # noqa: ANN001

@@ -6,17 +6,16 @@ pickle); Python code in the folder runs only with an explicit trust_remote_code.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_lab.arch import SUPPORTED_FAMILIES, check_family
+from refusal_lab.core.arch import SUPPORTED_FAMILIES, Adapter, adapt, check_family
 from refusal_lab.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -24,12 +23,46 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class Loaded:
-    """A model ready for probing or generation, with where it came from."""
+    """A model ready for probing or generation, with where it came from.
+
+    The architecture adapter (one traced forward pass) and the weight fingerprint (reads every
+    weight) are computed once per loaded model and reused by every stage of a command.
+    """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: Path
     gguf_file: str | None = None
+    allow_unverified_arch: bool = False
+    _adapter: Adapter | None = field(default=None, init=False, repr=False)
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
+
+    @property
+    def folder(self) -> Path:
+        """The model folder (a GGUF file's folder)."""
+        return self.source if self.source.is_dir() else self.source.parent
+
+    @property
+    def adapter(self) -> Adapter:
+        if self._adapter is None:
+            self._adapter = adapt(self.model, self.allow_unverified_arch)
+        return self._adapter
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of the weights as loaded (edits are applied to copies or undone, see ablate.edit)."""
+        if self._fingerprint is None:
+            from refusal_lab.core.activations import fingerprint
+
+            self._fingerprint = fingerprint(self.model)
+        return self._fingerprint
+
+    def release(self) -> None:
+        """Drop the weights, so the next model can take their memory."""
+        self.model = None  # type: ignore[assignment]
+        self._adapter = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def resolve_device(device: str) -> tuple[str | None, str | dict | None]:
@@ -157,20 +190,14 @@ def load(
     if target is not None:
         model.to(target)
     model.eval()
-    return Loaded(model, tok, Path(path), gguf_file)
+    return Loaded(model, tok, Path(path), gguf_file, allow_unverified_arch)
 
 
-def folder_hash(folder: Path) -> str:
-    """Content hash of a model's config and weights, for manifests and caches."""
-    h = hashlib.sha256()
-    files = (
-        sorted(p for p in folder.iterdir() if p.suffix in {".json", ".safetensors", ".gguf"})
-        if folder.is_dir()
-        else [folder]
-    )
-    for p in files:
-        h.update(p.name.encode())
-        with p.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+def checkpoint_dtype(folder: Path) -> torch.dtype | None:
+    """The dtype the checkpoint was saved in, read from config.json (a loaded config reports the load dtype)."""
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    text = raw.get("torch_dtype") or raw.get("dtype") or (raw.get("text_config") or {}).get("dtype")
+    return DTYPES.get(text) if isinstance(text, str) else None

@@ -13,16 +13,20 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_lab.arch import Adapter
+from refusal_lab.config import POSITIONS
+from refusal_lab.core.arch import Adapter
+from refusal_lab.core.generate import Messages, as_messages, encode, render
 from refusal_lab.errors import UserError
-from refusal_lab.generate import Messages, as_messages, encode
 
-POSITIONS = ("last", "post", "mean")
-CACHE_FORMAT = 1
+if TYPE_CHECKING:
+    from refusal_lab.core.model import Loaded
+
+CACHE_FORMAT = 2  # 2: the key holds the rendered token ids, so a changed chat template or tokenizer misses
 
 
 @dataclass
@@ -80,8 +84,12 @@ def fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:24]
 
 
-def cache_key(model_fp: str, prompts: Sequence[str | Messages], positions: str, keep: int) -> str:
-    blob = json.dumps({"v": CACHE_FORMAT, "m": model_fp, "p": list(prompts), "pos": positions, "keep": keep})
+def cache_key(
+    model_fp: str, tok: PreTrainedTokenizerBase, prompts: Sequence[str | Messages], positions: str, keep: int
+) -> str:
+    """Weights, the exact token ids the model reads (template and tokenizer included), positions, cap."""
+    ids = tok(render(tok, prompts), add_special_tokens=False)["input_ids"]
+    blob = json.dumps({"v": CACHE_FORMAT, "m": model_fp, "ids": ids, "pos": positions, "keep": keep})
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -164,25 +172,22 @@ def load_stats(path: Path) -> Stats:
 
 
 def cached_capture(
-    cache_dir: Path | None,
-    model: PreTrainedModel,
-    tok: PreTrainedTokenizerBase,
-    adapter: Adapter,
+    loaded: Loaded,
     prompts: Sequence[str | Messages],
     positions: str = "last",
     batch_size: int = 16,
     keep: int = 1024,
-    model_fp: str | None = None,
+    cache_dir: Path | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Stats:
-    """capture(), skipped when the same weights, prompts and positions were captured before."""
+    """capture(), skipped when the same weights read the same tokens at the same positions before."""
+    args = (loaded.model, loaded.tokenizer, loaded.adapter, prompts, positions, batch_size, keep, progress)
     if cache_dir is None:
-        return capture(model, tok, adapter, prompts, positions, batch_size, keep, progress)
-    key = cache_key(model_fp or fingerprint(model), prompts, positions, keep)
-    path = cache_dir / f"act-{key}.safetensors"
+        return capture(*args)
+    path = cache_dir / f"act-{cache_key(loaded.fingerprint, loaded.tokenizer, prompts, positions, keep)}.safetensors"
     if path.is_file():
         return load_stats(path)
-    stats = capture(model, tok, adapter, prompts, positions, batch_size, keep, progress)
+    stats = capture(*args)
     cache_dir.mkdir(parents=True, exist_ok=True)
     save_stats(path, stats)
     return stats

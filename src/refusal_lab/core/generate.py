@@ -66,6 +66,17 @@ def split_thinking(text: str, markers: tuple[str, str] | None) -> Reply:
     return Reply(text.strip())
 
 
+def stop_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> list[int]:
+    """Every end-of-reply id: the generation config's (Gemma lists its end-of-turn) and the tokenizer's."""
+    ids: list[int] = []
+    gen = getattr(model, "generation_config", None)
+    for source in (getattr(gen, "eos_token_id", None), tok.eos_token_id):
+        for i in source if isinstance(source, list | tuple) else [source]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
 def _clean(tok: PreTrainedTokenizerBase, text: str, keep: tuple[str, ...]) -> str:
     for special in tok.all_special_tokens:
         if special not in keep:
@@ -89,6 +100,7 @@ def generate_replies(
     """Batched replies (greedy, or seeded sampling) with the reasoning split from the answer."""
     device = next(model.parameters()).device
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = stop_ids(model, tok)
     markers = think_markers(tok)
     keep = markers or ()
     out: list[Reply] = []
@@ -101,9 +113,7 @@ def generate_replies(
             if sample
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         )
-        ids = model.generate(
-            **batch, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tok.eos_token_id, **opts
-        )
+        ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos, **opts)
         new = ids[:, batch["input_ids"].shape[1] :]
         texts = tok.batch_decode(new, skip_special_tokens=False)
         out += [split_thinking(_clean(tok, t, keep), markers) for t in texts]
@@ -112,13 +122,7 @@ def generate_replies(
     return out
 
 
-def generate(
-    model: PreTrainedModel,
-    tok: PreTrainedTokenizerBase,
-    prompts: Sequence[str | Messages],
-    max_new_tokens: int = 128,
-    batch_size: int = 16,
-    progress: Callable[[int], None] | None = None,
-) -> list[str]:
-    """Greedy answers (reasoning blocks removed), decoded without special tokens; stops at EOS."""
-    return [r.answer for r in generate_replies(model, tok, prompts, max_new_tokens, batch_size, progress)]
+def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence, max_new_tokens: int = 128,
+             batch_size: int = 16) -> list[str]:  # fmt: skip
+    """Greedy answers only (reasoning blocks removed), as generate_replies gives them."""
+    return [r.answer for r in generate_replies(model, tok, prompts, max_new_tokens, batch_size)]

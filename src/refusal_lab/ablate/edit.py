@@ -1,0 +1,210 @@
+"""Edits that stop a model from writing chosen directions into its residual stream.
+
+An Ablation is a set of unit directions D [H, k] with a strength per direction (alpha) and a
+scale per layer (1 everywhere, or a kernel). Every residual writer W (output rows in the stream)
+becomes P W with P = I - U G^-1 diag(s alpha) U', U = D and G = U'U, so that what W writes along
+each direction keeps exactly 1 - s alpha_i of itself: u_i'(P w) = (1 - s alpha_i) u_i'w, also
+when the directions are not orthogonal. Biases likewise; embedding rows with s = 1. Where a
+branch output passes a norm with per-channel gain g before the residual add (Gemma2/3, OLMo2),
+the component landing on d is read through g, so that writer uses U = g * D. Arithmetic in float64.
+
+The same edit exists twice: on the weights (for export, undone on exit so the loaded model can
+be reused), and as forward hooks on the writer modules (reversible, for searches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from refusal_lab.core.arch import Adapter, Writer, norm_scale
+from refusal_lab.probe.directions import gram_schmidt
+
+COMPONENTS = ("attention", "mlp")
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """Directions to remove, how strongly, and where; normalised on construction, never mutated."""
+
+    directions: torch.Tensor  # [H, k] unit columns, linearly independent (dependent ones dropped)
+    alphas: torch.Tensor | float = 1.0  # [k] or one value; stored as [k] float64
+    layer_scale: torch.Tensor | None = None  # [L]; None means 1 at every layer
+    embedding: bool = True
+    components: tuple[str, ...] = COMPONENTS
+
+    def __post_init__(self) -> None:
+        d = self.directions.double().cpu()
+        d = d[:, None] if d.ndim == 1 else d
+        alphas = torch.as_tensor(self.alphas, dtype=torch.float64).reshape(-1)
+        alphas = alphas.expand(d.shape[1]).clone() if alphas.numel() == 1 else alphas
+        _, kept = gram_schmidt(d)
+        d = d[:, kept]
+        object.__setattr__(self, "directions", d / d.norm(dim=0, keepdim=True))
+        object.__setattr__(self, "alphas", alphas[kept])
+        if self.layer_scale is not None:
+            object.__setattr__(self, "layer_scale", torch.as_tensor(self.layer_scale, dtype=torch.float64))
+
+    def scale(self, layer: int) -> float:
+        return 1.0 if self.layer_scale is None else float(self.layer_scale[layer])
+
+
+def operator(u: torch.Tensor, alphas: torch.Tensor, s: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, L) with P = I - L U' (float64): u_i' P w = (1 - s alpha_i) u_i' w for every column u_i."""
+    _, kept = gram_schmidt(u)
+    u = u[:, kept] / u[:, kept].norm(dim=0, keepdim=True)
+    g = u.T @ u
+    a = torch.linalg.solve(g, torch.diag(s * alphas[kept]))  # G^-1 diag(s alpha)
+    return u, u @ a
+
+
+def _writer_operator(writer: Writer, ab: Ablation, hidden: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    u = ab.directions if writer.post_norm is None else norm_scale(writer.post_norm, hidden)[:, None] * ab.directions
+    return operator(u, ab.alphas, s)
+
+
+def _project(t: torch.Tensor, u: torch.Tensor, lft: torch.Tensor) -> torch.Tensor:
+    """t[..., H, inner] (or [H] for a bias) minus L U' t, in float64."""
+    if t.ndim == 1:
+        return t - lft @ (u.T @ t)
+    return t - torch.einsum("hk,gk,...gi->...hi", lft, u, t)
+
+
+def _edit_tensor(tensor: torch.Tensor, u: torch.Tensor, lft: torch.Tensor, keep_norms: bool) -> None:
+    t = tensor.data.double()
+    new = _project(t, u.to(t.device), lft.to(t.device))
+    if keep_norms and t.ndim >= 2:  # each column is what one input unit writes: keep its length
+        new = new * (t.norm(dim=-2, keepdim=True) / new.norm(dim=-2, keepdim=True).clamp_min(1e-12))
+    tensor.data.copy_(new.to(tensor.dtype))
+
+
+def _writers(adapter: Adapter, ab: Ablation) -> Iterator[tuple[int, Writer]]:
+    for lw in adapter.writers:
+        if ab.scale(lw.index) == 0.0:
+            continue
+        for part in ("attention", "mlp"):
+            if part in ab.components:
+                yield from ((lw.index, w) for w in getattr(lw, part))
+
+
+def untie(adapter: Adapter) -> None:
+    """Give the unembedding its own copy, so an embedding edit leaves the logits' read-out alone."""
+    adapter.unembedding.weight = torch.nn.Parameter(adapter.embedding.weight.detach().clone())
+    adapter.tied_embeddings = False
+    _set_tied(adapter, False)
+
+
+def _set_tied(adapter: Adapter, tied: bool) -> None:
+    configs = (adapter.config, getattr(adapter.config, "get_text_config", lambda: None)())
+    for cfg in {id(c): c for c in configs if c is not None}.values():
+        cfg.tie_word_embeddings = tied
+
+
+@torch.no_grad()
+def apply_weights(adapter: Adapter, ablations: Sequence[Ablation], norm_preserving: bool = False) -> None:
+    """Edit the weights in place, one ablation after another."""
+    for ab in ablations:
+        if ab.embedding:
+            if adapter.tied_embeddings:
+                untie(adapter)
+            emb = adapter.embedding.weight  # [vocab, H]: each row lives in the residual stream
+            u, lft = operator(ab.directions, ab.alphas)
+            e = emb.data.double()
+            new = _project(e.T, u.to(e.device), lft.to(e.device)).T
+            if norm_preserving:
+                new = new * (e.norm(dim=1, keepdim=True) / new.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            emb.data.copy_(new.to(emb.dtype))
+        for layer, w in _writers(adapter, ab):
+            u, lft = _writer_operator(w, ab, adapter.hidden_size, ab.scale(layer))
+            _edit_tensor(w.weight, u, lft, norm_preserving)
+            if w.bias is not None:
+                _edit_tensor(w.bias, u, lft, False)
+
+
+@contextmanager
+def weights_edited(adapter: Adapter, ablations: Sequence[Ablation], norm_preserving: bool = False) -> Iterator[None]:
+    """apply_weights for the duration of the block, then the touched tensors are restored exactly.
+
+    Only the edited tensors are copied (the writers, the embedding), so a model can be exported
+    edited and then evaluated or edited otherwise without loading it again.
+    """
+    touched: list[torch.nn.Parameter] = []
+    if any(ab.embedding for ab in ablations):
+        touched.append(adapter.embedding.weight)
+    for ab in ablations:
+        for _, w in _writers(adapter, ab):
+            touched += [w.weight] + ([w.bias] if w.bias is not None else [])
+    saved = {id(p): (p, p.detach().clone()) for p in touched}
+    was_tied, unembedding = adapter.tied_embeddings, adapter.unembedding.weight
+    try:
+        apply_weights(adapter, ablations, norm_preserving)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, original in saved.values():
+                p.data.copy_(original)
+        if was_tied and not adapter.tied_embeddings:
+            adapter.unembedding.weight = unembedding
+            adapter.tied_embeddings = True
+            _set_tied(adapter, True)
+
+
+@contextmanager
+def hooked(adapter: Adapter, ablations: Sequence[Ablation]) -> Iterator[None]:
+    """The same edit as forward hooks on the writer modules; removed on exit."""
+    handles = []
+
+    def make_hook(u: torch.Tensor, lft: torch.Tensor):  # noqa: ANN202
+        cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def hook(_mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+            y = out[0] if isinstance(out, tuple) else out
+            key = (y.device, y.dtype)
+            if key not in cache:
+                cache[key] = (u.to(y.device, y.dtype), lft.to(y.device, y.dtype))
+            ud, ld = cache[key]
+            y = y - (y @ ud) @ ld.T
+            return (y, *out[1:]) if isinstance(out, tuple) else y
+
+        return hook
+
+    try:
+        for ab in ablations:
+            if ab.embedding:
+                handles.append(adapter.embedding.register_forward_hook(make_hook(*operator(ab.directions, ab.alphas))))
+            for layer, w in _writers(adapter, ab):
+                op = _writer_operator(w, ab, adapter.hidden_size, ab.scale(layer))
+                handles.append(w.module.register_forward_hook(make_hook(*op)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def orthogonalize(
+    adapter: Adapter,
+    directions: torch.Tensor,
+    alpha: float = 1.0,
+    layers: list[int] | None = None,
+    embedding: bool = True,
+) -> None:
+    """Remove span(directions) from every residual writer in place (the classic abliteration)."""
+    scale = None
+    if layers is not None:
+        scale = torch.zeros(adapter.num_layers, dtype=torch.float64)
+        scale[layers] = 1.0
+    apply_weights(adapter, [Ablation(directions, alpha, scale, embedding)])
+
+
+def ablation_tensors(ablations: Sequence[Ablation]) -> dict[str, torch.Tensor]:
+    """What was removed, for ablation.safetensors."""
+    out = {}
+    for i, ab in enumerate(ablations):
+        out[f"{i}.directions"] = ab.directions.contiguous()
+        out[f"{i}.alphas"] = ab.alphas.contiguous()
+        if ab.layer_scale is not None:
+            out[f"{i}.layer_scale"] = ab.layer_scale.contiguous()
+    return out

@@ -1,0 +1,142 @@
+"""The ablate stage: model + prompt sets (+ a probe folder) -> an edited Hugging Face model folder.
+
+One interface over SABER, Arditi et al., projected and kernel ablation. The folder holds the
+edited weights in the checkpoint's own dtype, the tokenizer, ablation.json (method, effective
+settings, what was chosen and why, source fingerprint), ablation.safetensors (directions and
+strengths applied), settings.toml + reproduce.sh, a model card and the organism's prompts/ when
+the source had them. The loaded model is left as it was, so one command can export several edits.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from refusal_lab.ablate.arditi import arditi
+from refusal_lab.ablate.edit import Ablation, ablation_tensors, weights_edited
+from refusal_lab.ablate.kernel import Kernel, kernel_ablations
+from refusal_lab.ablate.saber import band_layers, saber
+from refusal_lab.config import ProbeSettings, Settings
+from refusal_lab.core.artifacts import Log, manifest, settings_record, write_folder, write_replay
+from refusal_lab.core.model import Loaded, checkpoint_dtype
+from refusal_lab.core.sources import PromptSets, Source
+from refusal_lab.errors import UserError
+from refusal_lab.probe.directions import Probe
+from refusal_lab.probe.stage import read_probe, run_probe
+
+
+@dataclass
+class AblationChoice:
+    """A method's ablations and a JSON record of what it chose and why."""
+
+    ablations: list[Ablation]
+    record: dict
+
+
+def _dom_probe(loaded: Loaded, sets: PromptSets, s: Settings, log: Log) -> Probe:
+    """One projected difference of means per layer (projected and kernel methods)."""
+    opts = ProbeSettings(extraction="dom", directions_per_layer=1, positions="last", biproject=s.probe.biproject)
+    return run_probe(loaded, sets, opts, s.batch_size, s.cache_dir / "activations", log)
+
+
+def choose_ablations(loaded: Loaded, sets: PromptSets, s: Settings, first: Probe | None, log: Log) -> AblationChoice:
+    """Run the configured method on the probe prompts."""
+    model, tok, adapter, a = loaded.model, loaded.tokenizer, loaded.adapter, s.ablate
+    harmful, harmless = sets.texts("harmful"), sets.texts("harmless")
+    if a.method == "saber":
+        if not sets.capability:
+            raise UserError("SABER needs capability prompts for its entanglement scores", "pass --capability FILE")
+        capability = sets.texts("capability")
+        res = saber(model, tok, adapter, harmful, harmless, capability, s.probe, a.saber, s.batch_size, first, log)
+        return AblationChoice(res.ablations, res.as_dict())
+    if a.method == "arditi":
+        from refusal_lab.core.generate import generate
+        from refusal_lab.evaluate.metrics import refusal_token_ids
+
+        replies = generate(model, tok, harmful, 16, s.batch_size)
+        ids = refusal_token_ids(tok, replies, Source.of(loaded.source).markers)
+        choice = arditi(model, tok, adapter, harmful, harmless, ids, a.arditi, s.batch_size, log)
+        record = {k: v for k, v in asdict(choice).items() if k not in ("direction", "table")}
+        record |= {"refusal_tokens": tok.convert_ids_to_tokens(ids), "candidates": choice.table}
+        return AblationChoice([Ablation(choice.direction)], record)
+    probe = first or _dom_probe(loaded, sets, s, log)
+    per_layer = probe.directions[:, :, 0]
+    n, k = per_layer.shape[0], a.kernel
+    if a.method == "projected":
+        layer = k.layer if k.layer is not None else max(band_layers(n, 0.2, 0.8), key=lambda i: float(probe.fdr[i, 0]))
+        if not 0 <= layer < n:
+            raise UserError(f"layer {layer} is outside the model's {n} layers", "pass a valid --layer")
+        log(f"  projected: direction from layer {layer} (FDR {float(probe.fdr[layer, 0]):.2f})")
+        return AblationChoice([Ablation(per_layer[layer])], {"layer": layer, "fdr": float(probe.fdr[layer, 0])})
+    index = k.direction_index if k.direction_index is not None else float(torch.argmax(probe.fdr[:, 0]))
+    tent = Kernel.of(k)
+    record = {"direction_index": index, "weights": tent.weights(n).tolist()}
+    return AblationChoice(kernel_ablations(per_layer, index, tent, tent), record)
+
+
+def export(
+    loaded: Loaded,
+    ablations: list[Ablation],
+    out: Path,
+    record: dict,
+    s: Settings,
+    command: str,
+    force: bool = False,
+) -> None:
+    """Save the edited model as an ordinary folder; the loaded model and the input folder are untouched."""
+    from safetensors.torch import save_file
+
+    from refusal_lab.core.card import model_card
+
+    src = loaded.folder
+    if out.expanduser().resolve() == src.resolve():
+        raise UserError("the output folder is the input model folder", "write the edited model to a new folder")
+    full = manifest(source=str(loaded.source), source_fingerprint=loaded.fingerprint, **record)
+    full["settings"] = settings_record(s)
+
+    def fill(tmp: Path) -> None:
+        model = loaded.model
+        current = next(model.parameters()).dtype
+        stored = checkpoint_dtype(src) or current
+        with weights_edited(loaded.adapter, ablations, s.ablate.norm_preserving):
+            model.to(stored)  # the checkpoint's own precision; unedited weights round-trip exactly
+            try:
+                model.save_pretrained(tmp, safe_serialization=True)
+            finally:
+                model.to(current)
+        loaded.tokenizer.save_pretrained(tmp)
+        if (src / "prompts").is_dir():
+            shutil.copytree(src / "prompts", tmp / "prompts")
+        save_file(ablation_tensors(ablations), str(tmp / "ablation.safetensors"))
+        (tmp / "ablation.json").write_text(json.dumps(full, indent=1, default=str) + "\n")
+        write_replay(tmp, s, command)
+        (tmp / "README.md").write_text(model_card(src, full, command))
+
+    write_folder(out, fill, force)
+
+
+def run_ablate(loaded: Loaded, s: Settings, out: Path, probe_dir: Path | None, force: bool, log: Log) -> dict:
+    """Choose the ablation on the probe prompts, export the edited folder, return its manifest record."""
+    first = None
+    if probe_dir is not None:
+        first = read_probe(probe_dir, loaded.fingerprint, loaded.adapter.hidden_size)
+    sets = Source.of(loaded.source).probe_sets(s.prompts)
+    log(
+        f"ablate: method {s.ablate.method}, {len(sets.harmful)} harmful / {len(sets.harmless)} harmless / "
+        f"{len(sets.capability)} capability prompts"
+    )
+    choice = choose_ablations(loaded, sets, s, first, log)
+    record = {
+        "method": s.ablate.method,
+        "chosen": choice.record,
+        "probe": str(probe_dir) if probe_dir else None,
+        "directions_file": "ablation.safetensors",
+        "prompts": {k: len(getattr(sets, k)) for k in ("harmful", "harmless", "capability")},
+    }
+    command = "ablate" + (f" --probe {probe_dir.resolve()}" if probe_dir else "")
+    export(loaded, choice.ablations, out, record, s, command, force)
+    return record

@@ -1,0 +1,5 @@
+"""The refusal-lab command line."""
+
+from refusal_lab.cli.app import main
+
+__all__ = ["main"]

@@ -1,0 +1,3 @@
+from refusal_lab.cli.app import main
+
+main()

@@ -1,0 +1,79 @@
+"""The search space: one point is an ablation (SABER or kernel) built from sampled parameters.
+
+Parameter names are part of SPACE_VERSION: a study made with another space is refused.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from refusal_lab.ablate.edit import Ablation
+from refusal_lab.ablate.kernel import Kernel, kernel_ablations
+from refusal_lab.ablate.saber import saber
+from refusal_lab.config import SaberSettings
+
+if TYPE_CHECKING:
+    from refusal_lab.search.study import SearchSetup
+
+SPACE_VERSION = 3  # 3: SABER's components are part of every pass, not applied afterwards
+SABER_KEYS = ("band_lo", "band_hi", "top_k", "alpha", "alpha_entangled", "entanglement_threshold", "components")
+
+
+def saber_start() -> dict[str, Any]:
+    """SABER's published point (config.SaberSettings' defaults) with two passes: the space holds one or two."""
+    d = SaberSettings()
+    return {"method": "saber", **{k: getattr(d, k) for k in SABER_KEYS}, "per_layer": d.max_per_layer, "passes": 2}
+
+
+def suggest(trial: Any, n_layers: int, methods: tuple[str, ...]) -> dict[str, Any]:
+    """Sample one point of the ablation space from an optuna.Trial."""
+    p: dict[str, Any] = {"method": trial.suggest_categorical("method", list(methods))}
+    if p["method"] == "saber":
+        p["band_lo"] = trial.suggest_float("band_lo", 0.0, 0.5)
+        p["band_hi"] = trial.suggest_float("band_hi", 0.5, 1.0)
+        p["top_k"] = trial.suggest_int("top_k", 1, 32, log=True)
+        p["per_layer"] = trial.suggest_int("per_layer", 1, 4)
+        p["alpha"] = trial.suggest_float("alpha", 0.3, 1.5)
+        p["alpha_entangled"] = trial.suggest_float("alpha_entangled", 0.0, 0.3)
+        p["entanglement_threshold"] = trial.suggest_float("entanglement_threshold", 0.2, 0.9)
+        p["passes"] = trial.suggest_int("passes", 1, 2)  # each further pass re-probes: it costs a capture
+        p["components"] = trial.suggest_categorical("components", ["both", "attention", "mlp"])
+    else:
+        last = max(1, n_layers - 1)
+        p["direction_index"] = trial.suggest_float("direction_index", 0.2 * last, 0.9 * last)
+        for part in ("attn", "mlp"):
+            p[f"{part}_max"] = trial.suggest_float(f"{part}_max", 0.0, 1.5)
+            p[f"{part}_position"] = trial.suggest_float(f"{part}_position", 0.2, 1.0)
+            p[f"{part}_min"] = trial.suggest_float(f"{part}_min", 0.0, 1.0)
+            p[f"{part}_width"] = trial.suggest_float(f"{part}_width", 0.05, 0.8)
+    return p
+
+
+def saber_settings(params: dict[str, Any]) -> SaberSettings:
+    return SaberSettings(
+        **{k: params[k] for k in SABER_KEYS}, max_per_layer=params["per_layer"], passes=params["passes"]
+    )
+
+
+def ablations_for(params: dict[str, Any], setup: SearchSetup) -> list[Ablation]:
+    """Rebuild a point's edit from its parameters (the same code path serves --pick)."""
+    if params["method"] == "saber":
+        m, texts = setup.loaded, setup.probe_texts
+        return saber(
+            m.model,
+            m.tokenizer,
+            m.adapter,
+            texts["harmful"],
+            texts["harmless"],
+            texts["capability"],
+            setup.probe_opts,
+            saber_settings(params),
+            setup.batch_size,
+            setup.probe,
+            capability_vectors=setup.capability_vectors,
+        ).ablations
+    tents = {
+        part: Kernel(params[f"{part}_max"], params[f"{part}_position"], params[f"{part}_min"], params[f"{part}_width"])
+        for part in ("attn", "mlp")
+    }
+    return kernel_ablations(setup.per_layer, params["direction_index"], tents["attn"], tents["mlp"])

@@ -1,0 +1,237 @@
+"""The search stage: a resumable multi-objective study over ablation settings, and exporting a pick.
+
+Each worker probes once (activations cached on disk), captures the capability activations and
+the base logits once, then applies every trial's edit as hooks on the one loaded model, so a
+trial costs one evaluation. A trial whose KL already exceeds `kl_prune` is pruned before
+generating. Replies are labelled by the model's scorer; the objective counts what was not
+complied with, so breaking the model is not rewarded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refusal_lab.ablate.edit import Ablation, hooked
+from refusal_lab.ablate.stage import export
+from refusal_lab.config import ProbeSettings, Settings
+from refusal_lab.core.activations import cached_capture
+from refusal_lab.core.artifacts import SETTINGS_FILE, Log, write_text_atomic
+from refusal_lab.core.generate import generate
+from refusal_lab.core.model import Loaded
+from refusal_lab.core.sources import Source
+from refusal_lab.evaluate.metrics import Scorer, first_token_kl, last_logits
+from refusal_lab.probe.directions import Probe
+from refusal_lab.probe.stage import run_probe
+from refusal_lab.search import study as S
+from refusal_lab.search.space import SPACE_VERSION, ablations_for, saber_start, suggest
+
+
+@dataclass
+class SearchSetup:
+    """Everything a trial needs, computed once per worker."""
+
+    loaded: Loaded
+    probe: Probe  # SABER's first pass on the probe prompts
+    probe_opts: ProbeSettings
+    per_layer: torch.Tensor  # [L, H] projected difference of means per layer (kernel method)
+    probe_texts: dict[str, list[str]]
+    eval_harmful: list[str]
+    eval_harmless: list[str]
+    base_logits: torch.Tensor
+    capability_vectors: torch.Tensor  # [n, L, H] of the unedited model, for entanglement
+    scorer: Scorer
+    batch_size: int
+    max_new_tokens: int
+    methods: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    refused: int
+    complied: int
+    broken: int
+    kl: float
+
+    @property
+    def not_complied(self) -> int:
+        return self.refused + self.broken
+
+
+class Pruned(Exception):
+    def __init__(self, kl: float) -> None:
+        super().__init__(f"KL {kl:.3f} above the pruning limit")
+        self.kl = kl
+
+
+def build_setup(loaded: Loaded, s: Settings, log: Log) -> SearchSetup:
+    """Probe once (cached on disk) and compute the base logits: what every trial reuses."""
+    src = Source.of(loaded.source)
+    sets, ev = src.search_split(s.prompts, s.search.probe_count, s.search.eval_count)
+    cache = s.cache_dir / "activations"
+    probe = run_probe(loaded, sets, s.probe, s.batch_size, cache, log)
+    dom_opts = ProbeSettings(extraction="dom", directions_per_layer=1, biproject=s.probe.biproject)
+    dom = run_probe(loaded, sets, dom_opts, s.batch_size, cache, log)
+    harmless = [p.prompt for p in ev.harmless]
+    caps = cached_capture(loaded, sets.texts("capability"), "last", s.batch_size, cache_dir=cache)
+    return SearchSetup(
+        loaded=loaded,
+        probe=probe,
+        probe_opts=s.probe,
+        per_layer=dom.directions[:, :, 0],
+        probe_texts={k: sets.texts(k) for k in ("harmful", "harmless", "capability")},
+        eval_harmful=[p.prompt for p in ev.harmful],
+        eval_harmless=harmless,
+        base_logits=last_logits(loaded.model, loaded.tokenizer, harmless, s.batch_size),
+        capability_vectors=caps.vectors[:, 0],
+        scorer=src.scorer(),
+        batch_size=s.batch_size,
+        max_new_tokens=s.search.max_new_tokens,
+        methods=s.search.method_list,
+    )
+
+
+def evaluate_trial(setup: SearchSetup, ablations: list[Ablation], kl_prune: float | None = None) -> TrialResult:
+    """Labels of the harmful evaluation replies and first-token KL; Pruned when KL alone rules it out."""
+    m = setup.loaded
+    with hooked(m.adapter, ablations):
+        logits = last_logits(m.model, m.tokenizer, setup.eval_harmless, setup.batch_size)
+        kl = first_token_kl(setup.base_logits, logits)
+        if kl_prune is not None and kl > kl_prune:
+            raise Pruned(kl)
+        replies = generate(m.model, m.tokenizer, setup.eval_harmful, setup.max_new_tokens, setup.batch_size)
+    labels = setup.scorer.labels(setup.eval_harmful, replies)
+    return TrialResult(labels.count("refused"), labels.count("complied"), labels.count("broken"), kl)
+
+
+def study_meta(setup: SearchSetup) -> dict:
+    prompts = json.dumps([setup.probe_texts, setup.eval_harmful, setup.eval_harmless])
+    return {
+        "space_version": SPACE_VERSION,
+        "objectives": list(S.OBJECTIVES),
+        "scorer": setup.scorer.name,
+        "model_fingerprint": setup.loaded.fingerprint,
+        "methods": list(setup.methods),
+        "prompts_hash": hashlib.sha256(prompts.encode()).hexdigest()[:16],
+        "max_new_tokens": setup.max_new_tokens,
+    }
+
+
+def open_search(loaded: Loaded, s: Settings, out: Path, log: Log) -> tuple[SearchSetup, Any]:
+    """The worker's setup and its study (created, or resumed when it matches)."""
+    setup = build_setup(loaded, s, log)
+    start = saber_start() if "saber" in setup.methods else None
+    storage = S.storage_for(s.search.storage, out)
+    return setup, S.open_study(
+        storage, s.search.study_name, study_meta(setup), s.search.sampler, s.search.sampler_seed, start
+    )
+
+
+def run_search(loaded: Loaded, s: Settings, out: Path, log: Log) -> list[dict]:
+    """Run trials until the study holds `trials` finished ones; write pareto.json and pareto.svg."""
+    import optuna
+
+    from refusal_lab.config import to_toml
+    from refusal_lab.core.artifacts import settings_record
+
+    setup, study = open_search(loaded, s, out, log)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / SETTINGS_FILE, to_toml(settings_record(s, with_cache=True)) + "\n")  # `pick` reads it
+    n = len(setup.eval_harmful)
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        params = suggest(trial, loaded.adapter.num_layers, setup.methods)
+        try:
+            r = evaluate_trial(setup, ablations_for(params, setup), s.search.kl_prune)
+        except Pruned as p:
+            trial.set_user_attr("kl", p.kl)
+            raise optuna.TrialPruned(str(p)) from p
+        for key in ("refused", "complied", "broken"):
+            trial.set_user_attr(key, getattr(r, key))
+        log(
+            f"  trial {trial.number}: {params['method']} complied {r.complied}/{n} "
+            f"(refused {r.refused}, broken {r.broken}) KL {r.kl:.4f}"
+        )
+        return float(r.not_complied), r.kl
+
+    S.run_trials(study, s.search.trials, objective)
+    front = [front_point(t, n) for t in S.pareto(study)]
+
+    write_text_atomic(out / "pareto.json", json.dumps(front, indent=1) + "\n")
+    write_text_atomic(out / "pareto.svg", front_svg(study, n))
+    return front
+
+
+def front_point(t: Any, n: int) -> dict:
+    return {
+        "trial": t.number,
+        "complied": n - int(t.values[0]),
+        "not_complied": int(t.values[0]),
+        "refused": t.user_attrs.get("refused"),
+        "broken": t.user_attrs.get("broken"),
+        "kl": t.values[1],
+        "params": t.params,
+    }
+
+
+def front_table(front: list[dict], n: int) -> str:
+    rows = [f"{'trial':>5}  {'method':<7} {'complied':>8} {'refused':>7} {'broken':>6} {'KL':>8}"]
+    rows += [
+        f"{p['trial']:>5}  {p['params'].get('method', '?'):<7} {p['complied']:>5}/{n:<2} {p['refused']!s:>7} "
+        f"{p['broken']!s:>6} {p['kl']:>8.4f}"
+        for p in front
+    ]
+    return "\n".join(rows)
+
+
+def front_svg(study: Any, n: int) -> str:
+    """All finished trials and the Pareto front, complied against KL."""
+    import optuna
+
+    from refusal_lab.evaluate.plots import line_plot_svg
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    front = S.pareto(study)
+    return line_plot_svg(
+        "Search: harmful prompts complied with against KL",
+        "first-token KL",
+        f"complied (of {n})",
+        {
+            "trials": ([t.values[1] for t in done], [n - t.values[0] for t in done]),
+            "Pareto front": ([t.values[1] for t in front], [n - t.values[0] for t in front]),
+        },
+        lines=False,
+    )
+
+
+def pick_and_export(
+    loaded: Loaded,
+    s: Settings,
+    out: Path,
+    max_kl: float | None,
+    min_complied: int | None,
+    target: Path,
+    force: bool,
+    log: Log,
+) -> dict:
+    """Rebuild a front trial's edit and write it through the ablate stage's export."""
+    setup, study = open_search(loaded, s, out, log)
+    n = len(setup.eval_harmful)
+    trial = S.pick(study, max_kl, None if min_complied is None else n - min_complied)
+    point = front_point(trial, n)
+    log(f"picked trial {trial.number}: complied {point['complied']}/{n}, KL {point['kl']:.4f}, {trial.params}")
+    record = {
+        "method": f"search:{trial.params['method']}",
+        "options": trial.params,
+        "chosen": {**point, "study": s.search.study_name, "storage": s.search.storage or str(out / "study.journal")},
+        "directions_file": "ablation.safetensors",
+    }
+    limit = f"--max-kl {max_kl}" if max_kl is not None else f"--min-complied {min_complied}"
+    command = f"pick {out.resolve()} {limit}"
+    export(loaded, ablations_for(trial.params, setup), target, record, s, command, force)
+    return record
