@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_lab.config import POSITIONS
@@ -75,8 +76,9 @@ def _select(hidden: torch.Tensor, mask: torch.Tensor, positions: str, n_post: in
 def fingerprint(model: torch.nn.Module) -> str:
     """Cheap content hash of the weights (names, shapes, sums, a few values): edits change it."""
     h = hashlib.sha256()
+    params = list(model.named_parameters())
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in tqdm(params, desc="fingerprint", unit="tensor", disable=None, leave=False):
             flat = p.detach().reshape(-1)
             h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
             h.update(flat.sum(dtype=torch.float64).cpu().numpy().tobytes())  # no float64 copy

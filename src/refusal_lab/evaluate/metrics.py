@@ -16,6 +16,7 @@ from functools import lru_cache
 from typing import Protocol
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_lab.core.generate import encode, generate, render
@@ -200,7 +201,8 @@ def last_logits(
     """Next-token logits at the end of each chat-templated prompt, [n, vocab] float32 on CPU."""
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="logits", unit="batch", disable=None if len(starts) > 4 else True, leave=False):
         batch = encode(tok, prompts[start : start + batch_size], device)
         out.append(model(**batch, use_cache=False).logits[:, -1, :].float().cpu())
     return torch.cat(out)
@@ -230,7 +232,10 @@ def continuation_batches(
     heads = [tok(h, add_special_tokens=False)["input_ids"] for h in render(tok, prompts)]
     bodies = [tok(c, add_special_tokens=False)["input_ids"] for c in continuations]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    for start in range(0, len(heads), batch_size):
+    starts = range(0, len(heads), batch_size)
+    for start in tqdm(
+        starts, desc="teacher forcing", unit="batch", disable=None if len(starts) > 4 else True, leave=False
+    ):
         rows = [
             h + b for h, b in zip(heads[start : start + batch_size], bodies[start : start + batch_size], strict=True)
         ]
