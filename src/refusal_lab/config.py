@@ -190,6 +190,53 @@ class EvalSettings(Section):
     )
 
 
+def _int_list(v: Any) -> Any:
+    """'1,2,4' (a flag or an environment variable) as [1, 2, 4]; lists pass through."""
+    return [int(x) for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+
+PROVE_ATTACKS = ("arditi", "saber", "adaptive", "subspace", "rdo", "search", "delta", "finetune")
+
+
+class ProveSettings(Section):
+    budget_kl: float = Field(0.1, gt=0, description="Prove: first-token KL(model || attacked) an attack may cost.")
+    report_kl: float = Field(0.5, gt=0, description="Prove: a looser budget reported beside --budget-kl.")
+    attacks: str = Field(",".join(PROVE_ATTACKS), description="Prove: comma-separated attacks of the battery to run.")
+    tuning_count: int = Field(16, ge=2, description="Prove: probe-split harmful prompts held back to tune attacks.")
+    phases: int = Field(8, ge=1, description="Prove: phases of the adaptive re-extraction attack.")
+    subspace_ks: list[int] = Field(
+        [1, 2, 4, 8], description="Prove: directions per layer tried by the subspace attack."
+    )
+    rdo_steps: int = Field(60, ge=1, description="Prove: optimisation steps of the gradient-optimised direction.")
+    rdo_lr: float = Field(0.02, gt=0, description="Prove: learning rate of the gradient-optimised direction.")
+    search_trials: int = Field(24, ge=1, description="Prove: trial budget of the search attack.")
+    finetune_examples: list[int] = Field(
+        [10, 100, 1000], description="Prove: compliant examples per fine-tuning attack."
+    )
+    finetune_steps: int = Field(60, ge=1, description="Prove: most LoRA steps of a fine-tuning attack.")
+    seeds: list[int] = Field([0], description="Prove: seeds for the stochastic attacks (rdo, search, finetune).")
+    max_new_tokens: int = Field(48, ge=1, description="Tokens generated per reply.")
+
+    _lists = field_validator("subspace_ks", "finetune_examples", "seeds", mode="before")(_int_list)
+
+    @field_validator("attacks")
+    @classmethod
+    def _known_attacks(cls, v: str) -> str:
+        names = [m.strip() for m in v.split(",") if m.strip()]
+        bad = [m for m in names if m not in PROVE_ATTACKS]
+        if not names or bad:
+            raise ValueError(f"unknown attacks {bad or v!r}; use {', '.join(PROVE_ATTACKS)} (comma-separated)")
+        return ",".join(names)
+
+    @property
+    def attack_list(self) -> tuple[str, ...]:
+        return tuple(self.attacks.split(","))
+
+    @property
+    def budgets(self) -> tuple[float, ...]:
+        return tuple(sorted({self.budget_kl, self.report_kl}))
+
+
 class ChatSettings(Section):
     max_new_tokens: int = Field(48, ge=1, description="Tokens generated per reply.")
 
@@ -208,6 +255,7 @@ class Settings(Section):
     ablate: AblateSettings = Field(default_factory=AblateSettings)
     search: SearchSettings = Field(default_factory=SearchSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    prove: ProveSettings = Field(default_factory=ProveSettings)
     chat: ChatSettings = Field(default_factory=ChatSettings)
 
     @field_validator("cache_dir", mode="before")

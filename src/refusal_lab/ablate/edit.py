@@ -51,6 +51,10 @@ class Ablation:
     def scale(self, layer: int) -> float:
         return 1.0 if self.layer_scale is None else float(self.layer_scale[layer])
 
+    def scaled(self, factor: float) -> Ablation:
+        """The same edit with every strength multiplied by `factor`."""
+        return Ablation(self.directions, self.alphas * factor, self.layer_scale, self.embedding, self.components)
+
 
 def operator(u: torch.Tensor, alphas: torch.Tensor, s: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, L) with P = I - L U' (float64): u_i' P w = (1 - s alpha_i) u_i' w for every column u_i."""

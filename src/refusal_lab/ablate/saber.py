@@ -87,6 +87,7 @@ class SaberPass:
     picks: list[Pick]
     separability_before: float
     separability_after: float
+    ablations: int = 0  # ablations in the result once this pass is done (the passes so far)
 
 
 @dataclass
@@ -155,7 +156,7 @@ def saber(
         result.ablations += picks_to_ablations(probe, picks, adapter.num_layers, cfg)
         xh, xb = edited_vectors()  # measures this pass and seeds the next one's probe
         after = separability_left(xh, xb, picks, probe)
-        result.passes.append(SaberPass(picks, before, after))
+        result.passes.append(SaberPass(picks, before, after, len(result.ablations)))
         log(
             f"  pass {n + 1}: {len(picks)} directions in layers {sorted({p.layer for p in picks})}, "
             f"mean FDR {before:.3f} -> {after:.3f}"

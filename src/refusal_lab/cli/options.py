@@ -42,10 +42,16 @@ def _flag_type(field: FieldInfo) -> tuple[Any, str]:
 
 
 def section_flags(sections: Sequence[str]) -> tuple[list[inspect.Parameter], dict[str, str]]:
-    """One keyword parameter per leaf field of the sections, and flag name -> dotted settings key."""
+    """One keyword parameter per leaf field of the sections, and flag name -> dotted settings key.
+
+    A section may name the fields it lends: "eval:judge_url,limit" gives just those two flags.
+    """
     params, keys = [], {}
-    for dotted in sections:
+    for spec in sections:
+        dotted, _, only = spec.partition(":")
         for name, field in section_class(dotted).model_fields.items():
+            if only and name not in only.split(","):
+                continue
             if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
                 continue  # a nested section: listed separately when the command wants it
             if (field.json_schema_extra or {}).get("cli") is False:

@@ -24,7 +24,7 @@ from refusal_lab.core.activations import cached_capture
 from refusal_lab.core.artifacts import SETTINGS_FILE, Log, write_text_atomic
 from refusal_lab.core.generate import generate
 from refusal_lab.core.model import Loaded
-from refusal_lab.core.sources import Source
+from refusal_lab.core.sources import PromptSets, Source
 from refusal_lab.evaluate.metrics import Scorer, first_token_kl, last_logits
 from refusal_lab.probe.directions import Probe
 from refusal_lab.probe.stage import run_probe
@@ -69,31 +69,47 @@ class Pruned(Exception):
         self.kl = kl
 
 
-def build_setup(loaded: Loaded, s: Settings, log: Log) -> SearchSetup:
+def make_setup(
+    loaded: Loaded,
+    sets: PromptSets,
+    eval_harmful: list[str],
+    eval_harmless: list[str],
+    s: Settings,
+    scorer: Scorer,
+    log: Log,
+    base_logits: torch.Tensor | None = None,
+) -> SearchSetup:
     """Probe once (cached on disk) and compute the base logits: what every trial reuses."""
-    src = Source.of(loaded.source)
-    sets, ev = src.search_split(s.prompts, s.search.probe_count, s.search.eval_count)
     cache = s.cache_dir / "activations"
     probe = run_probe(loaded, sets, s.probe, s.batch_size, cache, log)
     dom_opts = ProbeSettings(extraction="dom", directions_per_layer=1, biproject=s.probe.biproject)
     dom = run_probe(loaded, sets, dom_opts, s.batch_size, cache, log)
-    harmless = [p.prompt for p in ev.harmless]
     caps = cached_capture(loaded, sets.texts("capability"), "last", s.batch_size, cache_dir=cache)
+    if base_logits is None:
+        base_logits = last_logits(loaded.model, loaded.tokenizer, eval_harmless, s.batch_size)
     return SearchSetup(
         loaded=loaded,
         probe=probe,
         probe_opts=s.probe,
         per_layer=dom.directions[:, :, 0],
         probe_texts={k: sets.texts(k) for k in ("harmful", "harmless", "capability")},
-        eval_harmful=[p.prompt for p in ev.harmful],
-        eval_harmless=harmless,
-        base_logits=last_logits(loaded.model, loaded.tokenizer, harmless, s.batch_size),
+        eval_harmful=eval_harmful,
+        eval_harmless=eval_harmless,
+        base_logits=base_logits,
         capability_vectors=caps.vectors[:, 0],
-        scorer=src.scorer(),
+        scorer=scorer,
         batch_size=s.batch_size,
         max_new_tokens=s.search.max_new_tokens,
         methods=s.search.method_list,
     )
+
+
+def build_setup(loaded: Loaded, s: Settings, log: Log) -> SearchSetup:
+    """The search command's setup: the model's search split (probe prompts | evaluation prompts)."""
+    src = Source.of(loaded.source)
+    sets, ev = src.search_split(s.prompts, s.search.probe_count, s.search.eval_count)
+    harmful, harmless = [p.prompt for p in ev.harmful], [p.prompt for p in ev.harmless]
+    return make_setup(loaded, sets, harmful, harmless, s, src.scorer(), log)
 
 
 def evaluate_trial(setup: SearchSetup, ablations: list[Ablation], kl_prune: float | None = None) -> TrialResult:
@@ -132,22 +148,16 @@ def open_search(loaded: Loaded, s: Settings, out: Path, log: Log) -> tuple[Searc
     )
 
 
-def run_search(loaded: Loaded, s: Settings, out: Path, log: Log) -> list[dict]:
-    """Run trials until the study holds `trials` finished ones; write pareto.json and pareto.svg."""
+def trial_objective(setup: SearchSetup, kl_prune: float | None, log: Log) -> Any:
+    """What one trial does: sample a point, edit with hooks, count what was not complied with, and KL."""
     import optuna
 
-    from refusal_lab.config import to_toml
-    from refusal_lab.core.artifacts import settings_record
-
-    setup, study = open_search(loaded, s, out, log)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / SETTINGS_FILE, to_toml(settings_record(s, with_cache=True)) + "\n")  # `pick` reads it
     n = len(setup.eval_harmful)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
-        params = suggest(trial, loaded.adapter.num_layers, setup.methods)
+        params = suggest(trial, setup.loaded.adapter.num_layers, setup.methods)
         try:
-            r = evaluate_trial(setup, ablations_for(params, setup), s.search.kl_prune)
+            r = evaluate_trial(setup, ablations_for(params, setup), kl_prune)
         except Pruned as p:
             trial.set_user_attr("kl", p.kl)
             raise optuna.TrialPruned(str(p)) from p
@@ -159,6 +169,19 @@ def run_search(loaded: Loaded, s: Settings, out: Path, log: Log) -> list[dict]:
         )
         return float(r.not_complied), r.kl
 
+    return objective
+
+
+def run_search(loaded: Loaded, s: Settings, out: Path, log: Log) -> list[dict]:
+    """Run trials until the study holds `trials` finished ones; write pareto.json and pareto.svg."""
+    from refusal_lab.config import to_toml
+    from refusal_lab.core.artifacts import settings_record
+
+    setup, study = open_search(loaded, s, out, log)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / SETTINGS_FILE, to_toml(settings_record(s, with_cache=True)) + "\n")  # `pick` reads it
+    n = len(setup.eval_harmful)
+    objective = trial_objective(setup, s.search.kl_prune, log)
     S.run_trials(study, s.search.trials, objective)
     front = [front_point(t, n) for t in S.pareto(study)]
 

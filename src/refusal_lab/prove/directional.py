@@ -1,0 +1,143 @@
+"""Directional attacks: weight-space ablations applied as hooks on the model under attack.
+
+- arditi: one difference-of-means direction (layer and position chosen on a held-out split), at
+  growing strength;
+- saber: SABER's defaults, pass after pass, at full and half strength;
+- adaptive: re-extract on the attacked model, ablate, repeat; each phase's direction is the best
+  layer's difference of means on the model as attacked so far, made orthogonal to earlier phases;
+- subspace: k directions per layer (SVD), each layer's writers losing that layer's subspace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from refusal_lab.ablate.arditi import arditi
+from refusal_lab.ablate.edit import Ablation, hooked
+from refusal_lab.ablate.saber import saber
+from refusal_lab.core.activations import capture
+from refusal_lab.core.generate import generate
+from refusal_lab.core.sources import Source
+from refusal_lab.evaluate.metrics import refusal_token_ids
+from refusal_lab.probe.directions import fdr, orthonormal_basis, probe_layers, project_out, unit
+from refusal_lab.prove.battery import Edit, Proposal, Target
+
+
+def hooks(t: Target, ablations: list[Ablation]) -> Edit:
+    frozen = list(ablations)
+    return lambda: hooked(t.loaded.adapter, frozen)
+
+
+@dataclass
+class ArditiAttack:
+    name: str = "arditi"
+    threat: str = "directional"
+    strengths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+
+    def proposals(self, t: Target) -> Iterator[Proposal]:
+        m, s = t.loaded, t.s
+        harmful, harmless = t.extraction.texts("harmful"), t.extraction.texts("harmless")
+        replies = generate(m.model, m.tokenizer, harmful, 16, s.batch_size)
+        ids = refusal_token_ids(m.tokenizer, replies, Source.of(m.source).markers)
+        choice = arditi(m.model, m.tokenizer, m.adapter, harmful, harmless, ids, s.ablate.arditi, s.batch_size, t.log)
+        for a in self.strengths:
+            where = {"layer": choice.layer, "position": choice.position, "strength": a}
+            yield Proposal(where, hooks(t, [Ablation(choice.direction, a)]))
+
+
+@dataclass
+class SaberAttack:
+    name: str = "saber"
+    threat: str = "directional"
+    strengths: tuple[float, ...] = (0.5, 1.0)
+
+    def proposals(self, t: Target) -> Iterator[Proposal]:
+        m, s, x = t.loaded, t.s, t.extraction
+        texts = (x.texts("harmful"), x.texts("harmless"), x.texts("capability"))
+        res = saber(
+            m.model, m.tokenizer, m.adapter, *texts, s.probe, s.ablate.saber, s.batch_size,
+            capability_vectors=t.capability_vectors,
+        )  # fmt: skip
+        for i, p in enumerate(res.passes, 1):
+            for c in self.strengths:
+                yield Proposal(
+                    {"passes": i, "strength": c}, hooks(t, [ab.scaled(c) for ab in res.ablations[: p.ablations]])
+                )
+
+
+def _vectors(t: Target, ablations: list[Ablation]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last-token vectors [n, L, H] of harmful and harmless extraction prompts, with the edits so far."""
+    m, bs = t.loaded, t.s.batch_size
+    h, b = t.extraction.texts("harmful"), t.extraction.texts("harmless")
+    with hooked(m.adapter, ablations):
+        xh = capture(m.model, m.tokenizer, m.adapter, h, "last", bs, keep=len(h)).vectors[:, 0].double()
+        xb = capture(m.model, m.tokenizer, m.adapter, b, "last", bs, keep=len(b)).vectors[:, 0].double()
+    return xh, xb
+
+
+@dataclass
+class AdaptiveAttack:
+    """Multi-phase re-extraction, as the adaptive attacks that broke published defences do."""
+
+    phases: int = 8
+    name: str = "adaptive"
+    threat: str = "directional"
+
+    def proposals(self, t: Target) -> Iterator[Proposal]:
+        ablations: list[Ablation] = []
+        earlier: list[torch.Tensor] = []
+        for phase in range(1, self.phases + 1):
+            xh, xb = _vectors(t, ablations)
+            best = None
+            depth = max(
+                1, int(xh.shape[1] * (1 - t.s.ablate.arditi.prune_last))
+            )  # as Arditi et al., not the last layers
+            for layer in range(depth):
+                d = xh[:, layer].mean(0) - xb[:, layer].mean(0)
+                if t.s.probe.biproject:  # leave the average harmless activation where it is
+                    d = project_out(d, xb[:, layer].mean(0))
+                if earlier:
+                    d = project_out(d, torch.stack(earlier, 1))
+                if d.norm() < 1e-9:
+                    continue
+                d = unit(d)
+                score = float(fdr(d[:, None], xh[:, layer], xb[:, layer])[0])
+                if best is None or score > best[0]:
+                    best = (score, layer, d)
+            if best is None:
+                return
+            score, layer, d = best
+            earlier.append(d)
+            ablations.append(Ablation(d, 1.0, embedding=True))
+            yield Proposal({"phase": phase, "layer": layer, "fdr": score}, hooks(t, ablations))
+
+
+@dataclass
+class SubspaceAttack:
+    """k directions per layer at every layer (not one global direction)."""
+
+    ks: tuple[int, ...] = (1, 2, 4, 8)
+    strengths: tuple[float, ...] = (0.5, 1.0)
+    name: str = "subspace"
+    threat: str = "directional"
+
+    def proposals(self, t: Target) -> Iterator[Proposal]:
+        xh, xb = _vectors(t, [])
+        kmax = min(max(self.ks), len(xh), len(xb))
+        probe = probe_layers("svd", xh, xb, None, kmax, biproject=t.s.probe.biproject)
+        n_layers = xh.shape[1]
+        for k in sorted(k for k in self.ks if k <= kmax):
+            per_layer = []
+            for layer in range(n_layers):
+                valid = probe.valid[layer, :k]
+                dirs = orthonormal_basis(probe.directions[layer, :, :k][:, valid])
+                if dirs.shape[1] == 0:
+                    continue
+                onehot = torch.zeros(n_layers, dtype=torch.float64)
+                onehot[layer] = 1.0
+                per_layer.append(Ablation(dirs, 1.0, onehot, embedding=False))
+            for c in self.strengths:
+                yield Proposal({"k": k, "strength": c}, hooks(t, [ab.scaled(c) for ab in per_layer]))

@@ -1,0 +1,112 @@
+"""A gradient-optimised refusal direction ("The Geometry of Refusal", refusal direction optimisation).
+
+A unit direction r is trained so that removing it from everything written into the residual
+stream (every writer's output and the embedding, as a weight edit would) makes the model's own
+refusal openers unlikely on harmful prompts, while a KL term keeps harmless prompts' next-token
+distributions where they were. Only r is trained; the model's weights stay frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from refusal_lab.ablate.edit import Ablation
+from refusal_lab.core.arch import Adapter, norm_scale
+from refusal_lab.core.generate import encode, generate
+from refusal_lab.core.sources import Source
+from refusal_lab.evaluate.metrics import refusal_token_ids
+from refusal_lab.prove.battery import Proposal, Target
+from refusal_lab.prove.directional import _vectors, hooks
+
+
+@contextmanager
+def _ablating(adapter: Adapter, v: torch.Tensor) -> Iterator[None]:
+    """Differentiable removal of unit(v) from every residual write (gain-weighted behind post-norms)."""
+    writers = [w for lw in adapter.writers for w in lw.all]
+    gains = {id(w): norm_scale(w.post_norm, adapter.hidden_size) for w in writers if w.post_norm is not None}
+
+    def hook_for(gain: torch.Tensor | None):  # noqa: ANN202
+        def hook(_m: torch.nn.Module, _a: tuple, out: object) -> object:
+            y = out[0] if isinstance(out, tuple) else out
+            u = v if gain is None else v * gain.to(v)
+            u = (u / u.norm()).to(y.dtype)
+            y = y - (y @ u)[..., None] * u
+            return (y, *out[1:]) if isinstance(out, tuple) else y
+
+        return hook
+
+    handles = [adapter.embedding.register_forward_hook(hook_for(None))]
+    handles += [w.module.register_forward_hook(hook_for(gains.get(id(w)))) for w in writers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _first_logits(model: torch.nn.Module, tok: object, prompts: list[str]) -> torch.Tensor:
+    batch = encode(tok, prompts, next(model.parameters()).device)
+    return model(**batch, use_cache=False).logits[:, -1, :].float()
+
+
+def optimise_direction(t: Target, steps: int, lr: float, batch: int = 16) -> tuple[torch.Tensor, list[float]]:
+    """Train r; returns the unit direction and the loss per step."""
+    m = t.loaded
+    model, tok, adapter = m.model, m.tokenizer, m.adapter
+    harmful, harmless = t.extraction.texts("harmful"), t.extraction.texts("harmless")
+    ids = refusal_token_ids(tok, generate(model, tok, harmful, 16, t.s.batch_size), Source.of(m.source).markers)
+    xh, xb = _vectors(t, [])
+    layer = int(((xh.mean(0) - xb.mean(0)).norm(dim=-1)).argmax())
+    g = torch.Generator().manual_seed(t.seed)
+    start = xh[:, layer].mean(0) - xb[:, layer].mean(0)
+    start = start / start.norm() + 0.3 * torch.randn(start.shape, generator=g, dtype=start.dtype) / start.numel() ** 0.5
+    device = next(model.parameters()).device
+    v = start.to(device, torch.float32).clone().requires_grad_(True)
+    opt = torch.optim.Adam([v], lr=lr)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    losses = []
+    try:
+        with torch.no_grad():
+            base = {
+                i: torch.log_softmax(_first_logits(model, tok, harmless[i : i + batch]), -1)
+                for i in range(0, len(harmless), batch)
+            }
+        order = torch.Generator().manual_seed(t.seed)
+        for _ in range(steps):
+            hi = torch.randint(0, max(1, len(harmful) - batch + 1), (1,), generator=order).item()
+            bi = batch * torch.randint(0, len(base), (1,), generator=order).item()
+            with _ablating(adapter, v):
+                p = torch.softmax(_first_logits(model, tok, harmful[hi : hi + batch]), -1)[:, ids].sum(-1)
+                refusal = -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()  # -log P(not a refusal opener)
+                q = torch.log_softmax(_first_logits(model, tok, harmless[bi : bi + batch]), -1)
+                kl = (base[bi].exp() * (base[bi] - q)).sum(-1).mean()
+            loss = refusal + kl
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return (v.detach().double().cpu() / v.detach().norm().item()), losses
+
+
+@dataclass
+class RdoAttack:
+    steps: int = 60
+    lr: float = 0.02
+    strengths: tuple[float, ...] = (0.5, 0.75, 1.0)
+    name: str = "rdo"
+    threat: str = "directional"
+
+    def proposals(self, t: Target) -> Iterator[Proposal]:
+        r, losses = optimise_direction(t, self.steps, self.lr)
+        t.log(f"  rdo: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps (seed {t.seed})")
+        for a in self.strengths:
+            yield Proposal({"seed": t.seed, "strength": a, "final_loss": losses[-1]}, hooks(t, [Ablation(r, a)]))

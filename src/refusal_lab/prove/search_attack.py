@@ -1,0 +1,37 @@
+"""refusal-lab's own search as an attack: a fixed trial budget, objective = compliance.
+
+Trials are scored on the tuning prompts and the KL budget's harmless prompts; every trial of the
+resulting front is a proposal. The study lives in a journal under the prove folder, so a killed
+prove resumes its search too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from refusal_lab.prove.battery import Proposal, Target
+from refusal_lab.prove.directional import hooks
+from refusal_lab.search import study as S
+from refusal_lab.search.space import ablations_for, saber_start
+from refusal_lab.search.stage import make_setup, study_meta, trial_objective
+
+
+@dataclass
+class SearchAttack:
+    work: Path  # where this target's study journal lives
+    trials: int = 24
+    name: str = "search"
+    threat: str = "directional"
+
+    def proposals(self, t: Target) -> Iterator[Proposal]:
+        m, s = t.loaded, t.s
+        harmless = [p.prompt for p in t.held_out.harmless]
+        setup = make_setup(m, t.extraction, t.tuning, harmless, s, t.scorer, t.log, t.reference_logits)
+        storage = S.storage_for(None, self.work / f"search-seed{t.seed}")
+        study = S.open_study(storage, "prove", study_meta(setup), "tpe", t.seed, saber_start())
+        S.run_trials(study, self.trials, trial_objective(setup, s.search.kl_prune, lambda _m: None))
+        for trial in S.pareto(study):
+            setting = {"trial": trial.number, "method": trial.params["method"], "seed": t.seed}
+            yield Proposal(setting, hooks(t, ablations_for(trial.params, setup)))
