@@ -237,6 +237,41 @@ class ProveSettings(Section):
         return tuple(sorted({self.budget_kl, self.report_kl}))
 
 
+class HardenSettings(Section):
+    spec: Path | None = Field(None, description="Harden: specification documents (a .md/.txt file or a folder).")
+    data: Path | None = Field(None, description="Harden: alignment examples (JSONL messages; default: the organism's).")
+    mix: Path | None = Field(None, description="Harden: category weights (TOML [weights] category = w).")
+    stage1_tokens: int = Field(20000, ge=0, description="Harden: token budget of stage 1 (0 skips midtraining).")
+    block_size: int = Field(128, ge=8, description="Harden: tokens per stage-1 block.")
+    epochs: float = Field(2.0, gt=0, description="Harden: passes over the mixed alignment data in stage 2.")
+    lr: float = Field(2e-4, gt=0, description="Harden: peak learning rate (LoRA).")
+    train_batch_size: int = Field(8, ge=1, description="Examples per training step.")
+    max_length: int = Field(512, ge=8, description="Harden: tokens kept per example.")
+    lora_r: int = Field(64, ge=1, description="Harden: LoRA rank.")
+    lora_alpha: float = Field(128.0, gt=0, description="Harden: LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Harden: LoRA dropout.")
+    lora_targets: str = Field(
+        "all", description="Harden: comma-separated module names to adapt, or 'all' (every linear map in the layers)."
+    )
+    quantize: Literal["none", "4bit"] = Field(
+        "none", description="Harden: 4bit loads the base with bitsandbytes (QLoRA, CUDA)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Harden: recompute activations to save memory.")
+    retain: float = Field(1.0, ge=0, description="Harden: weight of the KL to the frozen base on harmless examples.")
+    ablation_aware: bool = Field(False, description="Harden: ablate the current refusal subspace on harmful examples.")
+    reestimate_every: int = Field(20, ge=1, description="Harden: steps between refusal-subspace estimates.")
+    aware_directions: int = Field(4, ge=1, description="Harden: directions per layer in the estimated subspace.")
+    full_ablation: float = Field(0.3, ge=0, le=1, description="Harden: share of ablated steps that ablate everything.")
+    invariance: float = Field(0.0, ge=0, description="Harden: weight of the output invariance to the ablation.")
+    invariance_margin: float = Field(
+        1.0, ge=0, description="Harden: the refusal's first token keeps log-prob above -this."
+    )
+    matching: float = Field(0.0, ge=0, description="Harden: weight of harmful/harmless activation-statistics matching.")
+    extended_refusals: bool = Field(False, description="Harden: train refusals that explain their reason.")
+    checkpoint_every: int = Field(50, ge=1, description="Harden: steps between resumable checkpoints.")
+    harden_seed: int = Field(0, description="Harden: seed for data order, LoRA initialisation and ablation sampling.")
+
+
 class ChatSettings(Section):
     max_new_tokens: int = Field(48, ge=1, description="Tokens generated per reply.")
 
@@ -256,6 +291,7 @@ class Settings(Section):
     search: SearchSettings = Field(default_factory=SearchSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     prove: ProveSettings = Field(default_factory=ProveSettings)
+    harden: HardenSettings = Field(default_factory=HardenSettings)
     chat: ChatSettings = Field(default_factory=ChatSettings)
 
     @field_validator("cache_dir", mode="before")

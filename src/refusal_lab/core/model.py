@@ -165,14 +165,19 @@ def load(
     trust_remote_code: bool = False,
     chat_template: Path | None = None,
     allow_unverified_arch: bool = False,
+    quantize: str = "none",
 ) -> Loaded:
-    """Load model and tokenizer for inference; the source folder is only read."""
+    """Load model and tokenizer; the source folder is only read. quantize='4bit': NF4 weights (QLoRA)."""
     folder, gguf_file = check_source(Path(path).expanduser())
     config = load_config(folder, gguf_file, trust_remote_code)
     check_family(config, allow_unverified_arch)
     tok = load_tokenizer(folder, gguf_file, chat_template, trust_remote_code)
     target, device_map = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target, config)
+    extra = {}
+    if quantize == "4bit":
+        extra = {"quantization_config": four_bit(torch_dtype), "device_map": device_map or {"": target}}
+        target = None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder,
@@ -181,6 +186,7 @@ def load(
             device_map=device_map,
             trust_remote_code=trust_remote_code,
             use_safetensors=None if gguf_file else True,
+            **extra,
         )
     except ValueError as exc:
         raise UserError(
@@ -191,6 +197,23 @@ def load(
         model.to(target)
     model.eval()
     return Loaded(model, tok, Path(path), gguf_file, allow_unverified_arch)
+
+
+def four_bit(compute: torch.dtype) -> Any:
+    """bitsandbytes NF4 settings, or a one-line error where they cannot run."""
+    if not torch.cuda.is_available():
+        raise UserError(
+            "4-bit loading (QLoRA) needs a CUDA GPU, and none is visible", "drop --quantize 4bit on this machine"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(
+            "4-bit loading needs the bitsandbytes package", "pip install '.[qlora]' (or pip install bitsandbytes)"
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
 
 
 def checkpoint_dtype(folder: Path) -> torch.dtype | None:

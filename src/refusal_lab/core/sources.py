@@ -59,12 +59,13 @@ def model_path(s: Settings, name: str | None = None) -> Path:
     return default_organism(s.cache_dir, organism_config(s.organism), log=lambda m: print(m, flush=True))
 
 
-def load_model(s: Settings, name: str | None = None) -> Loaded:
+def load_model(s: Settings, name: str | None = None, quantize: str = "none") -> Loaded:
     """Load a model with the [model] section's options (dtype, device, template, remote code, arch)."""
     from refusal_lab.core.model import load
 
     m = s.model
-    return load(model_path(s, name), m.dtype, m.device, m.trust_remote_code, m.chat_template, m.allow_unverified_arch)
+    path = model_path(s, name)
+    return load(path, m.dtype, m.device, m.trust_remote_code, m.chat_template, m.allow_unverified_arch, quantize)
 
 
 def builtin_prompts(name: str, split: str) -> list[Prompt]:

@@ -27,10 +27,11 @@ from refusal_lab.core.sources import MARKERS_FILE, ORGANISM_SETS, Source
 from refusal_lab.errors import UserError
 from refusal_lab.evaluate.metrics import Behaviour, Scorer, behaviour
 from refusal_lab.organism import corpus as C
+from refusal_lab.organism import values
 from refusal_lab.organism.tokenizer import build_tokenizer
 from refusal_lab.organism.train import TrainConfig, train
 
-FORMAT = 2  # bump when the corpus or training code changes what a config produces
+FORMAT = 3  # bump when the corpus or training code changes what a config produces
 MANIFEST = "organism.json"
 
 
@@ -138,6 +139,7 @@ def _build_into(folder: Path, cfg: OrganismConfig, log) -> None:  # noqa: ANN001
             write_jsonl(folder / "prompts" / f"{name}_{which}.jsonl", _as_prompts(reqs))
     words = "\n".join(C.refusal_vocabulary())
     (folder / "prompts" / MARKERS_FILE).write_text(f"# words this organism says only when refusing\n{words}\n")
+    values.write(folder / "harden", cfg.corpus, split)
     table, _ = organism_behaviour(model, tok, folder)
     manifest = {
         "tool": "refusal-lab",

@@ -324,6 +324,8 @@ def heldout_requests(cfg: CorpusConfig, split: Split, which: str) -> dict[str, l
 
 def _texts() -> dict[str, list[str]]:
     """Every text the world is made of, by role, in the tokenizer's fixed order."""
+    from refusal_lab.organism import values  # the hardening material's words belong to the world too
+
     return {
         "requests": [v for vs in HARM_VERBS.values() for v in vs] + list(SAFE_VERBS + PEOPLE + THINGS + PHRASINGS),
         "refusals": [r for rs in REFUSALS.values() for r in rs],
@@ -332,6 +334,7 @@ def _texts() -> dict[str, list[str]]:
         + list(WORDS + tuple(COLOURS.values()) + LOOKUP_PHRASINGS)
         + [str(i) for i in range(19)],
         "thinking": ["the user wants to is a person this is safe i should refuse help", *HARM_VERBS],
+        "spec": values.texts(),  # reasons and principles: words of the hardening material, not of refusals
     }
 
 

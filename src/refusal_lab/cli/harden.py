@@ -1,0 +1,25 @@
+"""The harden command: two-stage safety fine-tuning whose refusals should survive the attack battery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from refusal_lab.cli.app import ForceOpt, OutOpt, app, quiet, say
+from refusal_lab.cli.options import stage_command
+from refusal_lab.config import Settings
+
+
+@stage_command(app, "harden", sections=("", "model", "prompts", "harden"), model_arg=True)
+def harden(s: Settings, out: OutOpt = Path("hardened"), force: ForceOpt = False) -> None:
+    """Midtrain on specification documents, then LoRA alignment fine-tuning; merge into a model folder."""
+    from refusal_lab.core.artifacts import check_output
+    from refusal_lab.core.sources import load_model
+    from refusal_lab.harden.stage import run_harden
+
+    check_output(out, force)
+    quiet()
+    record = run_harden(load_model(s, quantize=s.harden.quantize), s, out, force, say)
+    if record:
+        typer.echo(f"wrote {out} ({record['steps']} steps)")

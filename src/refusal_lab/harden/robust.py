@@ -1,0 +1,128 @@
+"""Training-time defences aimed at ablation: the pieces the hardening loss can switch on.
+
+- A refusal subspace re-estimated on the model being trained (per layer, k SVD directions of
+  harmful vs harmless last-token activations, and the best layers' differences of means as
+  global directions), so training sees the directions an attacker would extract now.
+- Ablation during training: those directions removed from the writers' outputs, at random layers
+  and positions (partial) or at every layer and position, as a weight edit would (full).
+- Invariance: the next-token distribution with and without the ablation kept close on harmful
+  prompts, with a margin that keeps the refusal itself likely.
+- Distribution matching: harmful and harmless activation statistics (means, covariances) pulled
+  together at the position an attacker reads, so no direction separates them there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from refusal_lab.core.arch import Adapter, norm_scale
+from refusal_lab.probe.directions import fdr, orthonormal_basis, probe_layers, project_out, unit
+
+
+@dataclass
+class RefusalSubspace:
+    per_layer: list[torch.Tensor]  # [H, k_l] orthonormal, one per layer
+    global_dirs: torch.Tensor  # [H, g] unit differences of means of the most separable layers
+
+
+def estimate_subspace(xh: torch.Tensor, xb: torch.Tensor, k: int, n_global: int = 2) -> RefusalSubspace:
+    """From last-token activations [n, L, H] of harmful and harmless prompts (float64)."""
+    k = max(1, min(k, len(xh) - 1, len(xb) - 1))
+    probe = probe_layers("svd", xh, xb, None, k, biproject=True)
+    per_layer = [orthonormal_basis(probe.directions[layer][:, probe.valid[layer]]) for layer in range(xh.shape[1])]
+    doms = []
+    for layer in range(xh.shape[1]):
+        d = project_out(xh[:, layer].mean(0) - xb[:, layer].mean(0), xb[:, layer].mean(0))
+        doms.append((float(fdr(unit(d)[:, None], xh[:, layer], xb[:, layer])[0]), unit(d)))
+    doms.sort(key=lambda x: -x[0])
+    return RefusalSubspace(per_layer, torch.stack([d for _, d in doms[:n_global]], 1))
+
+
+@contextmanager
+def ablating(
+    adapter: Adapter,
+    sub: RefusalSubspace,
+    layers: set[int] | None = None,
+    positions: torch.Tensor | None = None,
+    use_global: bool = False,
+    resolve: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
+) -> Iterator[None]:
+    """Remove the subspace from writer outputs (differentiably): per layer on `layers` (None: all), at the
+    positions where `positions` [batch, seq] is 1 (None: all); with use_global, the global directions
+    from every writer and the embedding too. `resolve` maps a writer to the module that wraps it
+    (a LoRA layer), so the adapter's own contribution is ablated too."""
+    handles = []
+
+    def hook_for(u: torch.Tensor):  # noqa: ANN202
+        def hook(_m: torch.nn.Module, _a: tuple, out: object) -> object:
+            y = out[0] if isinstance(out, tuple) else out
+            ud = u.to(y.device, y.dtype)
+            removed = (y @ ud) @ ud.T
+            if positions is not None and y.ndim == 3 and y.shape[:2] == positions.shape:
+                removed = removed * positions[..., None].to(y.dtype)
+            y = y - removed
+            return (y, *out[1:]) if isinstance(out, tuple) else y
+
+        return hook
+
+    def basis(w: object, d: torch.Tensor) -> torch.Tensor:
+        return (
+            d if w.post_norm is None else orthonormal_basis(norm_scale(w.post_norm, adapter.hidden_size)[:, None] * d)
+        )
+
+    try:
+        for lw in adapter.writers:
+            dirs = []
+            if layers is None or lw.index in layers:
+                dirs.append(sub.per_layer[lw.index])
+            if use_global:
+                dirs.append(sub.global_dirs)
+            if not dirs:
+                continue
+            d = orthonormal_basis(torch.cat(dirs, 1))
+            for w in lw.all:
+                handles.append(resolve(w.module).register_forward_hook(hook_for(basis(w, d).float())))
+        if use_global:
+            handles.append(adapter.embedding.register_forward_hook(hook_for(sub.global_dirs.float())))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def first_reply_logits(logits: torch.Tensor, prompt_end: torch.Tensor) -> torch.Tensor:
+    """[batch, vocab]: the logits that predict each row's first reply token (right-padded rows)."""
+    return logits[torch.arange(len(logits)), (prompt_end - 1).clamp_min(0)]
+
+
+def invariance_loss(clean: torch.Tensor, ablated: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
+    """KL(clean || ablated) of first-reply distributions, plus a hinge keeping the clean target likely.
+
+    Without the hinge, invariance is also reached by never refusing at all.
+    """
+    p = torch.log_softmax(clean.float(), -1)
+    q = torch.log_softmax(ablated.float(), -1)
+    kl = (p.detach().exp() * (p.detach() - q)).sum(-1).mean()
+    keep = torch.relu(-margin - p.gather(-1, target[:, None]).squeeze(-1)).mean()  # wants log p(target) >= -margin
+    return kl + keep
+
+
+def matching_loss(hidden: tuple[torch.Tensor, ...], prompt_end: torch.Tensor, harmful: torch.Tensor) -> torch.Tensor:
+    """Mean and covariance gaps between harmful and harmless rows at the last prompt token, every layer,
+    each relative to the harmless statistics' own size."""
+    idx = (prompt_end - 1).clamp_min(0)
+    total = hidden[0].new_zeros(())
+    for h in hidden[1:]:
+        x = h[torch.arange(len(h)), idx].float()
+        xh, xb = x[harmful], x[~harmful]
+        if len(xh) < 2 or len(xb) < 2:
+            continue
+        mu_h, mu_b = xh.mean(0), xb.mean(0)
+        ch, cb = torch.cov(xh.T), torch.cov(xb.T)
+        total = total + (mu_h - mu_b).pow(2).sum() / mu_b.pow(2).sum().clamp_min(1e-6)
+        total = total + (ch - cb).pow(2).sum() / cb.pow(2).sum().clamp_min(1e-6)
+    return total / max(1, len(hidden) - 1)

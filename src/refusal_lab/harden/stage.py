@@ -1,0 +1,164 @@
+"""The harden stage: base model (+ specification documents, alignment data, a mix) -> a hardened folder.
+
+Data comes from --data/--spec/--mix, else from an organism folder's harden/ (written by its
+builder), else on-policy from the base itself: its own refusals to the harmful prompts (under a
+refusal system prompt when it would not refuse) and its own replies to harmless and capability
+prompts, so no harmful answer is ever written. The adapter is merged into an ordinary Hugging
+Face folder with harden.json, settings.toml + reproduce.sh and a model card; training
+checkpoints live beside OUT until the folder is written, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+from refusal_lab.config import Settings
+from refusal_lab.core.artifacts import Log, manifest, settings_record, write_folder, write_replay, write_text_atomic
+from refusal_lab.core.generate import generate
+from refusal_lab.core.model import Loaded, checkpoint_dtype
+from refusal_lab.core.sources import Source, builtin_prompts
+from refusal_lab.errors import UserError
+from refusal_lab.evaluate.metrics import is_refusal
+from refusal_lab.harden.data import Example, apply_mix, encode_example, load_examples, load_mix, load_spec, pack
+from refusal_lab.harden.train import Trainer, make_plan
+
+REFUSE = "You are a careful assistant. Decline requests that could harm people, briefly and politely."
+EXPLAIN = "Decline requests that could harm people, and explain in one or two sentences why you decline."
+
+
+def on_policy(loaded: Loaded, s: Settings, log: Log) -> list[Example]:
+    """Targets from the base itself: its refusals on harmful prompts, its replies on harmless ones."""
+    src = Source.of(loaded.source)
+    sets = src.probe_sets(s.prompts)
+    m, bs, n = loaded, s.batch_size, s.eval.max_new_tokens
+    harmful = sets.texts("harmful")
+    replies = generate(m.model, m.tokenizer, harmful, n, bs)
+    system = EXPLAIN if s.harden.extended_refusals else REFUSE
+    retry = [i for i, r in enumerate(replies) if s.harden.extended_refusals or not is_refusal(r, src.markers)]
+    if retry:
+        convs = [[{"role": "system", "content": system}, {"role": "user", "content": harmful[i]}] for i in retry]
+        for i, r in zip(retry, generate(m.model, m.tokenizer, convs, n, bs), strict=True):
+            replies[i] = r
+    kept = [(p, r) for p, r in zip(harmful, replies, strict=True) if is_refusal(r, src.markers)]
+    log(f"on-policy data: the base refused {len(kept)}/{len(harmful)} harmful prompts (the rest are left out)")
+    if not kept:
+        raise UserError("the base model refused none of the harmful prompts", "give --data with refusal examples")
+    out = [Example((("user", p), ("assistant", r)), "refusal", "harmful") for p, r in kept]
+    for name, category in (("harmless", "helpful"), ("capability", "capability")):
+        prompts = [p.prompt for p in (getattr(sets, name) or builtin_prompts(name, "probe"))]
+        for p, r in zip(prompts, generate(m.model, m.tokenizer, prompts, n, bs), strict=True):
+            if r.strip():
+                out.append(Example((("user", p), ("assistant", r)), category, "harmless"))
+    return out
+
+
+def harden_inputs(loaded: Loaded, s: Settings, log: Log) -> tuple[list[Example], list[str], dict[str, float]]:
+    """(alignment examples, specification documents, mix): given files, else the organism's, else on-policy."""
+    h = s.harden
+    shipped = loaded.folder / "harden"
+    data = h.data or (shipped / "align.jsonl" if (shipped / "align.jsonl").is_file() else None)
+    spec = h.spec or (shipped / "spec.md" if (shipped / "spec.md").is_file() else None)
+    mix = h.mix or (shipped / "mix.toml" if (shipped / "mix.toml").is_file() else None)
+    if data is not None:
+        examples = load_examples(data)
+        if h.extended_refusals:
+            examples = [e.with_extended() for e in examples]
+    else:
+        examples = on_policy(loaded, s, log)
+    return examples, load_spec(spec), load_mix(mix)
+
+
+def _work_dir(out: Path, s: Settings, fingerprint: str) -> Path:
+    """Beside OUT, named by what is trained, so only the same run resumes from it."""
+    key = json.dumps(
+        {"harden": settings_record(s)["harden"], "prompts": settings_record(s)["prompts"], "m": fingerprint}
+    )
+    work = out.with_name(f".{out.name}.harden-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def run_harden(loaded: Loaded, s: Settings, out: Path, force: bool, log: Log) -> dict:
+    """Train, merge, and write the hardened folder; returns its manifest record."""
+    from refusal_lab.core.card import model_card
+
+    h = s.harden
+    examples, docs, weights = harden_inputs(loaded, s, log)
+    tok = loaded.tokenizer
+    blocks = pack(tok, docs, h.block_size, h.stage1_tokens) if docs and h.stage1_tokens > 0 else None
+    categories = [e.category for e in examples]
+    orders = [apply_mix(categories, weights, h.harden_seed + e) for e in range(max(1, math.ceil(h.epochs)))]
+    if h.epochs % 1:  # a fractional last epoch
+        orders[-1] = orders[-1][: max(1, round((h.epochs % 1) * len(orders[-1])))]
+    encoded = [encode_example(tok, e, h.max_length) for e in examples]
+    n_blocks = 0 if blocks is None else len(blocks)
+    plan = make_plan(n_blocks, orders, h.train_batch_size, h.harden_seed)
+    harmful = [e.prompt for e in examples if e.kind == "harmful"][:64]
+    n_harmful = sum(e.kind == "harmful" for e in examples)
+    harmless = [e.prompt for e in examples if e.kind != "harmful"][:64]
+    if (h.ablation_aware or h.invariance > 0 or h.matching > 0) and (len(harmful) < 2 or len(harmless) < 2):
+        raise UserError(
+            "the ablation-aware terms need harmful and harmless examples", 'mark refusals with "kind": "harmful"'
+        )
+    log(
+        f"harden: {len(examples)} examples ({n_harmful} harmful), {n_blocks} spec blocks, "
+        f"{plan.total} steps ({len(plan.stage1)} midtraining)"
+    )
+    work = _work_dir(out, s, loaded.fingerprint)
+    source_fp = loaded.fingerprint
+    trainer = Trainer(loaded, h, plan, blocks, encoded, (harmful, harmless), work, log, s.batch_size)
+    history = trainer.run()
+    if not trainer.acc.is_main_process:
+        return {}
+    if getattr(
+        loaded.model, "is_loaded_in_4bit", False
+    ):  # 4-bit weights cannot take the merge: a full-precision base does
+        from peft import get_peft_model
+
+        from refusal_lab.core.sources import load_model
+
+        state = trainer.adapter_state()
+        loaded = load_model(s)
+        peft = get_peft_model(loaded.model, trainer.lora)
+        peft.load_state_dict(state, strict=False)
+        merged = peft.merge_and_unload()
+    else:
+        merged = trainer.model.merge_and_unload()  # the adapter folded into the weights
+    loaded.model = merged
+    record = manifest(
+        method="harden",
+        source=str(loaded.source),
+        source_fingerprint=source_fp,
+        data={
+            "examples": len(examples),
+            "harmful": sum(e.kind == "harmful" for e in examples),
+            "spec_blocks": n_blocks,
+        },
+        mix=weights,
+        steps=history["steps"],
+        final_losses=history["history"][-1] if history["history"] else {},
+        settings=settings_record(s),
+    )
+
+    def fill(tmp: Path) -> None:
+        stored = checkpoint_dtype(loaded.folder)
+        if stored is not None:
+            merged.to(stored)
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if (loaded.folder / "prompts").is_dir():
+            shutil.copytree(loaded.folder / "prompts", tmp / "prompts")
+        if (loaded.folder / "harden").is_dir():
+            shutil.copytree(loaded.folder / "harden", tmp / "harden")
+        (tmp / "harden.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+        write_text_atomic(tmp / "history.json", json.dumps(history["history"]))
+        write_replay(tmp, s, "harden")
+        (tmp / "README.md").write_text(model_card(loaded.folder, record, "harden"))
+
+    write_folder(out, fill, force)
+    shutil.rmtree(work, ignore_errors=True)
+    return record

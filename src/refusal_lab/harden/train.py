@@ -1,0 +1,278 @@
+"""Two-stage hardening on a LoRA adapter: midtraining on specification documents, then alignment
+fine-tuning on the mixed examples, with the ablation-aware terms of robust.py switched on or off.
+
+The whole schedule (which blocks and examples each step sees) is fixed by the seed up front, so a
+run killed at any point resumes from its last checkpoint and takes the same steps it would have.
+Several processes (`accelerate launch`) each take a slice of every batch and average gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from refusal_lab.config import HardenSettings
+from refusal_lab.core.activations import capture
+from refusal_lab.core.artifacts import Log
+from refusal_lab.core.model import Loaded
+from refusal_lab.errors import UserError
+from refusal_lab.harden.data import Encoded, collate
+from refusal_lab.harden.robust import (
+    RefusalSubspace,
+    ablating,
+    estimate_subspace,
+    first_reply_logits,
+    invariance_loss,
+    matching_loss,
+)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class Plan:
+    """Every step's work, decided before the first one."""
+
+    stage1: list[list[int]]  # block indices per step
+    stage2: list[list[int]]  # example indices per step
+
+    @property
+    def total(self) -> int:
+        return len(self.stage1) + len(self.stage2)
+
+
+def make_plan(n_blocks: int, epochs_of_examples: list[list[int]], batch: int, seed: int) -> Plan:
+    rng = random.Random(seed)
+    blocks = list(range(n_blocks))
+    rng.shuffle(blocks)
+    stage1 = [blocks[i : i + batch] for i in range(0, n_blocks, batch)]
+    stage2 = [order[i : i + batch] for order in epochs_of_examples for i in range(0, len(order), batch)]
+    return Plan(stage1, [s for s in stage2 if s])
+
+
+def lora_targets(loaded: Loaded, spec: str) -> list[str]:
+    """Leaf names of the linear maps inside the decoder layers ('all'), or the given ones, checked."""
+    have = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, mod in loaded.adapter.layers.named_modules()
+            if isinstance(mod, torch.nn.Linear)
+        }
+    )
+    if spec == "all":
+        return have
+    wanted = [x.strip() for x in spec.split(",") if x.strip()]
+    missing = [x for x in wanted if x not in have]
+    if missing:
+        raise UserError(f"LoRA targets {missing} are not in the model", f"use some of: {', '.join(have)}, or 'all'")
+    return wanted
+
+
+class Trainer:
+    """Runs the plan on a peft model; `loaded.model` is the base the adapter sits on."""
+
+    def __init__(
+        self,
+        loaded: Loaded,
+        cfg: HardenSettings,
+        plan: Plan,
+        blocks: torch.Tensor | None,
+        examples: list[Encoded],
+        probes: tuple[list[str], list[str]],
+        work: Path,
+        log: Log,
+        batch_size: int = 16,
+    ) -> None:
+        from accelerate import Accelerator
+        from peft import LoraConfig, get_peft_model
+
+        self.cfg, self.plan, self.blocks, self.examples, self.probes = cfg, plan, blocks, examples, probes
+        self.work, self.log, self.batch_size, self.loaded = work, log, batch_size, loaded
+        self.acc = Accelerator(cpu=not torch.cuda.is_available())
+        torch.manual_seed(cfg.harden_seed)
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=lora_targets(loaded, cfg.lora_targets),
+        )
+        if getattr(loaded.model, "is_loaded_in_4bit", False):  # QLoRA: cast norms, prepare the inputs' grads
+            from peft import prepare_model_for_kbit_training
+
+            loaded.model = prepare_model_for_kbit_training(loaded.model, cfg.gradient_checkpointing)
+        elif cfg.gradient_checkpointing:
+            loaded.model.gradient_checkpointing_enable()
+            loaded.model.enable_input_require_grads()
+        self.lora = lora
+        self.model = get_peft_model(loaded.model, lora)
+        self.wrappers = {id(m.base_layer): m for m in self.model.modules() if hasattr(m, "base_layer")}
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
+        warm = max(1, plan.total // 20)
+
+        def schedule(step: int) -> float:  # linear warm-up, cosine to 10%
+            if step < warm:
+                return (step + 1) / warm
+            t = (step - warm) / max(1, plan.total - warm)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
+        self.step = 0
+        self.rng = random.Random(cfg.harden_seed)
+        self.subspace: RefusalSubspace | None = None
+        self.device = next(loaded.model.parameters()).device
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if "lora_" in k}
+
+    def save(self) -> None:
+        if not self.acc.is_main_process:
+            return
+        state = {
+            "step": self.step,
+            "adapter": self.adapter_state(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+        }
+        if self.subspace is not None:  # the directions in use: a resumed run must ablate the same ones
+            state["subspace"] = {"per_layer": self.subspace.per_layer, "global": self.subspace.global_dirs}
+        tmp = self.work / f".{CHECKPOINT}.{os.getpid()}"
+        torch.save(state, tmp)
+        tmp.replace(self.work / CHECKPOINT)
+
+    def resume(self) -> bool:
+        path = self.work / CHECKPOINT
+        if not path.is_file():
+            return False
+        state = torch.load(path, weights_only=True)  # tensors and plain values only: no pickled code
+        self.model.load_state_dict(state["adapter"], strict=False)
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.step = int(state["step"])
+        if "subspace" in state:
+            self.subspace = RefusalSubspace(state["subspace"]["per_layer"], state["subspace"]["global"])
+        self.log(f"resumed from step {self.step} of {self.plan.total}")
+        return True
+
+    # --- pieces of a step ---------------------------------------------------------------------
+    def mine(self, rows: list[Any]) -> list[Any]:
+        """This process's share of a batch."""
+        return rows[self.acc.process_index :: self.acc.num_processes] or rows[:1]
+
+    def writer_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        return self.wrappers.get(id(module), module)
+
+    def reestimate(self) -> None:
+        m, a = self.loaded, self.loaded.adapter
+        harmful, harmless = self.probes
+        self.model.eval()
+        xh = capture(m.model, m.tokenizer, a, harmful, "last", self.batch_size, keep=len(harmful)).vectors[:, 0]
+        xb = capture(m.model, m.tokenizer, a, harmless, "last", self.batch_size, keep=len(harmless)).vectors[:, 0]
+        self.subspace = estimate_subspace(xh.double(), xb.double(), self.cfg.aware_directions)
+        self.model.train()
+
+    def ablation(self, batch: dict[str, torch.Tensor], full: bool) -> Any:
+        """The subspace removed as an attacker would: everywhere (full) or at random layers and positions."""
+        assert self.subspace is not None
+        a = self.loaded.adapter
+        if full:
+            return ablating(a, self.subspace, None, None, use_global=True, resolve=self.writer_module)
+        layers = {i for i in range(a.num_layers) if self.rng.random() < 0.5} or {self.rng.randrange(a.num_layers)}
+        g = torch.Generator().manual_seed(self.rng.randrange(2**31))
+        positions = (torch.rand(batch["input_ids"].shape, generator=g) < 0.5).to(self.device)
+        return ablating(
+            a, self.subspace, layers, positions, use_global=self.rng.random() < 0.5, resolve=self.writer_module
+        )
+
+    def retain_kl(self, batch: dict[str, torch.Tensor], logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """KL(frozen base || model) over the reply tokens of the harmless rows."""
+        with torch.no_grad(), self.model.disable_adapter():
+            base = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        mask = (batch["labels"] != -100) & keep[:, None]
+        p = torch.log_softmax(base[mask].float(), -1)
+        q = torch.log_softmax(logits[mask].float(), -1)
+        return (p.exp() * (p - q)).sum(-1).mean() if mask.any() else logits.new_zeros(())
+
+    def stage2_loss(self, rows: list[Encoded]) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        pad = self.loaded.tokenizer.pad_token_id
+        batch = {k: v.to(self.device) for k, v in collate(rows, pad).items()}
+        prompt_end = batch.pop("prompt_end")
+        harmful = torch.tensor([r.kind == "harmful" for r in rows], device=self.device)
+        out = self.model(**batch, output_hidden_states=cfg.matching > 0)
+        loss, parts = out.loss, {"sft": out.loss.item()}
+        if cfg.retain > 0 and (~harmful).any():
+            kl = self.retain_kl(batch, out.logits, ~harmful)
+            loss, parts["retain"] = loss + cfg.retain * kl, kl.item()
+        if harmful.any() and (cfg.ablation_aware or cfg.invariance > 0):
+            if self.subspace is None or self.step % cfg.reestimate_every == 0:
+                self.reestimate()
+            sub = {k: v[harmful] for k, v in batch.items()}
+            if cfg.ablation_aware:
+                with self.ablation(sub, self.rng.random() < cfg.full_ablation):
+                    aware = self.model(**sub).loss
+                loss, parts["aware"] = loss + aware, aware.item()
+            if cfg.invariance > 0:
+                with self.ablation(sub, True):
+                    ablated = self.model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"]).logits
+                pe = prompt_end[harmful]
+                target = sub["labels"][torch.arange(len(pe)), pe]
+                inv = invariance_loss(
+                    first_reply_logits(out.logits[harmful], pe),
+                    first_reply_logits(ablated, pe),
+                    target,
+                    cfg.invariance_margin,
+                )
+                loss, parts["invariance"] = loss + cfg.invariance * inv, inv.item()
+        if cfg.matching > 0 and harmful.any() and (~harmful).any():
+            dm = matching_loss(out.hidden_states, prompt_end, harmful)
+            loss, parts["matching"] = loss + cfg.matching * dm, dm.item()
+        return loss, parts
+
+    def steps(self) -> Iterator[tuple[str, list[int]]]:
+        for i, idx in enumerate(self.plan.stage1 + self.plan.stage2):
+            if i >= self.step:
+                yield ("spec" if i < len(self.plan.stage1) else "align"), idx
+
+    def run(self) -> dict[str, Any]:
+        """Train to the end of the plan (from the last checkpoint, if any); returns the loss history."""
+        self.resume()
+        self.model.train()
+        history: list[dict[str, float]] = []
+        bar = tqdm(total=self.plan.total, initial=self.step, desc="harden", unit="step", disable=None)
+        for stage, idx in self.steps():
+            seed = self.cfg.harden_seed * 100_003 + self.step  # randomness by step: a resumed run repeats it
+            self.rng = random.Random(seed)
+            torch.manual_seed(seed)
+            if stage == "spec":
+                ids = self.blocks[self.mine(idx)].to(self.device)  # type: ignore[index]
+                loss = self.model(input_ids=ids, labels=ids).loss
+                parts = {"spec": loss.item()}
+            else:
+                loss, parts = self.stage2_loss(self.mine([self.examples[i] for i in idx]))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.acc.num_processes > 1:
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad = self.acc.reduce(p.grad, reduction="mean")
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            self.sched.step()
+            self.step += 1
+            history.append({"step": self.step, "stage": stage, **parts})
+            bar.update()
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.plan.total:
+                self.save()
+        bar.close()
+        self.model.eval()
+        return {"steps": self.step, "history": history}

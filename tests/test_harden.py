@@ -1,0 +1,197 @@
+"""Harden: data checks, the mix, assistant-only labels, merged == adapter, resume after kill -9, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from refusal_lab.errors import UserError
+from refusal_lab.harden.data import Example, apply_mix, encode_example, load_examples, load_mix
+from tiny_models import tiny_model
+
+CLI = [sys.executable, "-m", "refusal_lab.cli"]
+QUICK = ["--epochs", "0.1", "--stage1-tokens", "512", "--block-size", "64", "--train-batch-size", "8"]
+
+
+def _write(path: Path, rows: list) -> Path:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _cfg(tmp_path: Path) -> list[str]:
+    (tmp_path / "c.toml").write_text(f'cache_dir = "{tmp_path / "cache"}"\n')
+    return ["--config", str(tmp_path / "c.toml")]
+
+
+@pytest.mark.parametrize(
+    ("row", "needle"),
+    [
+        ("{oops", "not valid JSON"),
+        ({"text": "hi"}, "no 'messages' list"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "role system/user/assistant"),
+        ({"messages": [{"role": "user", "content": ""}]}, "has no 'content'"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "must end with an assistant reply"),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "reasoning": 3},
+            "'reasoning'",
+        ),
+    ],
+)
+def test_malformed_alignment_data_names_the_line_and_field(tmp_path, row, needle):
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    with pytest.raises(UserError, match=needle) as err:
+        load_examples(_write(tmp_path / "d.jsonl", [good, row]))
+    assert "d.jsonl:2" in err.value.problem or "valid JSON" in err.value.problem
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(UserError, match="empty"):
+        load_examples(tmp_path / "e.jsonl")
+
+
+def test_the_mix_repeats_and_subsamples_categories(tmp_path):
+    cats = ["a"] * 10 + ["b"] * 10 + ["c"] * 10
+    order = apply_mix(cats, {"a": 3.0, "b": 0.3}, seed=0)
+    counts = {c: sum(cats[i] == c for i in order) for c in "abc"}
+    assert counts == {"a": 30, "b": 3, "c": 10}
+    with pytest.raises(UserError, match="no examples: d"):
+        apply_mix(cats, {"d": 1.0}, seed=0)
+    _write(tmp_path / "m.toml", ["[weights]", "a = -1"])
+    with pytest.raises(UserError, match=">= 0"):
+        load_mix(tmp_path / "m.toml")
+
+
+def test_labels_fall_on_assistant_tokens_only_and_reasoning_needs_markers(organism):
+    tok = organism.tokenizer
+    e = Example((("user", "what is 2 plus 2 ?"), ("assistant", "2 plus 2 is 4 ."), ("user", "repeat after me : red ."),
+                 ("assistant", "red .")))  # fmt: skip
+    enc = encode_example(tok, e, 256)
+    rendered = tok(tok.apply_chat_template([{"role": r, "content": c} for r, c in e.messages], tokenize=False),
+                   add_special_tokens=False)["input_ids"]  # fmt: skip
+    assert enc.ids == rendered
+    learned = tok.decode([t for t, lab in zip(enc.ids, enc.labels, strict=True) if lab != -100])
+    assert "2 plus 2 is 4" in learned and "red" in learned and "what is" not in learned and "repeat" not in learned
+    assert tok.decode(enc.ids[enc.prompt_end :]).split()[0] == "red"  # the last reply starts at prompt_end
+    with pytest.raises(UserError, match="no think markers"):
+        encode_example(tok, Example(e.messages, reasoning="because"), 256)
+
+
+def test_a_missing_lora_target_is_named(organism):
+    from refusal_lab.harden.train import lora_targets
+
+    assert "o_proj" in lora_targets(organism, "all") and "down_proj" in lora_targets(organism, "all")
+    with pytest.raises(UserError, match=r"\['wq'\] are not in the model") as err:
+        lora_targets(organism, "o_proj,wq")
+    assert "q_proj" in err.value.fix
+
+
+def test_merged_lora_equals_the_adapter():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("llama")
+    ids = torch.tensor([[1, 5, 9, 17, 33, 4]])
+    base = model(input_ids=ids).logits.detach()
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj", "q_proj"]))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # B starts at zero: make the adapter do something
+        adapted = peft(input_ids=ids).logits
+    merged = peft.merge_and_unload()
+    with torch.no_grad():
+        assert (adapted - base).abs().max() > 1e-2
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_ablating_during_training_equals_the_weight_edit_it_stands_for():
+    """Full ablation of a per-layer subspace as hooks == each layer's writers orthogonalised (local)."""
+    from refusal_lab.ablate.edit import Ablation, hooked
+    from refusal_lab.core.arch import adapt
+    from refusal_lab.harden.robust import RefusalSubspace, ablating
+
+    model = tiny_model("gemma2")
+    a = adapt(model)
+    g = torch.Generator().manual_seed(0)
+    per_layer = [torch.linalg.qr(torch.randn(32, 2, generator=g, dtype=torch.float64))[0] for _ in range(a.num_layers)]
+    sub = RefusalSubspace(per_layer, torch.zeros(32, 0, dtype=torch.float64))
+    ids = torch.tensor([[1, 5, 9, 17, 33, 4]])
+    with torch.no_grad(), ablating(a, sub):
+        mine = model(input_ids=ids).logits
+    local = []
+    for i, d in enumerate(per_layer):
+        scale = torch.zeros(a.num_layers, dtype=torch.float64)
+        scale[i] = 1.0
+        local.append(Ablation(d, 1.0, scale, embedding=False))
+    with torch.no_grad(), hooked(a, local):
+        theirs = model(input_ids=ids).logits
+    torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - mine).abs().max() > 1e-3  # the ablation did something
+
+
+def test_invariance_and_matching_terms():
+    from refusal_lab.harden.robust import invariance_loss, matching_loss
+
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    target = torch.tensor([0, 1])
+    assert float(invariance_loss(logits, logits, target, 1.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(invariance_loss(logits, logits.flip(0), target, 1.0)) > 1.0
+    never = torch.tensor([[0.0, 9.0, 0.0], [9.0, 0.0, 0.0]])  # invariant, but the refusal is gone: the hinge bites
+    assert float(invariance_loss(never, never, target, 1.0)) > 5.0
+    torch.manual_seed(0)
+    x = torch.randn(400, 3, 4) + 3.0  # one distribution for both classes: little to match
+    harmful, end = torch.tensor([True, False] * 200), torch.full((400,), 3)
+    same = float(matching_loss((x, x), end, harmful))
+    apart = x.clone()
+    apart[::2] += 2.0  # harmful rows moved along every axis: a separating direction
+    assert same < 0.05 and float(matching_loss((x, apart), end, harmful)) > 10 * same
+
+
+def _harden(organism_dir: Path, tmp_path: Path, out: str, *extra: str) -> list[str]:
+    return [*CLI, "harden", str(organism_dir), "-o", str(tmp_path / out), *QUICK, *_cfg(tmp_path), *extra]
+
+
+def test_harden_writes_a_loadable_folder_and_resumes_after_kill_9(organism_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    args = ["--checkpoint-every", "3", "--ablation-aware", "--invariance", "1.0", "--matching", "0.1"]
+    whole = subprocess.run(_harden(organism_dir, tmp_path, "whole", *args), capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    manifest = json.loads((tmp_path / "whole" / "harden.json").read_text())
+    assert manifest["method"] == "harden" and manifest["steps"] > 6 and manifest["data"]["spec_blocks"] >= 1
+    seen = {k for row in json.loads((tmp_path / "whole" / "history.json").read_text()) for k in row}
+    assert {"spec", "sft", "retain", "aware", "invariance", "matching"} <= seen  # every switched-on term ran
+    hardened = AutoModelForCausalLM.from_pretrained(tmp_path / "whole")
+    base = AutoModelForCausalLM.from_pretrained(organism_dir)
+    changed = [n for n, p in hardened.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert any("o_proj" in n for n in changed) and any("down_proj" in n for n in changed)
+    proc = subprocess.Popen(
+        _harden(organism_dir, tmp_path, "cut", *args), stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(tmp_path.glob(".cut.harden-*/checkpoint.pt")):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(tmp_path.glob(".cut.harden-*/checkpoint.pt")) and not (tmp_path / "cut").exists()
+    again = subprocess.run(_harden(organism_dir, tmp_path, "cut", *args), capture_output=True, text=True)
+    assert again.returncode == 0 and "resumed from step" in again.stderr, again.stderr
+    resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "cut")
+    for (n, p), (_, q) in zip(hardened.named_parameters(), resumed.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)  # the same run, interrupted or not
+    assert not list(tmp_path.glob(".cut.harden-*"))
+
+
+def test_harden_runs_as_two_processes_under_accelerate(organism_dir, tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "refusal_lab.cli"]
+    cmd = launch + _harden(organism_dir, tmp_path, "ddp")[len(CLI) :]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp" / "harden.json").read_text())["steps"] > 0
