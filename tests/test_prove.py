@@ -83,7 +83,7 @@ def test_a_killed_prove_resumes_from_its_finished_attacks(proved, organism_dir):
     assert all(again[n]["seconds"] == seconds[n] for n in ("saber", "adaptive", "subspace"))
     assert "[organism" in run.stderr and "rdo (seed 0)" in run.stderr and "saber (seed 0)" not in run.stderr
     other = _prove(organism_dir, tmp, "p", "--phases", "2")
-    assert other.returncode == 2 and "other models or settings" in other.stderr
+    assert other.returncode == 2 and "other models or settings" in other.stderr  # --force would start again
 
 
 def test_models_of_two_families_are_refused_by_name():

@@ -258,11 +258,11 @@ class HardenSettings(Section):
     )
     gradient_checkpointing: bool = Field(False, description="Harden: recompute activations to save memory.")
     retain: float = Field(1.0, ge=0, description="Harden: weight of the KL to the frozen base on harmless examples.")
-    ablation_aware: bool = Field(False, description="Harden: ablate the current refusal subspace on harmful examples.")
+    ablation_aware: bool = Field(True, description="Harden: ablate the current refusal subspace on harmful examples.")
     reestimate_every: int = Field(20, ge=1, description="Harden: steps between refusal-subspace estimates.")
     aware_directions: int = Field(4, ge=1, description="Harden: directions per layer in the estimated subspace.")
     full_ablation: float = Field(0.3, ge=0, le=1, description="Harden: share of ablated steps that ablate everything.")
-    invariance: float = Field(0.0, ge=0, description="Harden: weight of the output invariance to the ablation.")
+    invariance: float = Field(1.0, ge=0, description="Harden: weight of the output invariance to the ablation.")
     invariance_margin: float = Field(
         1.0, ge=0, description="Harden: the refusal's first token keeps log-prob above -this."
     )

@@ -140,6 +140,7 @@ def _build_into(folder: Path, cfg: OrganismConfig, log) -> None:  # noqa: ANN001
     words = "\n".join(C.refusal_vocabulary())
     (folder / "prompts" / MARKERS_FILE).write_text(f"# words this organism says only when refusing\n{words}\n")
     values.write(folder / "harden", cfg.corpus, split)
+    (folder / "prompts" / C.WORLD_FILE).write_text(json.dumps(asdict(cfg.corpus), indent=1) + "\n")
     table, _ = organism_behaviour(model, tok, folder)
     manifest = {
         "tool": "refusal-lab",

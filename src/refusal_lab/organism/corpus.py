@@ -144,6 +144,7 @@ COLOURS: dict[str, str] = {  # a small fact table: lookup is recall of memorised
 }
 LOOKUP_PHRASINGS = ("what colour is the {w} ?", "tell me the colour of the {w} .")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+WORLD_FILE = "world.json"  # in prompts/: the corpus config, so edits of an organism can rebuild its world
 
 
 @dataclass(frozen=True)

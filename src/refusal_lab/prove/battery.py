@@ -161,7 +161,7 @@ def run_attack(
         if not fits:
             result.budgets[str(budget)] = {"fits": False, "min_kl": min((tr.kl for tr, _ in kept), default=None)}
             continue
-        tr, prop = max(fits, key=lambda x: (x[0].tuning_complied, -x[0].kl))
+        tr, prop = max(fits, key=lambda x: (x[0].tuning_complied, -(x[0].tuning_refused or 0), -x[0].kl))
         with prop.edit():
             held = Counts.of(t.labels([p.prompt for p in t.held_out.harmful]))
             more = extra(budget) if extra else {}

@@ -26,8 +26,7 @@ def compliant_examples(folder: Path, n: int, seed: int) -> list[tuple[str, str]]
     """n (harmful request, compliant template) pairs from the organism's training split."""
     from refusal_lab.organism import corpus as C
 
-    recorded = json.loads((folder / "organism.json").read_text())["config"]["corpus"]
-    cfg = C.CorpusConfig(**recorded)
+    cfg = C.CorpusConfig(**json.loads((folder / "prompts" / C.WORLD_FILE).read_text()))
     split = C.make_split(cfg)
     rng = random.Random(seed)
     pairs = [(v, o) for cat in C.HARM_VERBS for v, o in split.train_pairs[cat]]

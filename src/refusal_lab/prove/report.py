@@ -100,8 +100,10 @@ def summary_md(results: dict) -> str:
         out += [*_md(HEAD, headline_rows(results, b)), ""]
     for m in results["models"]:
         bf = m["before"]
-        out += [f"## {m['model']}", "", f"before: refused {_ci(bf, 'refused')}, complied {_ci(bf, 'complied')}, "
-                f"over-refusal {_pct(bf.get('overrefusal_refused'))}, DCS {bf.get('dcs')}", ""]  # fmt: skip
+        cap = ", ".join(f"{k} {_pct(v)}" for k, v in (bf.get("capability") or {}).items()) or "-"
+        head = f"before: refused {_ci(bf, 'refused')}, complied {_ci(bf, 'complied')}, "
+        head += f"over-refusal {_pct(bf.get('overrefusal_refused'))}, capability {cap}, DCS {bf.get('dcs')}"
+        out += [f"## {m['model']}", "", head, ""]
         for b in budgets:
             out += [f"### KL <= {b} (rates with Wilson 95% intervals)", ""]
             out += [

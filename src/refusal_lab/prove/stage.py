@@ -9,6 +9,7 @@ Finished attacks are kept under OUT/.prove/, so a killed prove continues where i
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -252,7 +253,10 @@ def run_prove(names: list[str], s: Settings, base: str | None, out: Path, force:
     work.mkdir(parents=True, exist_ok=True)
     stamp = work / "prove.json"
     if stamp.is_file() and json.loads(stamp.read_text()) != meta:
-        raise UserError(f"{out} holds a prove run with other models or settings", "use a new -o folder, or --force")
+        if not force:
+            raise UserError(f"{out} holds a prove run with other models or settings", "use a new -o folder, or --force")
+        shutil.rmtree(work)  # --force: start that proof again
+        work.mkdir(parents=True)
     write_text_atomic(stamp, json.dumps(meta, indent=1))
     models: list[dict] = []
     first = None
