@@ -3,6 +3,37 @@
 from __future__ import annotations
 
 
+def markdown_html(md: str) -> str:
+    """The subset of markdown refusal-lab writes (headings, pipe tables, paragraphs) as HTML."""
+    import html
+
+    out: list[str] = []
+    table: list[list[str]] = []
+
+    def flush() -> None:
+        if table:
+            head, *body = table
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>")
+            out.extend("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+            out.append("</table>")
+            table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= {"-", ":"} for c in cells):
+                table.append(cells)
+            continue
+        flush()
+        level = len(line) - len(line.lstrip("#"))
+        if level and line[level : level + 1] == " ":
+            out.append(f"<h{level + 1}>{html.escape(line[level + 1 :])}</h{level + 1}>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    return "\n".join(out)
+
+
 def _esc(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
-from refusal_lab.evaluate.plots import line_plot_svg
+from refusal_lab.evaluate.plots import line_plot_svg, markdown_html
 
 
 def _pct(x: float | None) -> str:
@@ -154,19 +153,20 @@ def _curves(m: dict) -> str:
 
 def report_html(results: dict[str, Any]) -> str:
     """One self-contained page (inline SVG, no scripts, no network)."""
-    md = summary_md(results)
+    body = markdown_html(summary_md(results).split("\n", 1)[1])  # its title is the page's
     figs = "".join(_curves(m) for m in results["models"])
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>refusal-lab prove</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:24px auto;color:#222}}
-pre{{background:#f6f6f6;padding:12px;overflow-x:auto;font-size:12px}}
+table{{border-collapse:collapse;font-size:13px;margin:8px 0}} td,th{{border:1px solid #ccc;padding:3px 6px}}
+th{{background:#f2f2f2}}
 .figs{{display:flex;flex-wrap:wrap;gap:12px}}</style>
 </head><body>
 <h1>refusal-lab prove</h1>
 <p>Every attack is tuned on held-back probe prompts within each drift budget (first-token KL on held-out harmless
 prompts) and reported on held-out harmful prompts, labelled refused / complied / broken. Retained = refused after /
 refused before; the headline is the directional attack that made most prompts comply.</p>
-<pre>{html.escape(md)}</pre>
+{body}
 <div class="figs">{figs}</div>
 </body></html>
 """
