@@ -9,6 +9,7 @@ capability and over-refusal sets (`refusal_lab/data/`, fixed probe | eval halves
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,7 +57,9 @@ def model_path(s: Settings, name: str | None = None) -> Path:
         return Path(os.path.expanduser(name))
     from refusal_lab.organism.build import default_organism, organism_config
 
-    return default_organism(s.cache_dir, organism_config(s.organism), log=lambda m: print(m, flush=True))
+    return default_organism(
+        s.cache_dir, organism_config(s.organism), log=lambda m: print(m, file=sys.stderr, flush=True)
+    )
 
 
 def load_model(s: Settings, name: str | None = None, quantize: str = "none") -> Loaded:
