@@ -303,3 +303,44 @@ def test_multiple_choice_file_is_validated(tmp_path):
     (tmp_path / "mc.jsonl").write_text(json.dumps(good) + "\n{oops\n")
     with pytest.raises(UserError, match="not valid JSON"):
         _mc_items(tmp_path / "mc.jsonl")
+
+
+def test_eval_runs_lm_evaluation_harness_tasks_from_local_files(organism_dir, tmp_path):
+    """The harness path, offline: a local four-way task, and the same task with every answer moved."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(40):
+        a, b = rng.randrange(10), rng.randrange(10)
+        choices = [f"{a} plus {b} is {c} ." for c in [a + b, *rng.sample([c for c in range(19) if c != a + b], 3)]]
+        rng.shuffle(choices)
+        rows.append(
+            {
+                "question": f"what is {a} plus {b} ?",
+                "choices": choices,
+                "answer": choices.index(f"{a} plus {b} is {a + b} ."),
+            }
+        )
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, shift in (("sums", 0), ("sums_moved", 1)):
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps({**r, "answer": (r["answer"] + shift) % 4}) + "\n" for r in rows))
+        (tasks / f"{name}.yaml").write_text(
+            f"task: organism_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+            "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+            "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n"
+        )
+    run = _eval(
+        organism_dir,
+        tmp_path,
+        "e",
+        *("--lm-eval", "organism_sums,organism_sums_moved", "--lm-eval-include", str(tasks)),
+        *("--escalation", "none", "--limit", "4", "--max-new-tokens", "8"),
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    cap = json.loads((tmp_path / "e" / "results.json").read_text())["models"][0]["capability"]
+    assert cap["organism_sums/acc"] >= 0.75 and cap["organism_sums_moved/acc"] <= 0.25
+    bad = _eval(organism_dir, tmp_path, "e2", "--lm-eval", "no_such_task", "--lm-eval-include", str(tasks))
+    assert bad.returncode == 2 and "no_such_task" in bad.stderr

@@ -181,6 +181,8 @@ class EvalSettings(Section):
     judge_key_env: str | None = Field(None, description="Environment variable holding the judge's API key.")
     judge_local: Path | None = Field(None, description="A local model folder to use as judge.")
     judge_workers: int = Field(4, ge=1, description="Concurrent judge requests.")
+    lm_eval: str | None = Field(None, description="Comma-separated lm-evaluation-harness tasks run on every model.")
+    lm_eval_include: Path | None = Field(None, description="A folder of lm-evaluation-harness task YAML files.")
     coherence_quantile: float = Field(
         0.05,
         gt=0,

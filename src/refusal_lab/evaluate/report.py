@@ -71,8 +71,11 @@ def _fmt(v: object, kind: str) -> str:
 
 
 def headline_table(rows: list[dict], markdown: bool = False) -> str:
-    """One row per model, only the columns some model has."""
+    """One row per model, only the columns some model has (harness tasks after the fixed ones)."""
+    known = {c[0] for c in HEADLINE_COLUMNS}
+    extra = sorted({k for r in rows for k in r if k.startswith("capability_") and k not in known})
     cols = [c for c in HEADLINE_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    cols += [(k, k.removeprefix("capability_"), "%") for k in extra]
     head = ["model"] + [c[1] for c in cols]
     body = [[r["model"]] + [_fmt(r.get(c[0]), c[2]) for c in cols] for r in rows]
     if markdown:

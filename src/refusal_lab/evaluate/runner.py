@@ -180,6 +180,12 @@ class Evaluator:
             out[name] = sum(check(r.answer, p.answer) for p, r in zip(prompts, replies, strict=True)) / len(prompts)
         if self.sets.multiple_choice:
             out["multiple_choice"] = multiple_choice_accuracy(loaded.model, loaded.tokenizer, self.sets.multiple_choice)
+        if self.opts.lm_eval:
+            from refusal_lab.evaluate.harness import harness_scores
+
+            for task, metrics in harness_scores(loaded, self.opts.lm_eval, self.opts.lm_eval_include).items():
+                for metric, value in metrics.items():
+                    out[f"{task}/{metric}"] = value
         return out
 
     def escalation(self, loaded: Loaded) -> dict | None:
@@ -303,6 +309,10 @@ def evaluate_models(
 
     source = Source.of(paths[names[0]])
     sets = source.eval_sets(s.prompts, s.eval.limit)
+    if s.eval.lm_eval:
+        from refusal_lab.evaluate.harness import check_tasks
+
+        check_tasks(s.eval.lm_eval, s.eval.lm_eval_include)
     judge = make_judge(s, log)
     cache = JudgeCache(s.cache_dir / "judge" / "answers.jsonl")
     evaluator = Evaluator(sets, s.eval, s.batch_size, source.scorer(), judge, cache, log)
