@@ -114,3 +114,15 @@ def test_unsupported_family_names_the_supported_ones():
     with pytest.raises(UserError) as err:
         adapt(model)
     assert "gpt2" in str(err.value) and "llama" in str(err.value) and "--allow-unverified-arch" in err.value.fix
+
+
+def test_gemma3n_is_refused_with_the_reason():
+    import transformers as T
+
+    from tiny_models import COMMON
+
+    cfg = T.Gemma3nTextConfig(**{**COMMON, "num_kv_shared_layers": 0}, head_dim=16)
+    model = T.AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(UserError, match="AltUp") as err:
+        adapt(model, allow_unverified=True)
+    assert "gemma3n" in err.value.problem and "llama" in err.value.fix

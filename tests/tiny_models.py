@@ -27,6 +27,12 @@ FAMILIES = {
     "gemma3_text": (T.Gemma3TextConfig, {"head_dim": 16}),
     "phi3": (T.Phi3Config, {}),
     "olmo2": (T.Olmo2Config, {}),
+    "apertus": (T.ApertusConfig, {}),  # xIELU MLP without a gate
+    # per-layer embeddings: a third writer per layer (per_layer_projection, behind its own post-norm)
+    "gemma4_text": (
+        T.Gemma4TextConfig,
+        {"head_dim": 16, "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 96},
+    ),
 }
 
 

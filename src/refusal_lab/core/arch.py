@@ -32,7 +32,14 @@ SUPPORTED_FAMILIES: tuple[str, ...] = (
     "gemma3_text",
     "phi3",
     "olmo2",
+    "apertus",
+    "gemma4",
+    "gemma4_text",
 )
+UNSUPPORTED: dict[str, str] = {  # families whose residual stream no weight edit can reach exactly
+    "gemma3n": "Gemma 3n keeps several residual streams (AltUp) that learned predictions mix at every layer, "
+    "so removing a direction from its writers does not remove it from the streams",
+}
 
 
 @dataclass
@@ -217,6 +224,11 @@ def check_family(config: Any, allow_unverified: bool = False) -> str:
     """The config's model family, or a UserError naming the supported ones."""
     tcfg = text_config(config) if config is not None else None
     family = getattr(tcfg, "model_type", None) or getattr(config, "model_type", None) or "unknown"
+    if family in UNSUPPORTED or str(family).startswith("gemma3n"):
+        raise UserError(
+            f"unsupported architecture {family!r}: {UNSUPPORTED['gemma3n']}",
+            f"use a model of a supported family ({', '.join(SUPPORTED_FAMILIES)})",
+        )
     if family not in SUPPORTED_FAMILIES and not allow_unverified:
         raise UserError(
             f"unsupported architecture {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}",
