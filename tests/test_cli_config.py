@@ -59,7 +59,7 @@ def test_invalid_config_is_named(tmp_path, text, needle):
 
 
 def test_invalid_setting_from_cli_is_one_line(tmp_path):
-    result = subprocess.run([*CLI, "chat", "hi", "--batch-size", "0"], capture_output=True, text=True)
+    result = subprocess.run([*CLI, "chat", "--prompt", "hi", "--batch-size", "0"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "batch_size" in result.stderr
 
