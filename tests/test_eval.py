@@ -277,7 +277,7 @@ def test_eval_with_judge_down_keeps_keyword_results_and_exits_3(organism_dir, tm
         tmp_path,
         "e",
         *("--judge-url", f"http://127.0.0.1:{port}/v1", "--limit", "5", "--escalation", "none"),
-        *("--max-new-tokens", "20"),
+        *("--max-new-tokens", "20", "--judge-retries", "1"),
     )
     assert run.returncode == 3 and "judge failed" in run.stderr
     res = json.loads((tmp_path / "e" / "results.json").read_text())

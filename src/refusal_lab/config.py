@@ -143,6 +143,15 @@ class AblateSettings(Section):
     kernel: KernelSettings = Field(default_factory=KernelSettings)
 
 
+def _names(v: str, allowed: tuple[str, ...], what: str) -> str:
+    """A comma-separated list of known names, normalised; an unknown one names the choices."""
+    names = [m.strip() for m in v.split(",") if m.strip()]
+    bad = [m for m in names if m not in allowed]
+    if not names or bad:
+        raise ValueError(f"unknown {what} {bad or v!r}; use {', '.join(allowed)} (comma-separated)")
+    return ",".join(names)
+
+
 class SearchSettings(Section):
     trials: int = Field(50, ge=1, description="Finished trials the study should hold (resumes toward it).")
     storage: str | None = Field(None, description="Optuna RDB URL shared by workers (default: a journal in OUT).")
@@ -155,14 +164,7 @@ class SearchSettings(Section):
     sampler_seed: int = Field(0, description="Seed of the search's sampler.")
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per reply.")
 
-    @field_validator("methods")
-    @classmethod
-    def _known_methods(cls, v: str) -> str:
-        names = [m.strip() for m in v.split(",") if m.strip()]
-        bad = [m for m in names if m not in SEARCH_METHODS]
-        if not names or bad:
-            raise ValueError(f"unknown methods {bad or v!r}; use {', '.join(SEARCH_METHODS)} (comma-separated)")
-        return ",".join(names)
+    _known = field_validator("methods")(lambda v: _names(v, SEARCH_METHODS, "methods"))
 
     @property
     def method_list(self) -> tuple[str, ...]:
@@ -181,6 +183,7 @@ class EvalSettings(Section):
     judge_key_env: str | None = Field(None, description="Environment variable holding the judge's API key.")
     judge_local: Path | None = Field(None, description="A local model folder to use as judge.")
     judge_workers: int = Field(4, ge=1, description="Concurrent judge requests.")
+    judge_retries: int = Field(4, ge=0, description="Retries of a failed judge request (exponential backoff from 1 s).")
     lm_eval: str | None = Field(None, description="Comma-separated lm-evaluation-harness tasks run on every model.")
     lm_eval_include: Path | None = Field(None, description="A folder of lm-evaluation-harness task YAML files.")
     coherence_quantile: float = Field(
@@ -221,14 +224,7 @@ class ProveSettings(Section):
 
     _lists = field_validator("subspace_ks", "finetune_examples", "seeds", mode="before")(_int_list)
 
-    @field_validator("attacks")
-    @classmethod
-    def _known_attacks(cls, v: str) -> str:
-        names = [m.strip() for m in v.split(",") if m.strip()]
-        bad = [m for m in names if m not in PROVE_ATTACKS]
-        if not names or bad:
-            raise ValueError(f"unknown attacks {bad or v!r}; use {', '.join(PROVE_ATTACKS)} (comma-separated)")
-        return ",".join(names)
+    _known = field_validator("attacks")(lambda v: _names(v, PROVE_ATTACKS, "attacks"))
 
     @property
     def attack_list(self) -> tuple[str, ...]:
@@ -359,17 +355,20 @@ def config_file(explicit: Path | None) -> Path | None:
     return local if local.is_file() else None
 
 
+def read_toml(path: Path, what: str, flag: str) -> dict[str, Any]:
+    """A TOML file as a dict, or a one-line error naming the file."""
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist", f"check the path given to {flag}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{what} {path} is not valid TOML: {exc}", "fix the TOML syntax") from exc
+
+
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     """Settings from all layers; `overrides` are command-line values by dotted key (None: not given)."""
-    file_layer: dict[str, Any] = {}
     source = config_file(path)
-    if source is not None:
-        if not source.is_file():
-            raise UserError(f"config file {source} does not exist", "check the path given to --config")
-        try:
-            file_layer = tomllib.loads(source.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"config file {source} is not valid TOML: {exc}", "fix the TOML syntax") from exc
+    file_layer = read_toml(source, "config file", "--config") if source is not None else {}
     merged = _merge(_merge(file_layer, _env_layer()), _nest(overrides))
     try:
         return Settings.model_validate(merged)

@@ -163,7 +163,7 @@ class Source:
             over = given(p.overrefusal) or load_prompts(DATA / "overrefusal.txt")
             exact = {}
         mc = multiple_choice_items(p.mc) if p.mc is not None else []
-        return EvalSets(cut(harmful), cut(harmless), cut(over), exact, mc)
+        return EvalSets(cut(harmful), cut(harmless), cut(over), {k: cut(v) for k, v in exact.items()}, mc)
 
     def search_split(self, p: PromptSettings, probe_n: int, eval_n: int) -> tuple[PromptSets, EvalSets]:
         """Probe prompts for directions and evaluation prompts for trials, never overlapping.

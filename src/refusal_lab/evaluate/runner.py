@@ -268,7 +268,9 @@ def make_judge(s: Settings, log: Log) -> Backend | None:
 
     e = s.eval
     if e.judge_url:
-        return EndpointJudge(e.judge_url, e.judge_model, e.judge_key_env, workers=e.judge_workers)
+        return EndpointJudge(
+            e.judge_url, e.judge_model, e.judge_key_env, retries=e.judge_retries, workers=e.judge_workers
+        )
     if e.judge_local:
         jm = load_model(s, str(e.judge_local))
         log(f"judge: {e.judge_local} (next-token probabilities)")

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import math
 import random
-import tomllib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from refusal_lab.config import read_toml
 from refusal_lab.core.generate import think_markers
 from refusal_lab.core.prompts import jsonl_rows
 from refusal_lab.errors import UserError
@@ -82,12 +82,7 @@ def load_examples(path: Path) -> list[Example]:
 def load_mix(path: Path | None) -> dict[str, float]:
     if path is None:
         return {}
-    if not path.is_file():
-        raise UserError(f"mix file {path} does not exist", "check the path given to --mix")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"mix file {path} is not valid TOML: {exc}", "write [weights] category = weight") from exc
+    data = read_toml(path, "mix file", "--mix")
     weights = data.get("weights", data)
     bad = {k: v for k, v in weights.items() if not isinstance(v, int | float) or v < 0}
     if bad:
