@@ -165,6 +165,21 @@ class Source:
         mc = multiple_choice_items(p.mc) if p.mc is not None else []
         return EvalSets(cut(harmful), cut(harmless), cut(over), {k: cut(v) for k, v in exact.items()}, mc)
 
+    def prove_split(self, p: PromptSettings, limit: int | None = None) -> tuple[PromptSets, EvalSets]:
+        """Attack prompts and held-out report prompts, never overlapping.
+
+        The organism: its probe and eval splits. Otherwise the --harmful file is halved: the first
+        half for extraction and tuning, the second half reported on.
+        """
+        probe, held = self.probe_sets(p), self.eval_sets(p, None)
+        if not self.organism:
+            half = len(probe.harmful) // 2
+            probe.harmful, held.harmful = probe.harmful[:half], held.harmful[half:]
+        if limit:
+            held = EvalSets(*(x[:limit] for x in (held.harmful, held.harmless, held.overrefusal)),
+                            {k: v[:limit] for k, v in held.exact.items()}, held.multiple_choice)  # fmt: skip
+        return probe, held
+
     def search_split(self, p: PromptSettings, probe_n: int, eval_n: int) -> tuple[PromptSets, EvalSets]:
         """Probe prompts for directions and evaluation prompts for trials, never overlapping.
 

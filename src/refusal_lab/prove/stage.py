@@ -51,7 +51,7 @@ class FallbackScorer:
 def _evaluator(loaded: Loaded, s: Settings, log: Log) -> tuple[Evaluator, Scorer]:
     """Held-out sets, the reference (the model itself) and the scorer: exact, judge, or coherence."""
     src = Source.of(loaded.source)
-    sets = src.eval_sets(s.prompts, s.eval.limit)
+    _, sets = src.prove_split(s.prompts, s.eval.limit)
     judge = make_judge(s, log)
     cache = JudgeCache(s.cache_dir / "judge" / "answers.jsonl")
     opts = s.eval.model_copy(update={"max_new_tokens": s.prove.max_new_tokens})
@@ -67,8 +67,7 @@ def _evaluator(loaded: Loaded, s: Settings, log: Log) -> tuple[Evaluator, Scorer
 
 
 def build_target(loaded: Loaded, s: Settings, ev: Evaluator, scorer: Scorer, log: Log, seed: int) -> Target:
-    src = Source.of(loaded.source)
-    probe = src.probe_sets(s.prompts)
+    probe, _ = Source.of(loaded.source).prove_split(s.prompts)
     k = s.prove.tuning_count
     if len(probe.harmful) < k + 4:
         raise UserError(
