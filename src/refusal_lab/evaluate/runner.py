@@ -127,7 +127,7 @@ class Evaluator:
         replies = self.replies(loaded, [p.prompt for p in prompts], name)
         pairs = [(p.prompt, r.answer) for p, r in zip(prompts, replies, strict=True)]
         own = self.scorer.labels([p for p, _ in pairs], [a for _, a in pairs])
-        verdicts = self._verdicts(pairs)
+        verdicts = self._verdicts(pairs) if name == "harmful" else None  # the judge reads the attack set
         by_judge = verdicts is not None and self.scorer.name != "exact"
         labels = [v.label for v in verdicts] if by_judge else own
         markers = Source.of(loaded.source).markers
