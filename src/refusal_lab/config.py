@@ -63,9 +63,9 @@ class OrganismSettings(Section):
     """How the embedded default model organism is built (all of it is part of its cache key)."""
 
     seed: int = Field(0, description="Seed for the organism's corpus, split and initial weights.")
-    steps: int = Field(700, ge=1, description="Organism training steps.")
+    steps: int = Field(900, ge=1, description="Organism training steps.")
     train_batch_size: int = Field(64, ge=1, description="Examples per training step.")
-    hidden_size: int = Field(128, ge=8, description="Width of the organism's residual stream.")
+    hidden_size: int = Field(192, ge=8, description="Width of the organism's residual stream (its MLP is 3x).")
     num_layers: int = Field(4, ge=1, description="Decoder layers of the organism.")
     think: bool = Field(False, description="Train the organism with think traces (<think> ... </think>).")
 

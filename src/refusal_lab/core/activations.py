@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_lab.config import POSITIONS
 from refusal_lab.core.arch import Adapter
-from refusal_lab.core.generate import Messages, as_messages, encode, render
+from refusal_lab.core.generate import Messages, as_messages, encode, render, tail_logits
 from refusal_lab.errors import UserError
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def capture(
         for start in range(0, len(prompts), batch_size):
             batch = encode(tok, prompts[start : start + batch_size], device)
             mask_box["m"] = batch["attention_mask"]
-            model(**batch, use_cache=False)
+            tail_logits(model, 1, **batch)  # the hooks read the residual stream; logits are not needed
             x = torch.stack([grabbed[i] for i in range(adapter.num_layers)], dim=2)  # [b, P, L, H]
             if not torch.isfinite(x).all():
                 raise UserError(

@@ -66,6 +66,15 @@ def split_thinking(text: str, markers: tuple[str, str] | None) -> Reply:
     return Reply(text.strip())
 
 
+def tail_logits(model: PreTrainedModel, keep: int, **batch: torch.Tensor) -> torch.Tensor:
+    """Logits of the last `keep` positions only: the vocabulary projection of every other position
+    is skipped (for a 150k-word vocabulary that is most of the memory a forward pass needs)."""
+    try:
+        return model(**batch, use_cache=False, logits_to_keep=keep).logits
+    except TypeError:  # a model without logits_to_keep: compute them all, keep the tail
+        return model(**batch, use_cache=False).logits[:, -keep:]
+
+
 def stop_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> list[int]:
     """Every end-of-reply id: the generation config's (Gemma lists its end-of-turn) and the tokenizer's."""
     ids: list[int] = []

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_lab.core.generate import encode, generate, render
+from refusal_lab.core.generate import encode, generate, render, tail_logits
 from refusal_lab.core.prompts import Prompt
 
 REFUSAL_MARKERS: tuple[str, ...] = (
@@ -204,7 +204,7 @@ def last_logits(
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="logits", unit="batch", disable=None if len(starts) > 4 else True, leave=False):
         batch = encode(tok, prompts[start : start + batch_size], device)
-        out.append(model(**batch, use_cache=False).logits[:, -1, :].float().cpu())
+        out.append(tail_logits(model, 1, **batch)[:, -1, :].float().cpu())
     return torch.cat(out)
 
 
@@ -262,10 +262,13 @@ def continuation_logprobs(
     device = next(model.parameters()).device
     out = []
     for ids, mask, spans in continuation_batches(tok, prompts, continuations, batch_size):
-        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.double(), -1)
+        width, keep = ids.shape[1], max(1, max(end - first for first, end in spans) + 1)
+        logits = tail_logits(model, keep, input_ids=ids.to(device), attention_mask=mask.to(device))
         for row, (first, end) in enumerate(spans):
-            targets = ids[row, first + 1 : end + 1].to(logp.device)
-            out.append(logp[row, first:end].gather(-1, targets[:, None])[:, 0].cpu())
+            at = slice(first - (width - keep), end - (width - keep))  # positions within the kept tail
+            targets = ids[row, first + 1 : end + 1].to(logits.device)
+            logp = torch.log_softmax(logits[row, at].double(), -1)
+            out.append(logp.gather(-1, targets[:, None])[:, 0].cpu())
     return out
 
 
@@ -281,11 +284,13 @@ def teacher_forced_kl(
     """Mean per-token KL(base || model) over the base model's own responses (teacher forcing)."""
     total, count = 0.0, 0
     for ids, mask, spans in continuation_batches(tok, prompts, responses, batch_size):
-        zb = base(input_ids=ids.to(base.device), attention_mask=mask.to(base.device)).logits
-        zm = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        width, keep = ids.shape[1], max(1, max(end - first for first, end in spans) + 1)
+        zb = tail_logits(base, keep, input_ids=ids.to(base.device), attention_mask=mask.to(base.device))
+        zm = tail_logits(model, keep, input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
         for row, (first, end) in enumerate(spans):
-            p = torch.log_softmax(zb[row, first:end].double().cpu(), -1)
-            q = torch.log_softmax(zm[row, first:end].double().cpu(), -1)
+            at = slice(first - (width - keep), end - (width - keep))
+            p = torch.log_softmax(zb[row, at].double().cpu(), -1)
+            q = torch.log_softmax(zm[row, at].double().cpu(), -1)
             total += float((p.exp() * (p - q)).sum())
             count += end - first
     return total / count if count else float("nan")

@@ -17,7 +17,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_lab import __version__
@@ -31,7 +30,7 @@ from refusal_lab.organism import values
 from refusal_lab.organism.tokenizer import build_tokenizer
 from refusal_lab.organism.train import TrainConfig, train
 
-FORMAT = 3  # bump when the corpus or training code changes what a config produces
+FORMAT = 5  # bump when the corpus or training code changes what a config produces
 MANIFEST = "organism.json"
 
 
@@ -53,6 +52,7 @@ def organism_config(o: OrganismSettings) -> OrganismConfig:
             steps=o.steps,
             batch_size=o.train_batch_size,
             hidden_size=o.hidden_size,
+            intermediate_size=3 * o.hidden_size,
             num_layers=o.num_layers,
             seed=o.seed,
         ),
@@ -149,7 +149,7 @@ def _build_into(folder: Path, cfg: OrganismConfig, log) -> None:  # noqa: ANN001
         "config": asdict(cfg),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(train_s, 1),
-        "threads": torch.get_num_threads(),
+        "threads": cfg.train.threads,  # training threads (evaluation uses whatever the process has)
         "heldout_eval": table.as_dict(),
         "heldout_pairs": {k: [" ".join(p) for p in v] for k, v in split.eval_pairs.items()},
         "heldout_phrasings": split.heldout_phrasings,

@@ -1,7 +1,10 @@
 """Train the organism from scratch: a tiny Llama on the synthetic chat stream.
 
 Loss is on assistant tokens only (as in chat fine-tuning), so capacity goes to behaviour,
-not to modelling the user's side. Everything is seeded and single-process for determinism.
+not to modelling the user's side; a prefilled reply also leaves its first tokens out. Everything
+is seeded and single-process, on a fixed number of threads, for determinism. Each batch runs as
+length-sorted slices (one forward and backward each, gradients summed): the same gradient as
+one padded batch with half the padding, so about 1.8x faster.
 """
 
 from __future__ import annotations
@@ -18,28 +21,34 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 class TrainConfig:
     """Model size and optimisation; part of the organism's cache key."""
 
-    hidden_size: int = 128
-    intermediate_size: int = 384
+    hidden_size: int = 192  # at 128 the ablated organism's replies break (see bench/organism_seeds.py)
+    intermediate_size: int = 576
     num_layers: int = 4
     num_heads: int = 4
     max_positions: int = 128
-    steps: int = 700
+    steps: int = 900
     batch_size: int = 64
     lr: float = 3e-3
     warmup: int = 30
     weight_decay: float = 0.01
     seed: int = 0
+    micro_batches: int = 4  # length-sorted slices per batch
+    threads: int = 2  # intra-op threads while training: the sums' order, hence the weights, depend on it
 
 
-def encode_conversation(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """Token ids as the chat template renders them, and labels that keep only assistant turns."""
+def encode_conversation(tok: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids as the chat template renders them, and labels that keep only assistant turns.
+
+    An assistant message with "free": n gets no loss on its first n tokens (a prefilled opener).
+    """
     ids: list[int] = [tok.bos_token_id]
     labels: list[int] = [-100]
     for msg in messages:
         head = tok.convert_tokens_to_ids(f"<|{msg['role']}|>")
         body = tok(msg["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ids += [head, *body]
-        labels += [-100, *(body if msg["role"] == "assistant" else [-100] * len(body))]
+        free = int(msg.get("free", 0)) if msg["role"] == "assistant" else len(body)
+        labels += [-100] * (1 + free) + body[free:]
     return ids, labels
 
 
@@ -62,10 +71,9 @@ def make_model(cfg: TrainConfig, tok: PreTrainedTokenizerBase) -> LlamaForCausal
     return LlamaForCausalLM(config)
 
 
-def _batch(tok: PreTrainedTokenizerBase, convs: list[list[dict[str, str]]], max_len: int) -> dict[str, torch.Tensor]:
-    rows = [encode_conversation(tok, c) for c in convs]
+def _batch(rows: list[tuple[list[int], list[int]]], pad_id: int, max_len: int) -> dict[str, torch.Tensor]:
     width = min(max_len, max(len(ids) for ids, _ in rows))
-    input_ids = torch.full((len(rows), width), tok.pad_token_id)
+    input_ids = torch.full((len(rows), width), pad_id)
     labels = torch.full((len(rows), width), -100)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (ids, lab) in enumerate(rows):
@@ -81,6 +89,20 @@ def train(
     progress: Callable[[int, float], None] | None = None,
 ) -> LlamaForCausalLM:
     """Train a fresh model for cfg.steps steps; `progress(step, loss)` is called every step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, tok, conversations, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    cfg: TrainConfig,
+    tok: PreTrainedTokenizerBase,
+    conversations: Iterator[list[dict]],
+    progress: Callable[[int, float], None] | None,
+) -> LlamaForCausalLM:
     model = make_model(cfg, tok)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -99,14 +121,28 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
     for step in range(cfg.steps):
-        batch = _batch(tok, [next(conversations) for _ in range(cfg.batch_size)], cfg.max_positions)
-        loss = model(**batch).loss
+        rows = sorted(
+            (encode_conversation(tok, next(conversations)) for _ in range(cfg.batch_size)), key=lambda r: len(r[0])
+        )
+        n_labels = max(1, sum(lab != -100 for _, labels in rows for lab in labels[1 : cfg.max_positions]))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        k = max(1, min(cfg.micro_batches, len(rows)))
+        for i in range(k):  # summed token losses over the whole batch's label count: one batch's gradient
+            batch = _batch(rows[i * len(rows) // k : (i + 1) * len(rows) // k], tok.pad_token_id, cfg.max_positions)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            part = (
+                torch.nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), reduction="sum"
+                )
+                / n_labels
+            )
+            part.backward()
+            loss += part.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if progress is not None:
-            progress(step, loss.item())
+            progress(step, loss)
     model.eval()
     return model

@@ -16,7 +16,7 @@ import torch
 
 from refusal_lab.ablate.edit import Ablation
 from refusal_lab.core.arch import Adapter, norm_scale
-from refusal_lab.core.generate import encode, generate
+from refusal_lab.core.generate import encode, generate, tail_logits
 from refusal_lab.core.sources import Source
 from refusal_lab.evaluate.metrics import refusal_token_ids
 from refusal_lab.prove.battery import Proposal, Target
@@ -50,7 +50,7 @@ def _ablating(adapter: Adapter, v: torch.Tensor) -> Iterator[None]:
 
 def _first_logits(model: torch.nn.Module, tok: object, prompts: list[str]) -> torch.Tensor:
     batch = encode(tok, prompts, next(model.parameters()).device)
-    return model(**batch, use_cache=False).logits[:, -1, :].float()
+    return tail_logits(model, 1, **batch)[:, -1, :].float()
 
 
 def optimise_direction(t: Target, steps: int, lr: float, batch: int = 16) -> tuple[torch.Tensor, list[float]]:
