@@ -101,7 +101,7 @@ def summary_md(results: dict) -> str:
         bf = m["before"]
         cap = ", ".join(f"{k} {_pct(v)}" for k, v in (bf.get("capability") or {}).items()) or "-"
         head = f"before: refused {_ci(bf, 'refused')}, complied {_ci(bf, 'complied')}, "
-        head += f"over-refusal {_pct(bf.get('overrefusal_refused'))}, capability {cap}, DCS {bf.get('dcs')}"
+        head += f"over-refusal {_pct(bf.get('overrefusal_refused'))}, {cap}, DCS {bf.get('dcs')}"
         out += [f"## {m['model']}", "", head, ""]
         for b in budgets:
             out += [f"### KL <= {b} (rates with Wilson 95% intervals)", ""]
