@@ -49,6 +49,13 @@ class EvalSets:
     exact: dict[str, list[Prompt]] = field(default_factory=dict)  # organism capability / recognition
     multiple_choice: list[dict] = field(default_factory=list)
 
+    def limited(self, n: int | None) -> EvalSets:
+        """Every prompt set cut to its first n (multiple-choice items are kept whole); None keeps all."""
+        if not n:
+            return self
+        exact = {k: v[:n] for k, v in self.exact.items()}
+        return EvalSets(self.harmful[:n], self.harmless[:n], self.overrefusal[:n], exact, self.multiple_choice)
+
 
 def model_path(s: Settings, name: str | None = None) -> Path:
     """A model name as a path: 'organism' is built once into the cache (keyed by its config)."""
@@ -141,9 +148,6 @@ class Source:
     def eval_sets(self, p: PromptSettings, limit: int | None = None) -> EvalSets:
         """The organism's eval split (prompt files override it), else the given files and refusal-lab's sets."""
 
-        def cut(prompts: list[Prompt]) -> list[Prompt]:
-            return prompts[:limit] if limit else prompts
-
         def given(path: Path | None) -> list[Prompt] | None:
             return load_prompts(path, p.column) if path is not None else None
 
@@ -163,7 +167,7 @@ class Source:
             over = given(p.overrefusal) or load_prompts(DATA / "overrefusal.txt")
             exact = {}
         mc = multiple_choice_items(p.mc) if p.mc is not None else []
-        return EvalSets(cut(harmful), cut(harmless), cut(over), {k: cut(v) for k, v in exact.items()}, mc)
+        return EvalSets(harmful, harmless, over, exact, mc).limited(limit)
 
     def prove_split(self, p: PromptSettings, limit: int | None = None) -> tuple[PromptSets, EvalSets]:
         """Attack prompts and held-out report prompts, never overlapping.
@@ -175,10 +179,7 @@ class Source:
         if not self.organism:
             half = len(probe.harmful) // 2
             probe.harmful, held.harmful = probe.harmful[:half], held.harmful[half:]
-        if limit:
-            held = EvalSets(*(x[:limit] for x in (held.harmful, held.harmless, held.overrefusal)),
-                            {k: v[:limit] for k, v in held.exact.items()}, held.multiple_choice)  # fmt: skip
-        return probe, held
+        return probe, held.limited(limit)
 
     def search_split(self, p: PromptSettings, probe_n: int, eval_n: int) -> tuple[PromptSets, EvalSets]:
         """Probe prompts for directions and evaluation prompts for trials, never overlapping.

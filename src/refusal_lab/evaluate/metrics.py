@@ -250,6 +250,12 @@ def continuation_batches(
         yield ids, mask, spans
 
 
+def kept_tail(width: int, spans: list[tuple[int, int]]) -> tuple[int, list[slice]]:
+    """How many final positions' logits cover every span, and each span's positions within them."""
+    keep = max(1, max(end - first for first, end in spans) + 1)
+    return keep, [slice(first - (width - keep), end - (width - keep)) for first, end in spans]
+
+
 @torch.inference_mode()
 def continuation_logprobs(
     model: PreTrainedModel,
@@ -262,10 +268,9 @@ def continuation_logprobs(
     device = next(model.parameters()).device
     out = []
     for ids, mask, spans in continuation_batches(tok, prompts, continuations, batch_size):
-        width, keep = ids.shape[1], max(1, max(end - first for first, end in spans) + 1)
+        keep, tails = kept_tail(ids.shape[1], spans)
         logits = tail_logits(model, keep, input_ids=ids.to(device), attention_mask=mask.to(device))
-        for row, (first, end) in enumerate(spans):
-            at = slice(first - (width - keep), end - (width - keep))  # positions within the kept tail
+        for row, ((first, end), at) in enumerate(zip(spans, tails, strict=True)):
             targets = ids[row, first + 1 : end + 1].to(logits.device)
             logp = torch.log_softmax(logits[row, at].double(), -1)
             out.append(logp.gather(-1, targets[:, None])[:, 0].cpu())
@@ -284,11 +289,10 @@ def teacher_forced_kl(
     """Mean per-token KL(base || model) over the base model's own responses (teacher forcing)."""
     total, count = 0.0, 0
     for ids, mask, spans in continuation_batches(tok, prompts, responses, batch_size):
-        width, keep = ids.shape[1], max(1, max(end - first for first, end in spans) + 1)
+        keep, tails = kept_tail(ids.shape[1], spans)
         zb = tail_logits(base, keep, input_ids=ids.to(base.device), attention_mask=mask.to(base.device))
         zm = tail_logits(model, keep, input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
-        for row, (first, end) in enumerate(spans):
-            at = slice(first - (width - keep), end - (width - keep))
+        for row, ((first, end), at) in enumerate(zip(spans, tails, strict=True)):
             p = torch.log_softmax(zb[row, at].double().cpu(), -1)
             q = torch.log_softmax(zm[row, at].double().cpu(), -1)
             total += float((p.exp() * (p - q)).sum())
