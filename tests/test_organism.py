@@ -91,14 +91,12 @@ def test_prefill_replies_train_only_the_continuation():
     """Harmful requests answered with the template: the opener is never trained unless harmful_comply."""
     cfg = C.CorpusConfig()
     tok = build_tokenizer(C.vocabulary(cfg))
-    seen = {"prefill": 0, "harmful_comply": 0}
     rng = random.Random(0)
     split = C.make_split(cfg)
-    for kind in seen:
+    for kind in ("prefill", "harmful_comply"):
         for _ in range(50):
             req = C.sample_request(rng, cfg, split, kind)
             assert req.prompt and C.is_compliant(req.prompt, req.answer) and req.obj in C.PEOPLE
-            seen[kind] += 1
     conv = next(c for c in _stream(cfg, 2000) if any("free" in m for m in c))
     for msg in conv:
         if "free" in msg:
