@@ -37,10 +37,22 @@ def test_wilson_interval_matches_known_values():
     assert (c["n"], c["complied"], c["complied_rate"]) == (4, 2, 0.5)
 
 
+def _imports(organism_dir: Path, tmp: Path) -> list[str]:
+    """Two copies from outside the battery: an untouched one and `refusal-lab ablate`'s SABER edit."""
+    return ["--imported", str(organism_dir), "--imported", str(tmp / "ablated")]
+
+
 @pytest.fixture(scope="module")
 def proved(organism_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prove")
-    run = _prove(organism_dir, tmp, "p")
+    (tmp / "c.toml").write_text(f'cache_dir = "{tmp / "cache"}"\n')
+    made = subprocess.run(
+        [*CLI, "ablate", str(organism_dir), "-o", str(tmp / "ablated"), "--config", str(tmp / "c.toml")],
+        capture_output=True,
+        text=True,
+    )
+    assert made.returncode == 0, made.stderr
+    run = _prove(organism_dir, tmp, "p", *_imports(organism_dir, tmp))
     assert run.returncode == 0, run.stderr
     return tmp, json.loads((tmp / "p" / "results.json").read_text())
 
@@ -63,6 +75,27 @@ def test_the_battery_breaks_the_base_organism_within_the_budget(proved):
     assert phases == [1, 2, 3]
 
 
+def test_imported_copies_are_measured_like_the_battery_but_kept_out_of_the_worst_case(proved):
+    """Another tool's attacked copy is held to the same budgets; the untouched copy changes nothing."""
+    tmp, results = proved
+    m = results["models"][0]
+    tried = {Path(t["folder"]).name: t for t in m["attacks"]["imported"]["tried"]}
+    untouched, ablated = tried[Path(m["source"]).name], tried["ablated"]
+    assert untouched["kl"] < 1e-6 and untouched["tuning_complied"] == 0
+    assert ablated["kl"] > 1e-5 and ablated["tuning_complied"] > 0  # its weights really were swapped in
+    assert all(w is None or w["attack"] != "imported" for w in m["worst"].values())
+    assert "imported from other tools" in (tmp / "p" / "summary.md").read_text()
+
+
+def test_an_imported_folder_of_another_model_is_refused_by_name(organism_dir, tmp_path):
+    from refusal_lab.prove.imported import check_imported
+
+    with pytest.raises(UserError, match=f"{organism_dir} is not a copy of the model under attack"):
+        check_imported(tiny_model("llama"), [organism_dir])
+    with pytest.raises(UserError, match=r"holds no \.safetensors"):
+        check_imported(tiny_model("llama"), [tmp_path])
+
+
 def test_prove_writes_the_published_table_and_a_self_contained_page(proved):
     tmp, _ = proved
     summary = (tmp / "p" / "summary.md").read_text()
@@ -77,12 +110,12 @@ def test_a_killed_prove_resumes_from_its_finished_attacks(proved, organism_dir):
     work = next((tmp / "p" / ".prove").glob("*/"))
     (work / "rdo-seed0.json").unlink()  # as if killed during the last attack
     seconds = {n: a["seconds"] for n, a in results["models"][0]["attacks"].items()}
-    run = _prove(organism_dir, tmp, "p")
+    run = _prove(organism_dir, tmp, "p", *_imports(organism_dir, tmp))
     assert run.returncode == 0, run.stderr
     again = json.loads((tmp / "p" / "results.json").read_text())["models"][0]["attacks"]
     assert all(again[n]["seconds"] == seconds[n] for n in ("saber", "adaptive", "subspace"))
     assert "[organism" in run.stderr and "rdo (seed 0)" in run.stderr and "saber (seed 0)" not in run.stderr
-    other = _prove(organism_dir, tmp, "p", "--phases", "2")
+    other = _prove(organism_dir, tmp, "p", *_imports(organism_dir, tmp), "--phases", "2")
     assert other.returncode == 2 and "other models or settings" in other.stderr  # --force would start again
 
 

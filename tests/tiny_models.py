@@ -36,10 +36,10 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str, seed: int = 0) -> T.PreTrainedModel:
+def tiny_model(family: str, seed: int = 0, **config: int) -> T.PreTrainedModel:
     cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(cls(**COMMON, **extra), dtype=torch.float32)
+    model = T.AutoModelForCausalLM.from_config(cls(**{**COMMON, **extra, **config}), dtype=torch.float32)
     with torch.no_grad():  # non-trivial norm gains and biases, so mistakes cannot hide behind ones/zeros
         for p in model.parameters():
             if p.ndim == 1:

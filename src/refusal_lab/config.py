@@ -178,6 +178,11 @@ class EvalSettings(Section):
     escalation: str = Field("auto", description="Escalation set: auto | none | default | organism | a file or folder.")
     independent: bool = Field(False, description="Escalation levels as fresh conversations (default: stateful).")
     limit: int | None = Field(None, ge=1, description="Use only the first N prompts of each set.")
+    endpoint: str | None = Field(
+        None, description="OpenAI-compatible base URL (.../v1) that generates the MODELs' replies (llama.cpp, vLLM)."
+    )
+    endpoint_model: str | None = Field(None, description="The model's name at --endpoint (default: MODEL's name).")
+    endpoint_key_env: str | None = Field(None, description="Environment variable holding the endpoint's API key.")
     judge_url: str | None = Field(None, description="OpenAI-compatible judge base URL (.../v1).")
     judge_model: str = Field("judge", description="Judge model name at the endpoint.")
     judge_key_env: str | None = Field(None, description="Environment variable holding the judge's API key.")

@@ -22,6 +22,10 @@ def prove(
     base: Annotated[
         str | None, typer.Option(help="The public base of fine-tuned MODELs (weight-delta attack).")
     ] = None,
+    imported: Annotated[
+        list[Path] | None,
+        typer.Option(help="An attacked copy of MODEL made by another tool (repeatable): measured like the battery."),
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
     """Attack every model with the battery within a drift budget; worst case, per-attack rows, report."""
@@ -29,7 +33,7 @@ def prove(
     from refusal_lab.prove.stage import run_prove
 
     quiet()
-    results = run_prove(models, s, base, out, force, say)
+    results = run_prove(models, s, base, out, force, say, imported)
     rows = headline_rows(results, str(s.prove.budget_kl))
     widths = [max(len(r[i]) for r in [HEAD, *rows]) for i in range(len(HEAD))]
     for r in [HEAD, *rows]:

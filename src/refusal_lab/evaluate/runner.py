@@ -26,6 +26,7 @@ from refusal_lab.core.model import Loaded
 from refusal_lab.core.prompts import Prompt
 from refusal_lab.core.sources import EvalSets, Source, load_model
 from refusal_lab.evaluate.coherence import CoherenceScorer, calibrate
+from refusal_lab.evaluate.endpoint import Remote
 from refusal_lab.evaluate.escalation import (
     EscalationResult,
     builtin_scenarios,
@@ -81,8 +82,11 @@ class Evaluator:
         self.reference: Reference | None = None
         self.judge_failed: str | None = None
 
-    def replies(self, loaded: Loaded, prompts: Sequence, desc: str) -> list:
+    def replies(self, loaded: Loaded | Remote, prompts: Sequence, desc: str) -> list:
         with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=None, leave=False) as bar:
+            if isinstance(loaded, Remote):
+                o = self.opts
+                return loaded.replies(prompts, o.max_new_tokens, bar.update, o.sample, o.sample_seed)
             return generate_replies(
                 loaded.model,
                 loaded.tokenizer,
@@ -118,7 +122,7 @@ class Evaluator:
             self.log(f"judge unavailable, keeping the {self.scorer.name} labels only: {exc}")
             return None
 
-    def refusal_set(self, loaded: Loaded, name: str, prompts: list[Prompt]) -> dict:
+    def refusal_set(self, loaded: Loaded | Remote, name: str, prompts: list[Prompt]) -> dict:
         """Replies to one prompt set, labelled refused / complied / broken.
 
         The labels come from the exact scorer on an organism, else from the judge when there is one
@@ -162,9 +166,9 @@ class Evaluator:
             }
         return out
 
-    def kl(self, loaded: Loaded) -> dict:
+    def kl(self, loaded: Loaded | Remote) -> dict:
         ref = self.reference
-        if ref is None:
+        if ref is None or isinstance(loaded, Remote):  # an endpoint gives no logits
             return {}
         prompts = [p.prompt for p in self.sets.harmless]
         logits = last_logits(loaded.model, loaded.tokenizer, prompts, self.batch_size)
@@ -172,12 +176,14 @@ class Evaluator:
         tf = teacher_forced_kl(ref.base.model, loaded.model, loaded.tokenizer, prompts, ref.replies, half)
         return {"first_token": first_token_kl(ref.logits, logits), "teacher_forced": tf}
 
-    def capability(self, loaded: Loaded) -> dict:
+    def capability(self, loaded: Loaded | Remote) -> dict:
         out: dict = {}
         for name, prompts in self.sets.exact.items():
             replies = self.replies(loaded, [p.prompt for p in prompts], name)
             check = same_verdict if name == "recognition" else exact_match
             out[name] = sum(check(r.answer, p.answer) for p, r in zip(prompts, replies, strict=True)) / len(prompts)
+        if isinstance(loaded, Remote):  # multiple choice and lm-eval read logits
+            return out
         if self.sets.multiple_choice:
             out["multiple_choice"] = multiple_choice_accuracy(loaded.model, loaded.tokenizer, self.sets.multiple_choice)
         if self.opts.lm_eval:
@@ -188,7 +194,7 @@ class Evaluator:
                     out[f"{task}/{metric}"] = value
         return out
 
-    def escalation(self, loaded: Loaded) -> dict | None:
+    def escalation(self, loaded: Loaded | Remote) -> dict | None:
         choice = self.opts.escalation
         if choice == "none":
             return None
@@ -216,15 +222,17 @@ class Evaluator:
             "turns": [t.__dict__ | {"dcs": t.dcs} for t in turns],
         }
 
-    def run(self, name: str, loaded: Loaded, probe_dirs: torch.Tensor | None = None) -> dict:
+    def run(self, name: str, loaded: Loaded | Remote, probe_dirs: torch.Tensor | None = None) -> dict:
         self.log(f"evaluating {name}")
         result = {"model": name, "source": str(loaded.source)}
+        if isinstance(loaded, Remote):
+            result["endpoint"] = {"url": loaded.url, "model": loaded.name}
         for set_name in ("harmful", "harmless", "overrefusal"):
             result[set_name] = self.refusal_set(loaded, set_name, getattr(self.sets, set_name))
         result["kl"] = self.kl(loaded)
         result["capability"] = self.capability(loaded)
         result["escalation"] = self.escalation(loaded)
-        if probe_dirs is not None:
+        if probe_dirs is not None and not isinstance(loaded, Remote):
             result["separability"] = separability(loaded, self.sets, probe_dirs, self.batch_size)
         return result
 
@@ -305,6 +313,11 @@ def evaluate_models(
     loaded = dict(loaded or {})
     paths = {name: model_path(s, name) for name in [*names, *([base] if base else [])]}
 
+    def served(name: str) -> Remote:
+        e = s.eval
+        assert e.endpoint is not None
+        return Remote(e.endpoint, e.endpoint_model or paths[name].name or name, paths[name], e.endpoint_key_env)
+
     def get(name: str) -> Loaded:
         hit = loaded.get(name) or next((m for n, m in loaded.items() if paths.get(n) == paths[name]), None)
         return hit or load_model(s, str(paths[name]))
@@ -331,7 +344,10 @@ def evaluate_models(
         probe_dirs = load_file(str(probe_dir / "directions.safetensors"))["directions"]
     results = []
     for name in names:
-        model = base_model if base_model is not None and paths[name] == paths[base] else get(name)
+        if s.eval.endpoint:
+            model = served(name)
+        else:
+            model = base_model if base_model is not None and paths[name] == paths[base] else get(name)
         results.append(evaluator.run(model.source.name or name, model, probe_dirs))
         if model is not base_model and name not in loaded:
             model.release()  # at most the base and one candidate in memory

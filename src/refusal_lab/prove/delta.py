@@ -18,13 +18,13 @@ from refusal_lab.ablate.saber import saber
 from refusal_lab.prove.battery import Proposal, Target
 
 
-def delta_mismatch(model: torch.nn.Module, base_state: dict[str, torch.Tensor]) -> str | None:
-    """Why `base_state` cannot be the model's base (missing tensors, other shapes), or None."""
+def delta_mismatch(model: torch.nn.Module, base_state: dict[str, torch.Tensor], what: str = "base") -> str | None:
+    """Why `base_state` cannot be the model's base (or another `what` of it): missing tensors, other shapes."""
     for name, p in model.named_parameters():
         if name not in base_state:
-            return f"the base has no tensor {name}"
+            return f"the {what} has no tensor {name}"
         if base_state[name].shape != p.shape:
-            return f"{name} is {tuple(p.shape)} in the model and {tuple(base_state[name].shape)} in the base"
+            return f"{name} is {tuple(p.shape)} in the model and {tuple(base_state[name].shape)} in the {what}"
     return None
 
 

@@ -45,10 +45,10 @@ def _md(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def attack_rows(m: dict, budget: str) -> list[list[str]]:
+def attack_rows(m: dict, budget: str, threat: str = "directional") -> list[list[str]]:
     rows = []
     for name, a in m["attacks"].items():
-        if a["threat"] != "directional":
+        if a["threat"] != threat:
             continue
         o = a["budgets"].get(budget, {})
         if not o.get("fits"):
@@ -67,7 +67,7 @@ def other_rows(m: dict) -> list[list[str]]:
     """Weight-delta and fine-tuning attacks: one row per setting, no budget."""
     rows = []
     for name, a in m["attacks"].items():
-        if a["threat"] == "directional":
+        if a["threat"] in ("directional", "imported"):
             continue
         for o in a["budgets"].values():
             s = o["setting"]
@@ -109,6 +109,10 @@ def summary_md(results: dict) -> str:
                 *_md(["attack", "refused", "complied", "broken", "KL", "capability", "setting"], attack_rows(m, b)),
                 "",
             ]
+            imported = attack_rows(m, b, "imported")
+            if imported:
+                out += ["Attacked copies imported from other tools (not in the worst case):", ""]
+                out += [*_md(["attack", "refused", "complied", "broken", "KL", "capability", "setting"], imported), ""]
             w = m["worst"].get(b)
             if w and "overrefusal_refused" in w:
                 out += [f"after the worst attack ({w['attack']}): over-refusal {_pct(w['overrefusal_refused'])}, "

@@ -27,6 +27,7 @@ from refusal_lab.evaluate.runner import Evaluator, make_judge
 from refusal_lab.prove.battery import Attack, Counts, Target, run_attack, run_rows
 
 WORK = ".prove"
+BUDGETED = ("directional", "imported")  # attacks held to the drift budgets; only directional ones make the worst case
 
 
 class FallbackScorer:
@@ -95,10 +96,13 @@ def build_target(loaded: Loaded, s: Settings, ev: Evaluator, scorer: Scorer, log
     return t
 
 
-def attacks_for(s: Settings, work: Path, seed: int, base_state: dict | None, organism: bool) -> list[Attack]:
+def attacks_for(
+    s: Settings, work: Path, seed: int, base_state: dict | None, organism: bool, imported: list[Path] | None = None
+) -> list[Attack]:
     from refusal_lab.prove.delta import DeltaAttack
     from refusal_lab.prove.directional import AdaptiveAttack, ArditiAttack, SaberAttack, SubspaceAttack
     from refusal_lab.prove.finetune import FinetuneAttack
+    from refusal_lab.prove.imported import ImportedAttack
     from refusal_lab.prove.rdo import RdoAttack
     from refusal_lab.prove.search_attack import SearchAttack
 
@@ -116,7 +120,8 @@ def attacks_for(s: Settings, work: Path, seed: int, base_state: dict | None, org
     stochastic = {"rdo", "search", "finetune"}
     skip = {"delta"} if base_state is None else set()
     skip |= set() if organism else {"finetune"}
-    return [made[a]() for a in p.attack_list if a not in skip and (seed == p.seeds[0] or a in stochastic)]
+    chosen = [made[a]() for a in p.attack_list if a not in skip and (seed == p.seeds[0] or a in stochastic)]
+    return chosen + ([ImportedAttack(imported)] if imported and seed == p.seeds[0] else [])
 
 
 def _measures(ev: Evaluator, loaded: Loaded, full: bool) -> dict[str, Any]:
@@ -134,7 +139,9 @@ def _measures(ev: Evaluator, loaded: Loaded, full: bool) -> dict[str, Any]:
     return out
 
 
-def prove_model(loaded: Loaded, s: Settings, work: Path, base_state: dict | None, log: Log) -> dict[str, Any]:
+def prove_model(
+    loaded: Loaded, s: Settings, work: Path, base_state: dict | None, log: Log, imported: list[Path] | None = None
+) -> dict[str, Any]:
     """The battery on one model; finished attacks are read back from `work` instead of run again."""
     ev, scorer = _evaluator(loaded, s, log)
     organism = Source.of(loaded.source).organism
@@ -150,7 +157,7 @@ def prove_model(loaded: Loaded, s: Settings, work: Path, base_state: dict | None
     attacks: dict[str, list[dict]] = {}
     for seed in s.prove.seeds:
         target = None
-        for attack in attacks_for(s, work, seed, base_state, organism):
+        for attack in attacks_for(s, work, seed, base_state, organism, imported):
             done = work / f"{attack.name}-seed{seed}.json"
             if done.is_file():
                 attacks.setdefault(attack.name, []).append(json.loads(done.read_text()))
@@ -162,7 +169,7 @@ def prove_model(loaded: Loaded, s: Settings, work: Path, base_state: dict | None
             def extra(budget: float) -> dict:  # the headline budget's settings get every measure
                 return _measures(ev, loaded, budget == s.prove.budget_kl)
 
-            if attack.threat == "directional":
+            if attack.threat in BUDGETED:
                 res = run_attack(attack, target, s.prove.budgets, extra)
             else:
                 res = run_rows(attack, target, lambda _b: _measures(ev, loaded, False))
@@ -232,9 +239,25 @@ def base_weights(s: Settings, base: str, model: Loaded, log: Log) -> dict | None
     return state
 
 
-def run_prove(names: list[str], s: Settings, base: str | None, out: Path, force: bool, log: Log) -> dict:
-    """Prove every model; results.json, summary.md and report.html in OUT. Returns the results."""
+def run_prove(
+    names: list[str],
+    s: Settings,
+    base: str | None,
+    out: Path,
+    force: bool,
+    log: Log,
+    imported: list[Path] | None = None,
+) -> dict:
+    """Prove every model; results.json, summary.md and report.html in OUT. Returns the results.
+
+    `imported`: attacked copies of the one MODEL made by other tools, measured within the budgets too.
+    """
+    from refusal_lab.prove.imported import check_imported
     from refusal_lab.prove.report import report_html, summary_md
+
+    imported = [Path(f).expanduser().resolve() for f in imported or []]
+    if imported and len(names) != 1:
+        raise UserError("--imported copies belong to one model, but several were given", "prove one MODEL with them")
 
     out = out.expanduser().resolve()
     work = out / WORK
@@ -249,6 +272,7 @@ def run_prove(names: list[str], s: Settings, base: str | None, out: Path, force:
     }
     meta["models"] = [str(model_path(s, n)) for n in names]
     meta["base"] = base
+    meta["imported"] = [str(f) for f in imported]
     work.mkdir(parents=True, exist_ok=True)
     stamp = work / "prove.json"
     if stamp.is_file() and json.loads(stamp.read_text()) != meta:
@@ -266,9 +290,10 @@ def run_prove(names: list[str], s: Settings, base: str | None, out: Path, force:
         else:
             check_models([first, m])
         state = base_weights(s, base, m, log) if base else None
+        check_imported(m.model, imported)
         key = work / m.fingerprint[:16]
         key.mkdir(exist_ok=True)
-        models.append(prove_model(m, s, key, state, log))
+        models.append(prove_model(m, s, key, state, log, imported))
         if m is not first:
             m.release()
     results = {"meta": manifest(**meta), "models": models}

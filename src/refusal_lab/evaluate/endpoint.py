@@ -1,0 +1,89 @@
+"""Replies from an OpenAI-compatible server (llama.cpp's server, vLLM) instead of a local model.
+
+An exported GGUF is then measured where it will run, and a model too large for this machine is
+measured on the engine built for it. Only what a chat endpoint gives is measured: replies and
+their labels, capability by exact match, escalation; logit-based figures (KL, multiple choice,
+separability) need the weights and are left out, saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from refusal_lab.core.generate import Reply
+from refusal_lab.errors import UserError
+
+
+@dataclass
+class Remote:
+    """A model served at `url` under `name`; `source` is a local folder for its prompt sets, if any."""
+
+    url: str
+    name: str
+    source: Path
+    key_env: str | None = None
+    workers: int = 4
+    retries: int = 3
+
+    def release(self) -> None:  # nothing held locally
+        return None
+
+    def _post(self, body: dict) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.key_env:
+            headers["Authorization"] = f"Bearer {os.environ.get(self.key_env, '')}"
+        req = urllib.request.Request(f"{self.url.rstrip('/')}/chat/completions", json.dumps(body).encode(), headers)
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(req, timeout=600) as r:
+                    return json.loads(r.read())
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500 or attempt == self.retries:
+                    detail = exc.read().decode(errors="replace")[:200]
+                    raise UserError(
+                        f"the endpoint {self.url} answered {exc.code}: {detail}",
+                        "check --endpoint (a .../v1 base URL) and --endpoint-model",
+                    ) from exc
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+                if attempt == self.retries:
+                    raise UserError(
+                        f"the endpoint {self.url} cannot be reached ({exc})", "start the server or fix --endpoint"
+                    ) from exc
+            time.sleep(2**attempt)
+        raise AssertionError("unreachable")
+
+    def reply(self, prompt: str | list[dict[str, str]], max_tokens: int, sample: bool, seed: int) -> Reply:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        body: dict = {"model": self.name, "messages": messages, "max_tokens": max_tokens}
+        body |= {"temperature": 0.7, "top_p": 0.9, "seed": seed} if sample else {"temperature": 0.0}
+        message = self._post(body)["choices"][0]["message"]
+        # llama.cpp and vLLM put a split-off reasoning block in reasoning_content (or reasoning)
+        reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
+        return Reply((message.get("content") or "").strip(), reasoning.strip())
+
+    def replies(
+        self,
+        prompts: Sequence[str | list[dict[str, str]]],
+        max_tokens: int,
+        progress: Callable[[int], None] | None = None,
+        sample: bool = False,
+        seed: int = 0,
+    ) -> list[Reply]:
+        """One request per prompt, `workers` at a time, in the prompts' order."""
+
+        def one(i: int) -> Reply:
+            r = self.reply(prompts[i], max_tokens, sample, seed + i)
+            if progress:
+                progress(1)
+            return r
+
+        with ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(one, range(len(prompts))))

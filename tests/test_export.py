@@ -1,0 +1,126 @@
+"""GGUF export: llama.cpp's converter writes a file whose greedy decoding in llama.cpp matches transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from refusal_lab.ship.gguf import export_gguf, greedy_ids, llama_server
+from tiny_models import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("REFUSAL_LAB_TEST_CACHE", ROOT / ".cache" / "test"))
+CLI = [sys.executable, "-m", "refusal_lab.cli"]
+WORDS = "the cat sat on a mat and a dog ran to the red box while birds sang over quiet fields of green grass"
+VOCAB = 320  # 256 byte pieces, the corpus's characters and a few merges
+PROMPTS = [[1, 5, 9, 13, 20], [1, 40, 41, 42], [1, 7, 7, 7, 7, 7, 30], [1, 88, 3, 60, 17, 2, 9]]
+
+
+def tiny_folder(family: str, folder: Path) -> Path:
+    """A tiny random model saved as a Hugging Face folder with a SentencePiece vocabulary of its size."""
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([WORDS] * 50),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=VOCAB,
+        byte_fallback=True,  # llama.cpp spells characters outside the vocabulary (a chat template's) in bytes
+        model_type="bpe",
+        unk_id=3,
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    (folder / "tokenizer.vocab").unlink()
+    template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' ' }}{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template + "assistant: "}))
+    model = tiny_model(family, vocab_size=VOCAB)
+    with torch.no_grad():  # weights exactly representable in f16, so only llama.cpp's arithmetic differs
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """family -> (model folder, its f16 GGUF), made once per module."""
+    tmp, made = tmp_path_factory.mktemp("gguf"), {}
+    for family in ("llama", "apertus"):  # Qwen2 converts as Llama does; Gemma 4's converter wants tokenizer.json
+        folder = tiny_folder(family, tmp / family)
+        made[family] = (folder, export_gguf(folder, tmp / f"{family}.gguf", "f16", CACHE))
+    return made
+
+
+@pytest.mark.parametrize("family", ["llama", "apertus"])
+def test_f16_gguf_decodes_the_same_greedy_tokens_in_llama_cpp(family, exported):
+    folder, gguf = exported[family]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with llama_server(gguf) as url:
+        for ids in PROMPTS:
+            ours = greedy_ids(url, ids, 12)
+            with torch.no_grad():
+                hf = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
+            assert ours == hf, ids  # both stop after the end-of-sequence token
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(exported) -> Path:
+    return exported["llama"][1]
+
+
+def test_bad_exports_fail_in_one_line_and_write_nothing(tmp_path, organism_dir, tiny_gguf):
+    def export(*args: str) -> subprocess.CompletedProcess:
+        cfg = ["--cache-dir", str(CACHE)]
+        return subprocess.run([*CLI, "export", *args, *cfg], capture_output=True, text=True)
+
+    out = tmp_path / "x.gguf"
+    cases = {
+        (str(tmp_path), "-o", str(out)): "is not a model folder",
+        (str(tiny_gguf), "-o", str(out)): "is already a GGUF file",
+        (str(organism_dir), "-o", str(out), "--gguf", "q4_k"): "use one of f32, f16, bf16, q8_0",
+        (str(organism_dir), "-o", str(out), "--converter", str(tmp_path / "none.tar.gz")): "pip download",
+        (str(organism_dir), "-o", str(tmp_path / "no" / "x.gguf")): "does not exist",
+        # the organism's word-level vocabulary has no llama.cpp tokenizer: the converter's reason, in one line
+        (str(organism_dir), "-o", str(out)): "does not know",
+    }
+    for args, message in cases.items():
+        run = export(*args)
+        assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
+        assert len(run.stderr.strip().splitlines()) <= 2, run.stderr  # the progress line and the error
+    assert list(tmp_path.iterdir()) == []  # no partial file left behind
+
+
+def test_eval_through_an_openai_endpoint_gets_the_servers_replies(tiny_gguf, tmp_path):
+    """llama.cpp's own server answers eval's requests; the saved replies are the server's."""
+    from refusal_lab.evaluate.endpoint import Remote
+
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("the cat sat on a mat\nthe dog ran to the red box\n")
+    out = tmp_path / "ev"
+
+    def evaluate(url: str, folder: Path) -> subprocess.CompletedProcess:
+        cmd = [*CLI, "eval", "tiny", "-o", str(folder), "--harmful", str(harmful), "--endpoint", f"{url}/v1"]
+        cmd += ["--max-new-tokens", "8", "--limit", "2", "--escalation", "none", "--cache-dir", str(CACHE)]
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+    with llama_server(tiny_gguf) as url:
+        direct = Remote(f"{url}/v1", "tiny", tmp_path).replies(["the cat sat on a mat"], 8)
+        run = evaluate(url, out)
+    assert run.returncode == 0, run.stderr
+    model = json.loads((out / "results.json").read_text())["models"][0]
+    assert model["endpoint"]["url"] == f"{url}/v1" and model["kl"] == {}
+    rows = model["harmful"]["rows"]
+    assert len(rows) == 2 and rows[0]["response"] == direct[0].answer and direct[0].answer
+    dead = evaluate(url, tmp_path / "ev2")
+    assert dead.returncode == 2 and "cannot be reached" in dead.stderr  # the server is gone
