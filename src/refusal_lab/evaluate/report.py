@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from refusal_lab.evaluate.metrics import Behaviour
-from refusal_lab.evaluate.plots import bar_chart_svg, line_plot_svg
+from refusal_lab.evaluate.plots import bar_chart_svg, line_plot_svg, markdown_html
 
 COLUMNS = {  # field -> header; refused counts the folder's refusal words, "generic kw" only the standard markers
     "harmful_refusal": "harmful refused",
@@ -161,7 +161,7 @@ def report_html(results: list[dict], rows: list[dict], probe_scores: dict | None
                 f"<tr><td>{html.escape(r['model'])}</td><td>{html.escape(row['prompt'][:200])}</td>"
                 f"<td>{html.escape(row['response'][:300])}</td><td>{row['label']}</td></tr>"
             )
-    table = headline_table(rows, markdown=False)
+    table = markdown_html(headline_table(rows, markdown=True))  # a real table: it wraps instead of clipping
     judged = any(r["harmful"].get("judge_refusal") is not None for r in results)
     scorer = results[0]["harmful"]["scorer"] if results else "keyword"
     scoring = f"the {scorer} scorer" + (" and a rubric judge" if judged else "")
@@ -170,12 +170,12 @@ def report_html(results: list[dict], rows: list[dict], probe_scores: dict | None
 <style>body{{font-family:sans-serif;max-width:1100px;margin:24px auto;color:#222}}
 pre{{background:#f6f6f6;padding:12px;overflow-x:auto}} .figs{{display:flex;flex-wrap:wrap;gap:12px}}
 table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:4px 6px;vertical-align:top}}</style>
+td,th{{border:1px solid #ccc;padding:4px 6px;vertical-align:top}} th{{background:#f2f2f2}}</style>
 </head><body>
 <h1>refusal-lab report</h1>
 <p>Models: {html.escape(", ".join(names))}. Replies labelled refused / complied / broken by {scoring};
 KL is KL(base || model) on harmless prompts.</p>
-<pre>{html.escape(table)}</pre>
+{table}
 <div class="figs">{"".join(figs)}</div>
 <h2>Sample harmful prompts and replies</h2>
 <table><tr><th>model</th><th>prompt</th><th>reply</th><th>label</th></tr>{"".join(samples)}</table>
