@@ -134,3 +134,51 @@ def test_pick_exports_through_the_ablate_path(organism_dir, tmp_path, limit):
     manifest = json.loads((tmp_path / "m" / "ablation.json").read_text())
     assert manifest["method"] == "search:saber" and "refusal-lab pick" in (tmp_path / "m" / "reproduce.sh").read_text()
     AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+
+
+def test_early_stopped_replies_keep_every_label_and_end_refusing_batches_early(organism, organism_dir):
+    """A reply stops once a refusal word settles its verdict: the same labels, fewer tokens."""
+    from refusal_lab.ablate.edit import hooked
+    from refusal_lab.ablate.saber import saber
+    from refusal_lab.config import ProbeSettings, SaberSettings
+    from refusal_lab.core.generate import generate
+    from refusal_lab.core.sources import Source
+    from refusal_lab.evaluate.metrics import is_refusal
+    from refusal_lab.organism.build import prompt_sets
+
+    m, src = organism, Source.of(organism_dir)
+    probe, held = prompt_sets(organism_dir, "probe"), prompt_sets(organism_dir, "eval")
+    harmful = [p.prompt for p in held["harmful"]][:32]
+    texts = [[p.prompt for p in probe[k]] for k in ("harmful", "harmless", "capability")]
+    edit = saber(m.model, m.tokenizer, m.adapter, *texts, ProbeSettings(), SaberSettings()).ablations
+    scorer = src.scorer()
+    seen = set()
+    for ablations in ([], edit):  # the base refuses everything; SABER's edit mixes outcomes
+        with hooked(m.adapter, ablations):
+            full = generate(m.model, m.tokenizer, harmful, 24)
+            short = generate(m.model, m.tokenizer, harmful, 24, settled=lambda t: is_refusal(t, src.markers))
+        labels = scorer.labels(harmful, full)
+        assert scorer.labels(harmful, short) == labels
+        seen |= set(labels)
+        refused = [i for i, x in enumerate(labels) if x == "refused"]
+        assert sum(len(short[i].split()) for i in refused) < sum(len(full[i].split()) for i in refused)
+    assert {"refused", "complied"} <= seen  # both kinds of reply were compared
+
+
+def test_proxy_pruned_trials_never_reach_the_front_and_the_proxy_is_reported(organism_dir, tmp_path):
+    out = tmp_path / "s"
+    cmd = [*CLI, "search", str(organism_dir), "-o", str(out), "--trials", "12", *FAST, *_cfg(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    study = _journal(out / "study.journal")
+    complete = {t.number for t in _complete(study)}
+    front = json.loads((out / "pareto.json").read_text())
+    assert front and {p["trial"] for p in front} <= complete
+    proxy = json.loads((out / "proxy.json").read_text())
+    assert proxy["trials"] == 12 and proxy["measured_with_proxy"] == len(complete) and proxy["refusal_openers"]
+    n = 6  # --eval-count
+    for t in _complete(study):  # the proxy counted refusals of the same replies the scorer labelled
+        assert 0 <= t.user_attrs["proxy_refused"] <= n
+    assert proxy["mean_abs_error"] <= n / 3
+    again = subprocess.run([*cmd, "--no-proxy"], capture_output=True, text=True)
+    assert again.returncode == 2 and "fidelity" in again.stderr  # a full-fidelity study is another study

@@ -161,6 +161,12 @@ class SearchSettings(Section):
     probe_count: int = Field(48, ge=2, description="Prompts per set used for directions.")
     eval_count: int = Field(16, ge=1, description="Prompts per set in each trial's evaluation.")
     kl_prune: float = Field(2.0, gt=0, description="Prune a trial before generating when its KL exceeds this.")
+    proxy: bool = Field(
+        True, description="Score every trial without generating first; generate only where it may matter."
+    )
+    proxy_margin: float = Field(
+        0.1, ge=0, le=1, description="Share of evaluation prompts the refusal proxy may over-predict before it prunes."
+    )
     sampler_seed: int = Field(0, description="Seed of the search's sampler.")
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per reply.")
 

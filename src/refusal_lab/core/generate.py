@@ -93,6 +93,32 @@ def _clean(tok: PreTrainedTokenizerBase, text: str, keep: tuple[str, ...]) -> st
     return text.strip()
 
 
+class Settled:
+    """A stopping rule: a reply stops once `settled(text)` holds for its text so far.
+
+    The last, possibly unfinished word is left out of the text it judges, so a rule that matches
+    whole words never fires on a word's prefix. Replies that stop early are padded while the rest
+    of the batch goes on, and the batch ends as soon as every reply has stopped.
+    """
+
+    def __init__(
+        self,
+        tok: PreTrainedTokenizerBase,
+        prompt_len: int,
+        answer: Callable[[str], str],
+        settled: Callable[[str], bool],
+    ) -> None:
+        self.tok, self.prompt_len, self.answer, self.settled = tok, prompt_len, answer, settled
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: object) -> torch.Tensor:
+        texts = self.tok.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=False)
+        done = []
+        for text in texts:
+            words = self.answer(text).split()  # a reasoning block never settles a verdict
+            done.append(len(words) > 1 and self.settled(" ".join(words[:-1])))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.inference_mode()
 def generate_replies(
     model: PreTrainedModel,
@@ -105,8 +131,12 @@ def generate_replies(
     temperature: float = 0.7,
     top_p: float = 0.9,
     seed: int = 0,
+    settled: Callable[[str], bool] | None = None,
 ) -> list[Reply]:
-    """Batched replies (greedy, or seeded sampling) with the reasoning split from the answer."""
+    """Batched replies (greedy, or seeded sampling) with the reasoning split from the answer.
+
+    `settled(text)`: stop a reply early once its verdict cannot change (see Settled).
+    """
     device = next(model.parameters()).device
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = stop_ids(model, tok)
@@ -122,6 +152,14 @@ def generate_replies(
             if sample
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         )
+        if settled is not None:
+            from transformers import StoppingCriteriaList
+
+            def answer(text: str) -> str:
+                return split_thinking(_clean(tok, text, keep), markers).answer
+
+            rule = Settled(tok, batch["input_ids"].shape[1], answer, settled)
+            opts["stopping_criteria"] = StoppingCriteriaList([rule])
         ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos, **opts)
         new = ids[:, batch["input_ids"].shape[1] :]
         texts = tok.batch_decode(new, skip_special_tokens=False)
@@ -132,6 +170,7 @@ def generate_replies(
 
 
 def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence, max_new_tokens: int = 128,
-             batch_size: int = 16) -> list[str]:  # fmt: skip
+             batch_size: int = 16, settled: Callable[[str], bool] | None = None) -> list[str]:  # fmt: skip
     """Greedy answers only (reasoning blocks removed), as generate_replies gives them."""
-    return [r.answer for r in generate_replies(model, tok, prompts, max_new_tokens, batch_size)]
+    replies = generate_replies(model, tok, prompts, max_new_tokens, batch_size, settled=settled)
+    return [r.answer for r in replies]

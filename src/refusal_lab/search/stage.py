@@ -2,15 +2,24 @@
 
 Each worker probes once (activations cached on disk), captures the capability activations and
 the base logits once, then applies every trial's edit as hooks on the one loaded model, so a
-trial costs one evaluation. A trial whose KL already exceeds `kl_prune` is pruned before
-generating. Replies are labelled by the model's scorer; the objective counts what was not
-complied with, so breaking the model is not rewarded.
+trial costs one evaluation. Replies are labelled by the model's scorer; the objective counts what
+was not complied with, so breaking the model is not rewarded.
+
+Trials are multi-fidelity. Every trial is first measured without generating: one forward pass
+over the harmless prompts gives its KL, one over the harmful prompts its *proxy*, the number of
+prompts whose greedy first reply token is one of the model's own refusal openers. A trial whose KL
+exceeds `kl_prune` is pruned; so is one that a fully measured trial already dominates on the
+proxy's evidence (no more KL, and fewer prompts not complied with than the trial's predicted
+refusals less a margin). Only the rest generate, and a reply stops as soon as a refusal word
+settles its verdict. A pruned trial never enters the front; `proxy.json` says how well the proxy
+predicted the refusals of the trials that were measured in full.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +34,7 @@ from refusal_lab.core.artifacts import SETTINGS_FILE, Log, write_text_atomic
 from refusal_lab.core.generate import generate
 from refusal_lab.core.model import Loaded
 from refusal_lab.core.sources import PromptSets, Source
-from refusal_lab.evaluate.metrics import Scorer, first_token_kl, last_logits
+from refusal_lab.evaluate.metrics import Scorer, first_token_kl, is_refusal, last_logits, refusal_token_ids
 from refusal_lab.probe.directions import Probe
 from refusal_lab.probe.stage import run_probe
 from refusal_lab.search import study as S
@@ -49,6 +58,9 @@ class SearchSetup:
     batch_size: int
     max_new_tokens: int
     methods: tuple[str, ...]
+    markers: tuple[str, ...] = ()  # refusal words: a reply stops once one settles its verdict
+    refusal_ids: tuple[int, ...] = ()  # the model's own refusal openers (the proxy reads them)
+    proxy_margin: float | None = 0.1  # share of prompts the proxy may be off by; None: no proxy
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,7 @@ class TrialResult:
     complied: int
     broken: int
     kl: float
+    predicted_refused: int | None = None  # the proxy's count
 
     @property
     def not_complied(self) -> int:
@@ -64,9 +77,15 @@ class TrialResult:
 
 
 class Pruned(Exception):
-    def __init__(self, kl: float) -> None:
-        super().__init__(f"KL {kl:.3f} above the pruning limit")
-        self.kl = kl
+    """A trial ruled out before generating: by its KL, or by the proxy against a measured trial."""
+
+    def __init__(self, kl: float, predicted: int | None = None, by: int | None = None) -> None:
+        why = f"KL {kl:.3f} above the pruning limit" if by is None else f"dominated by trial {by} (proxy)"
+        super().__init__(why)
+        self.kl, self.predicted, self.by = kl, predicted, by
+
+
+Dominated = Callable[[float, int], "int | None"]  # (KL, predicted refusals) -> a dominating trial, or None
 
 
 def make_setup(
@@ -87,6 +106,11 @@ def make_setup(
     caps = cached_capture(loaded, sets.texts("capability"), "last", s.batch_size, cache_dir=cache)
     if base_logits is None:
         base_logits = last_logits(loaded.model, loaded.tokenizer, eval_harmless, s.batch_size)
+    markers = Source.of(loaded.source).markers
+    ids: tuple[int, ...] = ()
+    if s.search.proxy:  # the model's own refusal openers, from short replies to the probe prompts
+        replies = generate(loaded.model, loaded.tokenizer, sets.texts("harmful"), 8, s.batch_size)
+        ids = tuple(refusal_token_ids(loaded.tokenizer, replies, markers))
     return SearchSetup(
         loaded=loaded,
         probe=probe,
@@ -101,6 +125,9 @@ def make_setup(
         batch_size=s.batch_size,
         max_new_tokens=s.search.max_new_tokens,
         methods=s.search.method_list,
+        markers=markers,
+        refusal_ids=ids,
+        proxy_margin=s.search.proxy_margin if s.search.proxy else None,
     )
 
 
@@ -112,17 +139,35 @@ def build_setup(loaded: Loaded, s: Settings, log: Log) -> SearchSetup:
     return make_setup(loaded, sets, harmful, harmless, s, src.scorer(), log)
 
 
-def evaluate_trial(setup: SearchSetup, ablations: list[Ablation], kl_prune: float | None = None) -> TrialResult:
-    """Labels of the harmful evaluation replies and first-token KL; Pruned when KL alone rules it out."""
+def proxy_refusals(setup: SearchSetup) -> int | None:
+    """Harmful evaluation prompts whose greedy first reply token is a refusal opener (one forward pass)."""
+    if not setup.refusal_ids:
+        return None
+    m = setup.loaded
+    first = last_logits(m.model, m.tokenizer, setup.eval_harmful, setup.batch_size).argmax(-1)
+    return int(torch.isin(first, torch.tensor(setup.refusal_ids)).sum())
+
+
+def evaluate_trial(
+    setup: SearchSetup, ablations: list[Ablation], kl_prune: float | None = None, dominated: Dominated | None = None
+) -> TrialResult:
+    """Labels of the harmful evaluation replies and first-token KL; Pruned when KL or the proxy rules it out."""
     m = setup.loaded
     with hooked(m.adapter, ablations):
         logits = last_logits(m.model, m.tokenizer, setup.eval_harmless, setup.batch_size)
         kl = first_token_kl(setup.base_logits, logits)
         if kl_prune is not None and kl > kl_prune:
             raise Pruned(kl)
-        replies = generate(m.model, m.tokenizer, setup.eval_harmful, setup.max_new_tokens, setup.batch_size)
+        predicted = proxy_refusals(setup) if setup.proxy_margin is not None else None
+        by = dominated(kl, predicted) if dominated is not None and predicted is not None else None
+        if by is not None:
+            raise Pruned(kl, predicted, by)
+        settled = (lambda text: is_refusal(text, setup.markers)) if setup.markers else None
+        replies = generate(
+            m.model, m.tokenizer, setup.eval_harmful, setup.max_new_tokens, setup.batch_size, settled=settled
+        )
     labels = setup.scorer.labels(setup.eval_harmful, replies)
-    return TrialResult(labels.count("refused"), labels.count("complied"), labels.count("broken"), kl)
+    return TrialResult(labels.count("refused"), labels.count("complied"), labels.count("broken"), kl, predicted)
 
 
 def study_meta(setup: SearchSetup) -> dict:
@@ -135,6 +180,8 @@ def study_meta(setup: SearchSetup) -> dict:
         "methods": list(setup.methods),
         "prompts_hash": hashlib.sha256(prompts.encode()).hexdigest()[:16],
         "max_new_tokens": setup.max_new_tokens,
+        # how a trial is measured: a study of full-only trials is not mixed with proxy-pruned ones
+        "fidelity": "full" if setup.proxy_margin is None else f"proxy-v1 margin {setup.proxy_margin}",
     }
 
 
@@ -153,16 +200,30 @@ def trial_objective(setup: SearchSetup, kl_prune: float | None, log: Log) -> Any
     import optuna
 
     n = len(setup.eval_harmful)
+    slack = (setup.proxy_margin or 0.0) * n
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         params = suggest(trial, setup.loaded.adapter.num_layers, setup.methods)
+
+        def dominated(kl: float, predicted: int) -> int | None:
+            """A measured trial with no more KL and fewer not complied than this one's refusals alone."""
+            done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            better = [t for t in done if t.values[1] <= kl and t.values[0] <= predicted - slack]
+            return min(better, key=lambda t: t.values[0]).number if better else None
+
         try:
-            r = evaluate_trial(setup, ablations_for(params, setup), kl_prune)
+            r = evaluate_trial(setup, ablations_for(params, setup), kl_prune, dominated)
         except Pruned as p:
             trial.set_user_attr("kl", p.kl)
+            trial.set_user_attr("pruned_by", "kl" if p.by is None else "proxy")
+            if p.predicted is not None:
+                trial.set_user_attr("proxy_refused", p.predicted)
+            log(f"  trial {trial.number}: {params['method']} pruned, {p}")
             raise optuna.TrialPruned(str(p)) from p
         for key in ("refused", "complied", "broken"):
             trial.set_user_attr(key, getattr(r, key))
+        if r.predicted_refused is not None:
+            trial.set_user_attr("proxy_refused", r.predicted_refused)
         log(
             f"  trial {trial.number}: {params['method']} complied {r.complied}/{n} "
             f"(refused {r.refused}, broken {r.broken}) KL {r.kl:.4f}"
@@ -187,7 +248,40 @@ def run_search(loaded: Loaded, s: Settings, out: Path, log: Log) -> list[dict]:
 
     write_text_atomic(out / "pareto.json", json.dumps(front, indent=1) + "\n")
     write_text_atomic(out / "pareto.svg", front_svg(study, n))
+    proxy = proxy_report(study, setup)
+    write_text_atomic(out / "proxy.json", json.dumps(proxy, indent=1) + "\n")
+    if proxy["measured_with_proxy"]:
+        log(
+            f"proxy: {proxy['pruned_by_proxy']} of {proxy['trials']} trials pruned without generating; on the "
+            f"{proxy['measured_with_proxy']} measured, predicted refusals off by {proxy['mean_abs_error']:.1f} "
+            f"of {n} on average, {proxy['over_predictions']} over-predicted beyond the margin"
+        )
     return front
+
+
+def proxy_report(study: Any, setup: SearchSetup) -> dict:
+    """How the proxy did: trials pruned by it, and its error on the trials measured in full.
+
+    An over-prediction beyond the margin (predicted refusals - margin > measured not complied) is the
+    error that could prune a trial wrongly; it is counted.
+    """
+    import optuna
+
+    TS = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False, states=(TS.COMPLETE, TS.PRUNED))
+    measured = [t for t in trials if t.state == TS.COMPLETE and "proxy_refused" in t.user_attrs]
+    slack = (setup.proxy_margin or 0.0) * len(setup.eval_harmful)
+    errors = [abs(t.user_attrs["proxy_refused"] - t.user_attrs["refused"]) for t in measured]
+    return {
+        "trials": len(trials),
+        "pruned_by_kl": sum(t.user_attrs.get("pruned_by", "kl") == "kl" for t in trials if t.state == TS.PRUNED),
+        "pruned_by_proxy": sum(t.user_attrs.get("pruned_by") == "proxy" for t in trials),
+        "measured_with_proxy": len(measured),
+        "mean_abs_error": sum(errors) / len(errors) if errors else None,
+        "over_predictions": sum(t.user_attrs["proxy_refused"] - slack > t.values[0] for t in measured),
+        "margin": setup.proxy_margin,
+        "refusal_openers": [setup.loaded.tokenizer.decode([i]) for i in setup.refusal_ids],
+    }
 
 
 def front_point(t: Any, n: int) -> dict:
