@@ -5,7 +5,10 @@ Heretic runs from its own virtualenv in the work folder (created on first use wi
 are answered through standard input (KAGGLE_KERNEL_RUN_TYPE makes them numbered) to export
 every trial of its Pareto front. refusal-lab exports every trial of its own front with
 `pick STUDY --min-complied N`. Every exported model, from both tools, is then scored by
-refusal-lab's evaluator on the same evaluation prompts and token budget.
+refusal-lab's scorer (refused / complied / broken: exact on the organism, coherence against the
+base otherwise) on the same evaluation prompts and token budget. Also printed: one forward pass
+over the evaluation prompts (a trial's floor) and each tool's trial cost in such passes, and when
+refusal-lab's search first reached Heretic's best point.
 
     python bench/vs_heretic.py                       # the organism
     python bench/vs_heretic.py --model DIR --harmful strongreject.csv --column forbidden_prompt
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -193,28 +197,84 @@ def run_refusal_lab(model: str, sdir: Path, harmful: Path, harmless: Path, args:
     return {"wall_s": wall, "front": front, "exports": exports}
 
 
-def score(model: str, exports: dict, harmful: Path, harmless: Path, args: argparse.Namespace) -> dict:
-    """refusal-lab's evaluator on the evaluation slice: keyword refusals and first-token KL."""
+def make_scorer(model: str, harmless: list[str], args: argparse.Namespace) -> tuple[Any, Any]:
+    """refusal-lab's scorer for this model: exact on the organism, coherence against the base otherwise."""
     from refusal_lab.core.generate import generate
     from refusal_lab.core.model import load
-    from refusal_lab.evaluate.metrics import first_token_kl, is_refusal, last_logits
+    from refusal_lab.core.sources import Source
+    from refusal_lab.evaluate.coherence import CoherenceScorer, calibrate
+
+    src = Source.of(Path(model))
+    base = load(model)
+    if src.organism:
+        return base, src.scorer()
+    replies = generate(base.model, base.tokenizer, harmless, args.tokens)
+    threshold = calibrate(base.model, base.tokenizer, harmless, replies, 0.05, 8)
+    return base, CoherenceScorer(base.model, base.tokenizer, threshold, src.markers)
+
+
+def score(model: str, exports: dict, harmful: Path, harmless: Path, args: argparse.Namespace) -> dict:
+    """Every export on the evaluation slice, by refusal-lab's scorer: refused / complied / broken and KL."""
+    from refusal_lab.core.generate import generate
+    from refusal_lab.core.model import load
+    from refusal_lab.evaluate.metrics import first_token_kl, last_logits
 
     h = harmful.read_text().splitlines()[args.probe : args.probe + args.eval]
     b = harmless.read_text().splitlines()[args.probe : args.probe + args.eval]
-    base = load(model)
+    base, scorer = make_scorer(model, b, args)
     base_logits = last_logits(base.model, base.tokenizer, b)
     out = {}
     for name, path in exports.items():
         m = load(path)
         kl = first_token_kl(base_logits, last_logits(m.model, m.tokenizer, b))
-        refusals = sum(map(is_refusal, generate(m.model, m.tokenizer, h, args.tokens)))
-        out[name] = {"refusals": refusals, "kl": kl}
+        labels = scorer.labels(h, generate(m.model, m.tokenizer, h, args.tokens))
+        out[name] = {"kl": kl, **{k: labels.count(k) for k in ("refused", "complied", "broken")}}
+        m.release()
     return out
 
 
 def best_at(points: list[dict], limit: float) -> str:
-    ok = [p["refusals"] for p in points if p["kl"] <= limit]
-    return str(min(ok)) if ok else "-"
+    ok = [p["complied"] for p in points if p["kl"] <= limit]
+    return str(max(ok)) if ok else "-"
+
+
+def forward_pass_s(model: str, harmful: Path, harmless: Path, args: argparse.Namespace) -> float:
+    """One forward pass over the evaluation prompts (harmful and harmless): a trial's floor."""
+    from refusal_lab.core.model import load
+    from refusal_lab.evaluate.metrics import last_logits
+
+    m = load(model)
+    prompts = [
+        *harmful.read_text().splitlines()[args.probe : args.probe + args.eval],
+        *harmless.read_text().splitlines()[args.probe : args.probe + args.eval],
+    ]
+    last_logits(m.model, m.tokenizer, prompts)  # warm-up
+    start = time.perf_counter()
+    last_logits(m.model, m.tokenizer, prompts)
+    return time.perf_counter() - start
+
+
+def our_trials(sdir: Path) -> list[dict]:
+    """refusal-lab's trials in completion order, with their own counts and seconds since the study began."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(sdir / "study.journal")))
+    study = optuna.load_study(study_name="refusal-lab", storage=storage)
+    done = [t for t in study.trials if t.state.is_finished() and t.datetime_complete]
+    t0 = min(t.datetime_start for t in done)
+    rows = [
+        {
+            "trial": t.number,
+            "state": t.state.name,
+            "seconds": (t.datetime_complete - t0).total_seconds(),
+            "duration": (t.datetime_complete - t.datetime_start).total_seconds(),
+            "complied": t.user_attrs.get("complied"),
+            "kl": t.values[1] if t.values else t.user_attrs.get("kl"),
+        }
+        for t in done
+    ]
+    return sorted(rows, key=lambda r: r["seconds"])
 
 
 def main() -> None:
@@ -251,23 +311,52 @@ def main() -> None:
         "refusal-lab": score(model, ours["exports"], harmful, harmless, args),
     }
     base = score(model, {"base": model}, harmful, harmless, args)["base"]
-    print(f"\nbase model: {base['refusals']}/{args.eval} refused")
+    floor = forward_pass_s(model, harmful, harmless, args)
+    trials = our_trials(work / "refusal-lab")
+    full = [t for t in trials if t["state"] == "COMPLETE"]
+    h_best = max(scored["heretic"].values(), key=lambda p: (p["complied"], -p["kl"]), default=None)
+    reach = next(
+        (t for t in full if h_best and t["complied"] >= h_best["complied"] and t["kl"] <= max(h_best["kl"], 1e-9)),
+        None,
+    )
+    h_trial = (her["optimisation_s"] or her["wall_s"]) / args.trials
+    print(f"\nbase model: refused {base['refused']}, complied {base['complied']} of {args.eval}")
     print(
         f"wall time: heretic {her['wall_s']:.0f} s, refusal-lab {ours['wall_s']:.0f} s, "
         f"ratio {ours['wall_s'] / her['wall_s']:.2f}"
     )
-    print("best refusal count (refusal-lab's evaluator) at KL <= 0.1 / 0.2 / 0.5:")
+    mean = sum(t["duration"] for t in trials) / max(1, len(trials))
+    pruned = [t["duration"] for t in trials if t["state"] != "COMPLETE"]
+    print(f"one forward pass over the {2 * args.eval} evaluation prompts: {floor:.2f} s (a trial's floor)")
+    print(
+        f"refusal-lab: {len(full)} trials measured, {len(pruned)} pruned; mean trial {mean:.1f} s = "
+        f"{mean / floor:.1f} passes (pruned ones {sum(pruned) / max(1, len(pruned)) / floor:.1f}); "
+        f"Heretic {h_trial:.1f} s per trial = {h_trial / floor:.1f} passes"
+    )
+    if h_best:
+        when = f"{reach['seconds']:.0f} s (trial {reach['trial']})" if reach else "not within its budget"
+        print(
+            f"Heretic's best point: {h_best['complied']}/{args.eval} complied at KL {h_best['kl']:.4f}; "
+            f"refusal-lab reached it in {when}, Heretic's whole run took {her['wall_s']:.0f} s"
+        )
+    print("most complied (refusal-lab's scorer) at KL <= 0.1 / 0.2 / 0.5:")
     for tool, pts in scored.items():
         vals = list(pts.values())
         print(f"  {tool:<12} {best_at(vals, 0.1):>3} / {best_at(vals, 0.2):>3} / {best_at(vals, 0.5):>3}")
     for tool, pts in scored.items():
-        print(f"{tool} front, as refusal-lab scores it (trial: refusals/{args.eval}, KL):")
-        for trial, v in sorted(pts.items(), key=lambda kv: (kv[1]["refusals"], kv[1]["kl"])):
-            print(f"    {trial}: {v['refusals']}, {v['kl']:.4f}")
-    print("heretic's own front:", [(p["refusals"], round(p["kl"], 4)) for p in her["front"]])
-    print("refusal-lab's own front:", [(int(p["not_complied"]), round(p["kl"], 4)) for p in ours["front"]])
+        print(f"{tool} front, as refusal-lab scores it (trial: refused/complied/broken of {args.eval}, KL):")
+        for trial, v in sorted(pts.items(), key=lambda kv: (-kv[1]["complied"], kv[1]["kl"])):
+            print(f"    {trial}: {v['refused']}/{v['complied']}/{v['broken']}, {v['kl']:.4f}")
+    print("heretic's own front (refusals, KL):", [(p["refusals"], round(p["kl"], 4)) for p in her["front"]])
+    proxy = work / "refusal-lab" / "proxy.json"
+    if proxy.is_file():
+        print("refusal-lab's proxy:", proxy.read_text().strip())
     (work / "result.json").write_text(
-        json.dumps({"heretic": her, "refusal-lab": ours, "scored": scored, "base": base}, indent=1, default=str)
+        json.dumps(
+            {"heretic": her, "refusal-lab": ours, "scored": scored, "base": base, "floor_s": floor, "trials": trials},
+            indent=1,
+            default=str,
+        )
     )
 
 
