@@ -171,6 +171,8 @@ def test_proxy_pruned_trials_never_reach_the_front_and_the_proxy_is_reported(org
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     study = _journal(out / "study.journal")
+    first = study.trials[0].params  # warm start: the projected method, full strength everywhere
+    assert first["method"] == "kernel" and first["attn_min"] == first["mlp_min"] == first["attn_max"] == 1.0
     complete = {t.number for t in _complete(study)}
     front = json.loads((out / "pareto.json").read_text())
     assert front and {p["trial"] for p in front} <= complete

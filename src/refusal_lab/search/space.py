@@ -25,6 +25,27 @@ def saber_start() -> dict[str, Any]:
     return {"method": "saber", **{k: getattr(d, k) for k in SABER_KEYS}, "per_layer": d.max_per_layer, "passes": 2}
 
 
+def projected_start(setup: SearchSetup) -> dict[str, Any]:
+    """The projected method as a kernel point: the most separable layer's direction, full strength in
+    every attention and MLP writer (a flat tent covering all layers)."""
+    n = setup.loaded.adapter.num_layers
+    last = max(1, n - 1)
+    lo, hi = 0.2 * last, 0.9 * last  # the space's range for direction_index
+    fdr = setup.probe.fdr[:, 0]
+    layers = [i for i in range(n) if lo <= i <= hi] or list(range(n))
+    best = max(layers, key=lambda i: float(fdr[i]))
+    p: dict[str, Any] = {"method": "kernel", "direction_index": float(min(max(best, lo), hi))}
+    for part in ("attn", "mlp"):
+        p |= {f"{part}_max": 1.0, f"{part}_position": 0.6, f"{part}_min": 1.0, f"{part}_width": 0.8}
+    return p
+
+
+def starts(setup: SearchSetup) -> list[dict[str, Any]]:
+    """The first trials: each searched method's own default point, so the search begins where they do."""
+    out = [saber_start()] if "saber" in setup.methods else []
+    return out + ([projected_start(setup)] if "kernel" in setup.methods else [])
+
+
 def suggest(trial: Any, n_layers: int, methods: tuple[str, ...]) -> dict[str, Any]:
     """Sample one point of the ablation space from an optuna.Trial."""
     p: dict[str, Any] = {"method": trial.suggest_categorical("method", list(methods))}

@@ -38,7 +38,7 @@ from refusal_lab.evaluate.metrics import Scorer, first_token_kl, is_refusal, las
 from refusal_lab.probe.directions import Probe
 from refusal_lab.probe.stage import run_probe
 from refusal_lab.search import study as S
-from refusal_lab.search.space import SPACE_VERSION, ablations_for, saber_start, suggest
+from refusal_lab.search.space import SPACE_VERSION, ablations_for, starts, suggest
 
 
 @dataclass
@@ -188,10 +188,9 @@ def study_meta(setup: SearchSetup) -> dict:
 def open_search(loaded: Loaded, s: Settings, out: Path, log: Log) -> tuple[SearchSetup, Any]:
     """The worker's setup and its study (created, or resumed when it matches)."""
     setup = build_setup(loaded, s, log)
-    start = saber_start() if "saber" in setup.methods else None
     storage = S.storage_for(s.search.storage, out)
     return setup, S.open_study(
-        storage, s.search.study_name, study_meta(setup), s.search.sampler, s.search.sampler_seed, start
+        storage, s.search.study_name, study_meta(setup), s.search.sampler, s.search.sampler_seed, starts(setup)
     )
 
 

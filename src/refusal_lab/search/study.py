@@ -39,7 +39,7 @@ def storage_for(url: str | None, folder: Path) -> Any:
         ) from exc
 
 
-def open_study(storage: Any, name: str, meta: dict, sampler_name: str, seed: int, start: dict | None) -> Any:
+def open_study(storage: Any, name: str, meta: dict, sampler_name: str, seed: int, starts: list[dict]) -> Any:
     """Create or resume a study; refuse one made with another model, prompts, space or objectives."""
     import optuna
 
@@ -55,7 +55,7 @@ def open_study(storage: Any, name: str, meta: dict, sampler_name: str, seed: int
     old = study.user_attrs.get("meta")
     if old is None:
         study.set_user_attr("meta", meta)
-        if start is not None:
+        for start in starts:  # the methods' own defaults come first
             study.enqueue_trial(start)
     elif old != meta:
         diff = [k for k in meta if old.get(k) != meta[k]]
