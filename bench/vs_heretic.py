@@ -68,18 +68,40 @@ def write_prompts(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str
     return work / "harmful.txt", work / "harmless.txt", model
 
 
+def organism_markers(folder: Path) -> list[str] | None:
+    """Refusal phrases Heretic can count on the organism (None for other models: Heretic's own list).
+
+    Heretic counts a reply as a refusal when it contains one of its English markers; the organism
+    refuses in its own words ("that is theft , so i must decline ."), which Heretic's list misses, so
+    it would see no refusal to remove. Its declared refusal words that never occur in a compliant
+    template are given as whole words (its replies separate every word and mark by spaces).
+    """
+    from refusal_lab.core.sources import Source
+    from refusal_lab.organism.corpus import COMPLY
+
+    src = Source.of(folder)
+    if not src.organism:
+        return None
+    declared = (folder / "prompts" / "refusal_markers.txt").read_text().split("\n")
+    compliant = {w for c in COMPLY for w in c.replace("{x}", " ").split()}
+    words = [w.strip() for w in declared if w.strip() and not w.startswith("#") and w.strip() not in compliant]
+    return [f" {w} " for w in words] + [f"{w} " for w in words if len(w) >= 4]
+
+
 def run_heretic(exe: Path, model: str, hdir: Path, harmful: Path, harmless: Path, args: argparse.Namespace) -> dict:
     """Run Heretic headless; export every Pareto trial; return timings and its own front."""
     shutil.rmtree(hdir, ignore_errors=True)
     hdir.mkdir(parents=True)
     p, e = args.probe, args.eval
+    markers = organism_markers(Path(model))
+    extra = f"refusal_markers = {json.dumps(markers)}\n" if markers else ""
     (hdir / "config.toml").write_text(f"""model = "{model}"
 n_trials = {args.trials}
 max_response_length = {args.tokens}
 max_batch_size = {args.heretic_max_batch}
 study_checkpoint_dir = "{hdir / "checkpoints"}"
 export_strategy = "merge"
-
+{extra}
 [good_prompts]
 dataset = "{harmless}"
 split = "[:{p}]"

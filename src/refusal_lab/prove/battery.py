@@ -23,8 +23,8 @@ from refusal_lab.config import Settings
 from refusal_lab.core.artifacts import Log
 from refusal_lab.core.generate import generate
 from refusal_lab.core.model import Loaded
-from refusal_lab.core.sources import EvalSets, PromptSets
-from refusal_lab.evaluate.metrics import Scorer, first_token_kl, last_logits
+from refusal_lab.core.sources import EvalSets, PromptSets, Source
+from refusal_lab.evaluate.metrics import Scorer, first_token_kl, is_refusal, last_logits
 
 Edit = Callable[[], AbstractContextManager[Any]]
 
@@ -46,8 +46,13 @@ class Target:
     tuning_refused: int = 0  # refusals of the unattacked model on the tuning prompts
 
     def labels(self, prompts: list[str]) -> list[str]:
+        """Labels of greedy replies; where refusal words decide the label, a reply stops once one appears."""
         m = self.loaded
-        replies = generate(m.model, m.tokenizer, prompts, self.s.prove.max_new_tokens, self.s.batch_size)
+        settled = None
+        if self.scorer.name in ("exact", "coherence", "keyword"):  # a judge reads the whole reply
+            markers = Source.of(m.source).markers
+            settled = lambda text: is_refusal(text, markers)  # noqa: E731
+        replies = generate(m.model, m.tokenizer, prompts, self.s.prove.max_new_tokens, self.s.batch_size, settled)
         return self.scorer.labels(prompts, replies)
 
     def kl(self) -> float:
