@@ -1,4 +1,8 @@
-"""Shared fixtures: the organism is built once per cache folder (about 2 minutes on 2 cores)."""
+"""Shared fixtures: the organism is built once per cache folder (about 4.7 minutes on 2 cores).
+
+The folder is the one `make demo` and the CLI use (~/.cache/refusal-lab), so a fresh machine trains
+the organism once for both; REFUSAL_LAB_TEST_CACHE points the tests elsewhere.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from refusal_lab.config import default_cache_dir
 
 
 @pytest.fixture(scope="session")
 def organism_dir() -> Path:
     from refusal_lab.organism.build import OrganismConfig, default_organism
 
-    cache = Path(os.environ.get("REFUSAL_LAB_TEST_CACHE", ROOT / ".cache" / "test"))
+    cache = Path(os.environ.get("REFUSAL_LAB_TEST_CACHE", default_cache_dir()))
     return default_organism(cache, OrganismConfig(), log=lambda _m: None)
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from refusal_lab.config import default_cache_dir
 from refusal_lab.ship.gguf import export_gguf, greedy_ids, llama_server
 from tiny_models import tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("REFUSAL_LAB_TEST_CACHE", ROOT / ".cache" / "test"))
+CACHE = Path(os.environ.get("REFUSAL_LAB_TEST_CACHE", default_cache_dir()))
 CLI = [sys.executable, "-m", "refusal_lab.cli"]
 WORDS = "the cat sat on a mat and a dog ran to the red box while birds sang over quiet fields of green grass"
 VOCAB = 320  # 256 byte pieces, the corpus's characters and a few merges
