@@ -42,7 +42,7 @@ def heretic_prompts(model: str, args: argparse.Namespace, work: Path) -> tuple[P
     if args.harmful:
         over["prompts.harmful"] = str(args.harmful)
     s = load_settings(**over)
-    folder = model_path(s)
+    folder = model_path(s).resolve()  # Heretic runs in its own folder
     probe, _ = Source.of(folder).prove_split(s.prompts)
     k = s.prove.tuning_count
     harmful = probe.texts("harmful")
@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "prove_vs_heretic")
     ap.add_argument("prove_args", nargs="*", help="more prove options, after --")
     args = ap.parse_args()
+    args.work = args.work.resolve()  # Heretic runs in its own folder: every path it reads is absolute
     exe = ensure_heretic(ROOT / ".cache" / "vs_heretic" / "heretic-venv")
     rows = []
     for model in args.models:

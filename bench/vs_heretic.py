@@ -56,7 +56,7 @@ def write_prompts(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str
         harmless = [p.prompt for p in probe["harmless"]][: args.probe] + [p.prompt for p in ev["harmless"]][: args.eval]
         model = str(folder)
     else:
-        model = s.model.path
+        model = str(Path(s.model.path).expanduser().resolve())  # Heretic runs in its own folder
         harmful = [p.prompt for p in load_prompts(args.harmful, args.column)][: args.probe + args.eval]
         harmless = [p.prompt for p in builtin_prompts("harmless", "probe")][: args.probe]
         harmless += [p.prompt for p in builtin_prompts("harmless", "eval")][: args.eval]
@@ -311,6 +311,7 @@ def main() -> None:
     ap.add_argument("--heretic-max-batch", type=int, default=32, help="Heretic's batch-size probe stops here")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "vs_heretic")
     args = ap.parse_args()
+    args.work = args.work.resolve()  # Heretic runs in its own folder: every path it reads is absolute
     work = args.work / (Path(args.model).name or "model")
     work.mkdir(parents=True, exist_ok=True)
     exe = ensure_heretic(args.work / "heretic-venv")
