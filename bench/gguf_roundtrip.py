@@ -32,11 +32,10 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     prompts = [p.prompt for p in builtin_prompts("harmless", "eval")][: args.prompts]
-    ids = [
-        list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True))
-        for p in prompts
-    ]
-    ids = [x["input_ids"] if isinstance(x, dict) else x for x in ids]
+    ids = []
+    for p in prompts:
+        x = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_dict=False)
+        ids.append(list(x["input_ids"] if isinstance(x, dict) else x))
     start = time.perf_counter()
     with torch.no_grad():
         hf = [
