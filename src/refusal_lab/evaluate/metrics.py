@@ -75,6 +75,13 @@ class Scorer(Protocol):
     def labels(self, prompts: Sequence[str], replies: Sequence[str]) -> list[str]: ...
 
 
+def settled_by(scorer: Scorer) -> Callable[[str], bool] | None:
+    """For early-stopped generation: where refusal words decide the scorer's label (exact, coherence,
+    keyword), a reply's label is settled once one appears; a judge reads whole replies (None)."""
+    markers = getattr(scorer, "markers", None)
+    return None if markers is None else lambda text: is_refusal(text, markers)
+
+
 @dataclass(frozen=True)
 class KeywordScorer:
     """Refused by markers, else complied: blind to broken replies (how SABER and Heretic count)."""

@@ -23,8 +23,8 @@ from refusal_lab.config import Settings
 from refusal_lab.core.artifacts import Log
 from refusal_lab.core.generate import generate
 from refusal_lab.core.model import Loaded
-from refusal_lab.core.sources import EvalSets, PromptSets, Source
-from refusal_lab.evaluate.metrics import Scorer, first_token_kl, is_refusal, last_logits
+from refusal_lab.core.sources import EvalSets, PromptSets
+from refusal_lab.evaluate.metrics import Scorer, first_token_kl, last_logits, settled_by
 
 Edit = Callable[[], AbstractContextManager[Any]]
 
@@ -47,11 +47,7 @@ class Target:
 
     def labels(self, prompts: list[str]) -> list[str]:
         """Labels of greedy replies; where refusal words decide the label, a reply stops once one appears."""
-        m = self.loaded
-        settled = None
-        if self.scorer.name in ("exact", "coherence", "keyword"):  # a judge reads the whole reply
-            markers = Source.of(m.source).markers
-            settled = lambda text: is_refusal(text, markers)  # noqa: E731
+        m, settled = self.loaded, settled_by(self.scorer)
         replies = generate(m.model, m.tokenizer, prompts, self.s.prove.max_new_tokens, self.s.batch_size, settled)
         return self.scorer.labels(prompts, replies)
 

@@ -34,7 +34,7 @@ from refusal_lab.core.artifacts import SETTINGS_FILE, Log, write_text_atomic
 from refusal_lab.core.generate import generate
 from refusal_lab.core.model import Loaded
 from refusal_lab.core.sources import PromptSets, Source
-from refusal_lab.evaluate.metrics import Scorer, first_token_kl, is_refusal, last_logits, refusal_token_ids
+from refusal_lab.evaluate.metrics import Scorer, first_token_kl, last_logits, refusal_token_ids, settled_by
 from refusal_lab.probe.directions import Probe
 from refusal_lab.probe.stage import run_probe
 from refusal_lab.search import study as S
@@ -58,7 +58,6 @@ class SearchSetup:
     batch_size: int
     max_new_tokens: int
     methods: tuple[str, ...]
-    markers: tuple[str, ...] = ()  # refusal words: a reply stops once one settles its verdict
     refusal_ids: tuple[int, ...] = ()  # the model's own refusal openers (the proxy reads them)
     proxy_margin: float | None = 0.1  # share of prompts the proxy may be off by; None: no proxy
 
@@ -125,7 +124,6 @@ def make_setup(
         batch_size=s.batch_size,
         max_new_tokens=s.search.max_new_tokens,
         methods=s.search.method_list,
-        markers=markers,
         refusal_ids=ids,
         proxy_margin=s.search.proxy_margin if s.search.proxy else None,
     )
@@ -162,7 +160,7 @@ def evaluate_trial(
         by = dominated(kl, predicted) if dominated is not None and predicted is not None else None
         if by is not None:
             raise Pruned(kl, predicted, by)
-        settled = (lambda text: is_refusal(text, setup.markers)) if setup.markers else None
+        settled = settled_by(setup.scorer)
         replies = generate(
             m.model, m.tokenizer, setup.eval_harmful, setup.max_new_tokens, setup.batch_size, settled=settled
         )
