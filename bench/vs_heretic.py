@@ -54,17 +54,24 @@ def write_prompts(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str
         probe, ev = prompt_sets(folder, "probe"), prompt_sets(folder, "eval")
         harmful = [p.prompt for p in probe["harmful"]][: args.probe] + [p.prompt for p in ev["harmful"]][: args.eval]
         harmless = [p.prompt for p in probe["harmless"]][: args.probe] + [p.prompt for p in ev["harmless"]][: args.eval]
+        held = [p.prompt for p in ev["harmful"]][args.eval : args.eval + args.holdout]
+        held_ok = [p.prompt for p in ev["harmless"]][args.eval : args.eval + args.holdout]
         model = str(folder)
     else:
         model = str(Path(s.model.path).expanduser().resolve())  # Heretic runs in its own folder
-        harmful = [p.prompt for p in load_prompts(args.harmful, args.column)][: args.probe + args.eval]
+        rows = [p.prompt for p in load_prompts(args.harmful, args.column)]
+        harmful, held = rows[: args.probe + args.eval], rows[args.probe + args.eval :][: args.holdout]
         harmless = [p.prompt for p in builtin_prompts("harmless", "probe")][: args.probe]
         harmless += [p.prompt for p in builtin_prompts("harmless", "eval")][: args.eval]
+        held_ok = [p.prompt for p in builtin_prompts("harmless", "eval")][args.eval : args.eval + args.holdout]
     for text in harmful + harmless:
         if "\n" in text:
             raise SystemExit("prompts must be single lines for Heretic's text files")
     (work / "harmful.txt").write_text("\n".join(harmful) + "\n")
     (work / "harmless.txt").write_text("\n".join(harmless) + "\n")
+    # prompts neither tool sees while searching: the exported picks are scored on them at the end
+    (work / "holdout_harmful.txt").write_text("\n".join(held) + "\n")
+    (work / "holdout_harmless.txt").write_text("\n".join(held_ok) + "\n")
     return work / "harmful.txt", work / "harmless.txt", model
 
 
@@ -172,13 +179,33 @@ split = "[{p}:{p + e}]"
             buf = ""
     proc.wait()
     log.close()
-    return {
+    run = {
         "wall_s": time.perf_counter() - start,
         "optimisation_s": optimised_s,
         "front": front,
         "exports": {t: str(p) for t, p in exports.items() if (p / "config.json").exists()},
         "rc": proc.returncode,
+        "setting": heretic_setting(model, args),
     }
+    (hdir / "run.json").write_text(json.dumps(run, indent=1))
+    return run
+
+
+def heretic_setting(model: str, args: argparse.Namespace) -> dict:
+    """What a Heretic run depends on: a reused run must match it."""
+    keys = ("trials", "probe", "eval", "tokens", "heretic_max_batch", "harmful", "column")
+    return {"model": model, **{k: str(getattr(args, k)) for k in keys}}
+
+
+def reused_heretic(model: str, hdir: Path, args: argparse.Namespace) -> dict | None:
+    """The last Heretic run in this work folder, when asked for and made with the same setting."""
+    path = hdir / "run.json"
+    if not args.reuse_heretic or not path.is_file():
+        return None
+    run = json.loads(path.read_text())
+    if run.get("setting") != heretic_setting(model, args):
+        raise SystemExit(f"--reuse-heretic: {path} was made with another setting; run without it")
+    return run
 
 
 def run_refusal_lab(model: str, sdir: Path, harmful: Path, harmless: Path, args: argparse.Namespace) -> dict:
@@ -237,12 +264,17 @@ def make_scorer(model: str, harmless: list[str], args: argparse.Namespace) -> tu
 
 def score(model: str, exports: dict, harmful: Path, harmless: Path, args: argparse.Namespace) -> dict:
     """Every export on the evaluation slice, by refusal-lab's scorer: refused / complied / broken and KL."""
+    h = harmful.read_text().splitlines()[args.probe : args.probe + args.eval]
+    b = harmless.read_text().splitlines()[args.probe : args.probe + args.eval]
+    return score_on(model, exports, h, b, args)
+
+
+def score_on(model: str, exports: dict, h: list[str], b: list[str], args: argparse.Namespace) -> dict:
+    """Exports scored on harmful prompts `h` (replies) and harmless prompts `b` (first-token KL)."""
     from refusal_lab.core.generate import generate
     from refusal_lab.core.model import load
     from refusal_lab.evaluate.metrics import first_token_kl, last_logits
 
-    h = harmful.read_text().splitlines()[args.probe : args.probe + args.eval]
-    b = harmless.read_text().splitlines()[args.probe : args.probe + args.eval]
     base, scorer = make_scorer(model, b, args)
     base_logits = last_logits(base.model, base.tokenizer, b)
     out = {}
@@ -253,6 +285,35 @@ def score(model: str, exports: dict, harmful: Path, harmless: Path, args: argpar
         out[name] = {"kl": kl, **{k: labels.count(k) for k in ("refused", "complied", "broken")}}
         m.release()
     return out
+
+
+def held_out(model: str, work: Path, exports: dict, scored: dict, args: argparse.Namespace) -> dict:
+    """Each tool's pick at each KL limit (chosen on the evaluation slice) rescored on prompts neither saw."""
+    h = (work / "holdout_harmful.txt").read_text().splitlines()
+    b = (work / "holdout_harmless.txt").read_text().splitlines()
+    if not h or not b:
+        return {}
+    picks = {tool: {} for tool in scored}
+    for tool, pts in scored.items():
+        for limit in LIMITS:
+            ok = [(v["complied"], -v["kl"], t) for t, v in pts.items() if v["kl"] <= limit]
+            if ok:
+                picks[tool][limit] = max(ok)[2]
+    chosen = {tool: {t: exports[tool][t] for t in set(p.values())} for tool, p in picks.items()}
+    res = {tool: score_on(model, ex, h, b, args) for tool, ex in chosen.items()}
+    base = score_on(model, {"base": model}, h, b, args)["base"]
+    print(
+        f"\nheld-out prompts ({len(h)} harmful, {len(b)} harmless; neither tool saw them): base refused "
+        f"{base['refused']}, complied {base['complied']}"
+    )
+    print("each tool's pick at KL <= 0.1 / 0.2 / 0.5 (chosen on the evaluation slice), complied / held-out KL:")
+    for tool, p in picks.items():
+        cells = [f"{res[tool][p[x]]['complied']:>2} ({res[tool][p[x]]['kl']:.3f})" if x in p else "  -" for x in LIMITS]
+        print(f"  {tool:<12} " + " / ".join(cells))
+    return {"base": base, "picks": {t: {str(k): v for k, v in p.items()} for t, p in picks.items()}, "scored": res}
+
+
+LIMITS = (0.1, 0.2, 0.5)
 
 
 def best_at(points: list[dict], limit: float) -> str:
@@ -308,8 +369,10 @@ def main() -> None:
     ap.add_argument("--probe", type=int, default=48)
     ap.add_argument("--eval", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--holdout", type=int, default=32, help="held-out harmful/harmless prompts for the picks")
     ap.add_argument("--heretic-max-batch", type=int, default=32, help="Heretic's batch-size probe stops here")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "vs_heretic")
+    ap.add_argument("--reuse-heretic", action="store_true", help="reuse the last Heretic run made with this setting")
     args = ap.parse_args()
     args.work = args.work.resolve()  # Heretic runs in its own folder: every path it reads is absolute
     work = args.work / (Path(args.model).name or "model")
@@ -321,7 +384,9 @@ def main() -> None:
         f"{args.tokens}-token replies, {args.trials} trials each",
         flush=True,
     )
-    her = run_heretic(exe, model, work / "heretic", harmful, harmless, args)
+    her = reused_heretic(model, work / "heretic", args) or run_heretic(
+        exe, model, work / "heretic", harmful, harmless, args
+    )
     print(
         f"heretic: {her['wall_s']:.0f} s wall ({her['optimisation_s'] or float('nan'):.0f} s to its front), "
         f"exit {her['rc']}, {len(her['exports'])} front trials exported",
@@ -374,9 +439,18 @@ def main() -> None:
     proxy = work / "refusal-lab" / "proxy.json"
     if proxy.is_file():
         print("refusal-lab's proxy:", proxy.read_text().strip())
+    held = held_out(model, work, {"heretic": her["exports"], "refusal-lab": ours["exports"]}, scored, args)
     (work / "result.json").write_text(
         json.dumps(
-            {"heretic": her, "refusal-lab": ours, "scored": scored, "base": base, "floor_s": floor, "trials": trials},
+            {
+                "heretic": her,
+                "refusal-lab": ours,
+                "scored": scored,
+                "base": base,
+                "floor_s": floor,
+                "trials": trials,
+                "held_out": held,
+            },
             indent=1,
             default=str,
         )

@@ -54,11 +54,9 @@ def choose_ablations(loaded: Loaded, sets: PromptSets, s: Settings, first: Probe
         res = saber(model, tok, adapter, harmful, harmless, capability, s.probe, a.saber, s.batch_size, first, log)
         return AblationChoice(res.ablations, res.as_dict())
     if a.method == "arditi":
-        from refusal_lab.core.generate import generate
-        from refusal_lab.evaluate.metrics import refusal_token_ids
+        from refusal_lab.evaluate.metrics import refusal_openers
 
-        replies = generate(model, tok, harmful, 16, s.batch_size)
-        ids = refusal_token_ids(tok, replies, Source.of(loaded.source).markers)
+        ids = refusal_openers(model, tok, harmful, Source.of(loaded.source).markers, s.batch_size)
         choice = arditi(model, tok, adapter, harmful, harmless, ids, a.arditi, s.batch_size, log)
         record = {k: v for k, v in asdict(choice).items() if k not in ("direction", "table")}
         record |= {"refusal_tokens": tok.convert_ids_to_tokens(ids), "candidates": choice.table}

@@ -1,4 +1,5 @@
-"""Batched chat generation: chat template, left padding, greedy decoding with the KV cache."""
+"""Batched chat generation: chat template, left padding, greedy decoding with the KV cache whose batch
+shrinks as replies finish."""
 
 from __future__ import annotations
 
@@ -93,12 +94,16 @@ def _clean(tok: PreTrainedTokenizerBase, text: str, keep: tuple[str, ...]) -> st
     return text.strip()
 
 
-class Settled:
-    """A stopping rule: a reply stops once `settled(text)` holds for its text so far.
+def _settled_text(words: list[str], settled: Callable[[str], bool]) -> bool:
+    """The last, possibly unfinished word is left out, so a whole-word rule never fires on a prefix."""
+    return len(words) > 1 and settled(" ".join(words[:-1]))
 
-    The last, possibly unfinished word is left out of the text it judges, so a rule that matches
-    whole words never fires on a word's prefix. Replies that stop early are padded while the rest
-    of the batch goes on, and the batch ends as soon as every reply has stopped.
+
+class Settled:
+    """A stopping rule for `model.generate`: a reply stops once `settled(text)` holds for its text so far.
+
+    Used where generation goes through `model.generate` (sampling, or a generation config that
+    reshapes logits); replies that stop there are padded while the rest of the batch goes on.
     """
 
     def __init__(
@@ -112,11 +117,112 @@ class Settled:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: object) -> torch.Tensor:
         texts = self.tok.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=False)
-        done = []
-        for text in texts:
-            words = self.answer(text).split()  # a reasoning block never settles a verdict
-            done.append(len(words) > 1 and self.settled(" ".join(words[:-1])))
+        # a reasoning block never settles a verdict: only the answer is judged
+        done = [_settled_text(self.answer(text).split(), self.settled) for text in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+# generation-config fields that change greedy decoding's logits or its end: any of them set sends
+# decoding through `model.generate`, which applies them.
+_RESHAPING = {
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
+}
+
+
+def plain_greedy(model: PreTrainedModel) -> bool:
+    """True when greedy decoding is argmax and nothing else (no penalties, forced or banned tokens)."""
+    gen = getattr(model, "generation_config", None)
+    return all(getattr(gen, k, neutral) in (neutral, None) for k, neutral in _RESHAPING.items())
+
+
+def greedy_shrinking(
+    model: PreTrainedModel,
+    batch: dict[str, torch.Tensor],
+    max_new_tokens: int,
+    eos: list[int],
+    done: Callable[[list[int]], bool] | None = None,
+) -> list[list[int]]:
+    """Greedy decoding whose batch shrinks as replies finish.
+
+    A row leaves the batch (and its KV cache rows are dropped) at its end-of-reply token or once
+    `done(ids)` holds for its new ids, so the remaining steps cost only the replies still running:
+    `model.generate` keeps finished rows in every step, padded. Returns each row's new ids, its
+    end-of-reply token included, as `model.generate` gives them. Position ids follow the left
+    padding as `model.generate` computes them.
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    n = ids.shape[0]
+    out: list[list[int]] = [[] for _ in range(n)]
+    rows = torch.arange(n, device=ids.device)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    try:
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    except TypeError:  # a model without logits_to_keep
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    cache, last = res.past_key_values, pos[:, -1]
+    stop = torch.tensor(eos, device=ids.device)
+    for step in range(max_new_tokens):
+        nxt = res.logits[:, -1].argmax(-1)
+        ended = torch.isin(nxt, stop)
+        keep = []
+        for j, (r, t, e) in enumerate(zip(rows.tolist(), nxt.tolist(), ended.tolist(), strict=True)):
+            out[r].append(t)
+            if not e and (done is None or not done(out[r])):
+                keep.append(j)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(rows):
+            if not hasattr(cache, "batch_select_indices"):  # a cache that cannot drop rows
+                return _finish_unshrunk(model, batch, out, max_new_tokens, eos, done)
+            idx = torch.tensor(keep, device=ids.device)
+            cache.batch_select_indices(idx)
+            rows, nxt, mask, last = rows[idx], nxt[idx], mask[idx], last[idx]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        last = last + 1
+        res = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=last[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+    return out
+
+
+def _finish_unshrunk(
+    model: PreTrainedModel,
+    batch: dict[str, torch.Tensor],
+    out: list[list[int]],
+    max_new_tokens: int,
+    eos: list[int],
+    done: Callable[[list[int]], bool] | None,
+) -> list[list[int]]:
+    """Fallback for caches without row selection: `model.generate`, rows cut where they end."""
+    pad = eos[0]
+    gen = model.generate(
+        **batch, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+        do_sample=False, temperature=None, top_p=None, top_k=None,
+    )  # fmt: skip
+    rows: list[list[int]] = []
+    for seq in gen[:, batch["input_ids"].shape[1] :].tolist():
+        ids: list[int] = []
+        for t in seq:
+            ids.append(t)
+            if t in eos or (done is not None and done(ids)):
+                break
+        rows.append(ids)
+    return rows
 
 
 @torch.inference_mode()
@@ -143,29 +249,42 @@ def generate_replies(
     markers = think_markers(tok)
     keep = markers or ()
     out: list[Reply] = []
+
+    def answer(text: str) -> str:
+        return split_thinking(_clean(tok, text, keep), markers).answer
+
+    shrink = not sample and plain_greedy(model)
     for start in range(0, len(prompts), batch_size):
         batch = encode(tok, prompts[start : start + batch_size], device)
-        if sample:
-            torch.manual_seed(seed + start)
-        opts = (
-            {"do_sample": True, "temperature": temperature, "top_p": top_p}
-            if sample
-            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        )
-        if settled is not None:
-            from transformers import StoppingCriteriaList
+        if shrink:
+            done = None
+            if settled is not None:
 
-            def answer(text: str) -> str:
-                return split_thinking(_clean(tok, text, keep), markers).answer
+                def done(ids: list[int]) -> bool:
+                    return _settled_text(answer(tok.decode(ids, skip_special_tokens=False)).split(), settled)
 
-            rule = Settled(tok, batch["input_ids"].shape[1], answer, settled)
-            opts["stopping_criteria"] = StoppingCriteriaList([rule])
-        ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos, **opts)
-        new = ids[:, batch["input_ids"].shape[1] :]
-        texts = tok.batch_decode(new, skip_special_tokens=False)
+            texts = [
+                tok.decode(r, skip_special_tokens=False)
+                for r in greedy_shrinking(model, batch, max_new_tokens, eos, done)
+            ]
+        else:
+            if sample:
+                torch.manual_seed(seed + start)
+            opts = (
+                {"do_sample": True, "temperature": temperature, "top_p": top_p}
+                if sample
+                else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            )
+            if settled is not None:
+                from transformers import StoppingCriteriaList
+
+                rule = Settled(tok, batch["input_ids"].shape[1], answer, settled)
+                opts["stopping_criteria"] = StoppingCriteriaList([rule])
+            ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos, **opts)
+            texts = tok.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=False)
         out += [split_thinking(_clean(tok, t, keep), markers) for t in texts]
         if progress is not None:
-            progress(len(new))
+            progress(len(texts))
     return out
 
 

@@ -201,6 +201,23 @@ def refusal_token_ids(
     return sorted(ids)
 
 
+def refusal_openers(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    markers: Sequence[str] = REFUSAL_MARKERS,
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+) -> list[int]:
+    """The model's own refusal openers: first tokens of its short replies to `prompts` that refuse.
+
+    A reply stops once a refusal word appears, which settles both what is kept (its first token)
+    and whether it is kept.
+    """
+    replies = generate(model, tok, prompts, max_new_tokens, batch_size, settled=lambda t: is_refusal(t, markers))
+    return refusal_token_ids(tok, replies, markers)
+
+
 @torch.inference_mode()
 def last_logits(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int = 16

@@ -7,7 +7,7 @@ rows and never counted in the worst case over the directional attacks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -18,13 +18,18 @@ from refusal_lab.ablate.saber import saber
 from refusal_lab.prove.battery import Proposal, Target
 
 
-def delta_mismatch(model: torch.nn.Module, base_state: dict[str, torch.Tensor], what: str = "base") -> str | None:
-    """Why `base_state` cannot be the model's base (or another `what` of it): missing tensors, other shapes."""
+def delta_mismatch(
+    model: torch.nn.Module, base_state: Mapping[str, torch.Tensor | tuple[int, ...]], what: str = "base"
+) -> str | None:
+    """Why `base_state` (tensors, or their shapes) cannot be the model's base (or another `what` of it):
+    missing tensors, other shapes."""
     for name, p in model.named_parameters():
         if name not in base_state:
             return f"the {what} has no tensor {name}"
-        if base_state[name].shape != p.shape:
-            return f"{name} is {tuple(p.shape)} in the model and {tuple(base_state[name].shape)} in the {what}"
+        other = base_state[name]
+        shape = tuple(other.shape) if isinstance(other, torch.Tensor) else tuple(other)
+        if shape != tuple(p.shape):
+            return f"{name} is {tuple(p.shape)} in the model and {shape} in the {what}"
     return None
 
 

@@ -19,9 +19,8 @@ from refusal_lab.ablate.arditi import arditi
 from refusal_lab.ablate.edit import Ablation, hooked
 from refusal_lab.ablate.saber import saber
 from refusal_lab.core.activations import capture
-from refusal_lab.core.generate import generate
 from refusal_lab.core.sources import Source
-from refusal_lab.evaluate.metrics import refusal_token_ids
+from refusal_lab.evaluate.metrics import refusal_openers
 from refusal_lab.probe.directions import fdr, orthonormal_basis, probe_layers, project_out, unit
 from refusal_lab.prove.battery import Edit, Proposal, Target
 
@@ -40,8 +39,7 @@ class ArditiAttack:
     def proposals(self, t: Target) -> Iterator[Proposal]:
         m, s = t.loaded, t.s
         harmful, harmless = t.extraction.texts("harmful"), t.extraction.texts("harmless")
-        replies = generate(m.model, m.tokenizer, harmful, 16, s.batch_size)
-        ids = refusal_token_ids(m.tokenizer, replies, Source.of(m.source).markers)
+        ids = refusal_openers(m.model, m.tokenizer, harmful, Source.of(m.source).markers, s.batch_size)
         choice = arditi(m.model, m.tokenizer, m.adapter, harmful, harmless, ids, s.ablate.arditi, s.batch_size, t.log)
         for a in self.strengths:
             where = {"layer": choice.layer, "position": choice.position, "strength": a}

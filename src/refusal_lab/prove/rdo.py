@@ -16,9 +16,9 @@ import torch
 
 from refusal_lab.ablate.edit import Ablation
 from refusal_lab.core.arch import Adapter, norm_scale
-from refusal_lab.core.generate import encode, generate, tail_logits
+from refusal_lab.core.generate import encode, tail_logits
 from refusal_lab.core.sources import Source
-from refusal_lab.evaluate.metrics import refusal_token_ids
+from refusal_lab.evaluate.metrics import refusal_openers
 from refusal_lab.prove.battery import Proposal, Target
 from refusal_lab.prove.directional import _vectors, hooks
 
@@ -58,7 +58,7 @@ def optimise_direction(t: Target, steps: int, lr: float, batch: int = 16) -> tup
     m = t.loaded
     model, tok, adapter = m.model, m.tokenizer, m.adapter
     harmful, harmless = t.extraction.texts("harmful"), t.extraction.texts("harmless")
-    ids = refusal_token_ids(tok, generate(model, tok, harmful, 16, t.s.batch_size), Source.of(m.source).markers)
+    ids = refusal_openers(model, tok, harmful, Source.of(m.source).markers, t.s.batch_size)
     xh, xb = _vectors(t, [])
     layer = int(((xh.mean(0) - xb.mean(0)).norm(dim=-1)).argmax())
     g = torch.Generator().manual_seed(t.seed)

@@ -34,7 +34,7 @@ from refusal_lab.core.artifacts import SETTINGS_FILE, Log, write_text_atomic
 from refusal_lab.core.generate import generate
 from refusal_lab.core.model import Loaded
 from refusal_lab.core.sources import PromptSets, Source
-from refusal_lab.evaluate.metrics import Scorer, first_token_kl, last_logits, refusal_token_ids, settled_by
+from refusal_lab.evaluate.metrics import Scorer, first_token_kl, last_logits, refusal_openers, settled_by
 from refusal_lab.probe.directions import Probe
 from refusal_lab.probe.stage import run_probe
 from refusal_lab.search import study as S
@@ -108,8 +108,7 @@ def make_setup(
     markers = Source.of(loaded.source).markers
     ids: tuple[int, ...] = ()
     if s.search.proxy:  # the model's own refusal openers, from short replies to the probe prompts
-        replies = generate(loaded.model, loaded.tokenizer, sets.texts("harmful"), 8, s.batch_size)
-        ids = tuple(refusal_token_ids(loaded.tokenizer, replies, markers))
+        ids = tuple(refusal_openers(loaded.model, loaded.tokenizer, sets.texts("harmful"), markers, s.batch_size, 8))
     return SearchSetup(
         loaded=loaded,
         probe=probe,

@@ -1,0 +1,66 @@
+"""Greedy decoding whose batch shrinks as replies finish: the same ids as `model.generate`, fewer rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refusal_lab.core.generate import _finish_unshrunk, greedy_shrinking, plain_greedy
+from tiny_models import FAMILIES, tiny_model
+
+
+def _batch(lengths: list[int], seed: int = 1) -> dict[str, torch.Tensor]:
+    """Left-padded random prompts of different lengths (pad id 0), as `encode` gives them."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n :] = torch.randint(3, 96, (n,), generator=g)
+        mask[i, width - n :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _reference(model, batch, n: int, eos: list[int]) -> list[list[int]]:
+    with torch.no_grad():
+        return _finish_unshrunk(model, batch, [], n, eos, None)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_shrinking_greedy_gives_model_generates_ids(family):
+    model = tiny_model(family)
+    batch = _batch([5, 9, 3, 7])
+    ref = _reference(model, batch, 12, [2])
+    # an end-of-reply id the model does emit, so rows really leave the batch mid-way
+    eos = [ref[1][3]]
+    ref = _reference(model, batch, 12, eos)
+    with torch.no_grad():
+        got = greedy_shrinking(model, batch, 12, eos)
+    assert got == ref
+    assert len({len(r) for r in got}) > 1  # rows ended at different steps
+
+
+def test_rows_leave_the_batch_when_done_and_the_rest_are_unchanged():
+    model = tiny_model("llama")
+    batch = _batch([5, 9, 3, 7])
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda mod, args, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    with torch.no_grad():
+        full = greedy_shrinking(model, batch, 10, [-1])  # an id never generated: no row ends
+        sizes.clear()
+        short = greedy_shrinking(model, batch, 10, [-1], done=lambda ids: len(ids) >= 2 and ids[0] == full[0][0])
+    assert sizes[0] == 4 and sizes[-1] < 4  # the batch shrank
+    assert short[0] == full[0][:2]  # the finished row stopped where its rule held
+    for a, b in zip(short[1:], full[1:], strict=True):
+        assert b[: len(a)] == a  # every row is a prefix of its full reply
+    # the fallback (model.generate, rows cut afterwards) agrees with the shrinking loop
+    rule = lambda ids: len(ids) >= 3  # noqa: E731
+    with torch.no_grad():
+        assert greedy_shrinking(model, batch, 10, [-1], rule) == _finish_unshrunk(model, batch, [], 10, [-1], rule)
+
+
+def test_a_generation_config_that_reshapes_logits_is_not_plain_greedy():
+    model = tiny_model("qwen2")
+    assert plain_greedy(model)
+    model.generation_config.repetition_penalty = 1.1  # as some released instruct models ship
+    assert not plain_greedy(model)
