@@ -20,14 +20,14 @@ CACHE = Path(os.environ.get("REFUSAL_LAB_TEST_CACHE", default_cache_dir()))
 CLI = [sys.executable, "-m", "refusal_lab.cli"]
 WORDS = "the cat sat on a mat and a dog ran to the red box while birds sang over quiet fields of green grass"
 VOCAB = 320  # 256 byte pieces, the corpus's characters and a few merges
+FAMILIES = ("llama", "apertus", "gemma4_text")  # Qwen2 converts as Llama does
 PROMPTS = [[1, 5, 9, 13, 20], [1, 40, 41, 42], [1, 7, 7, 7, 7, 7, 30], [1, 88, 3, 60, 17, 2, 9]]
 
 
-def tiny_folder(family: str, folder: Path) -> Path:
-    """A tiny random model saved as a Hugging Face folder with a SentencePiece vocabulary of its size."""
+def sentencepiece_vocab(folder: Path) -> None:
+    """tokenizer.model: a SentencePiece BPE vocabulary (what Llama-style converters read)."""
     import sentencepiece as spm
 
-    folder.mkdir(parents=True)
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter([WORDS] * 50),
         model_prefix=str(folder / "tokenizer"),
@@ -42,9 +42,48 @@ def tiny_folder(family: str, folder: Path) -> Path:
         minloglevel=2,
     )
     (folder / "tokenizer.vocab").unlink()
+
+
+def llama_bpe_vocab(folder: Path) -> None:
+    """tokenizer.json in Llama's byte-fallback BPE layout (what Gemma's converter reads): specials,
+    256 byte pieces, then pieces and merges learned on the corpus."""
+    from tokenizers import Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+    from transformers import PreTrainedTokenizerFast
+
+    norm = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    trained = Tokenizer(BPE())
+    trained.normalizer = norm
+    trained.train_from_iterator([WORDS] * 20, BpeTrainer(vocab_size=VOCAB - 260, show_progress=False))
+    learned = json.loads(trained.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>"])}
+    vocab |= {f"<0x{b:02X}>": 4 + b for b in range(256)}
+    for piece, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    backend = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = norm
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    backend.decoder = decoders.Sequence(steps)
+    specials = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    PreTrainedTokenizerFast(tokenizer_object=backend, **specials).save_pretrained(folder)
+
+
+def tiny_folder(family: str, folder: Path) -> Path:
+    """A tiny random model saved as a Hugging Face folder with a byte-fallback BPE vocabulary of its size."""
+    folder.mkdir(parents=True)
+    (llama_bpe_vocab if family == "gemma4_text" else sentencepiece_vocab)(folder)
     template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' ' }}{% endfor %}"
-    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template + "assistant: "}))
-    model = tiny_model(family, vocab_size=VOCAB)
+    config = folder / "tokenizer_config.json"
+    settings = json.loads(config.read_text()) if config.is_file() else {}
+    config.write_text(json.dumps(settings | {"chat_template": template + "assistant: "}))
+    extra = {}
+    if family == "gemma4_text":  # E-style: per-layer inputs; the last two layers reuse the first two's KV caches
+        kinds = ["sliding_attention", "full_attention"] * 2
+        extra = {"vocab_size_per_layer_input": VOCAB, "num_hidden_layers": 4, "layer_types": kinds}
+        extra |= {"num_kv_shared_layers": 2}
+    model = tiny_model(family, vocab_size=VOCAB, **extra)
     with torch.no_grad():  # weights exactly representable in f16, so only llama.cpp's arithmetic differs
         for p in model.parameters():
             p.copy_(p.half().float())
@@ -56,13 +95,13 @@ def tiny_folder(family: str, folder: Path) -> Path:
 def exported(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """family -> (model folder, its f16 GGUF), made once per module."""
     tmp, made = tmp_path_factory.mktemp("gguf"), {}
-    for family in ("llama", "apertus"):  # Qwen2 converts as Llama does; Gemma 4's converter wants tokenizer.json
+    for family in FAMILIES:
         folder = tiny_folder(family, tmp / family)
         made[family] = (folder, export_gguf(folder, tmp / f"{family}.gguf", "f16", CACHE))
     return made
 
 
-@pytest.mark.parametrize("family", ["llama", "apertus"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_f16_gguf_decodes_the_same_greedy_tokens_in_llama_cpp(family, exported):
     folder, gguf = exported[family]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
