@@ -117,6 +117,7 @@ def test_a_killed_prove_resumes_from_its_finished_attacks(proved, organism_dir):
     assert "[organism" in run.stderr and "rdo (seed 0)" in run.stderr and "saber (seed 0)" not in run.stderr
     other = _prove(organism_dir, tmp, "p", *_imports(organism_dir, tmp), "--phases", "2")
     assert other.returncode == 2 and "other models or settings" in other.stderr  # --force would start again
+    assert "settings.prove.phases: 3 -> 2" in other.stderr  # the difference is named
 
 
 def test_models_of_two_families_are_refused_by_name():

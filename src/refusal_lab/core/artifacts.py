@@ -81,6 +81,22 @@ def settings_record(s: Settings, with_cache: bool = False) -> dict[str, Any]:
     return data
 
 
+def record_diff(old: Any, new: Any, path: str = "") -> list[str]:
+    """Where two settings records differ, as dotted names: what a refused resume tells the user."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            name = f"{path}.{key}" if path else str(key)
+            if key not in old:
+                out.append(f"{name} (new)")
+            elif key not in new:
+                out.append(f"{name} (gone)")
+            else:
+                out += record_diff(old[key], new[key], name)
+        return out
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
+
+
 def write_replay(folder: Path, s: Settings, command: str) -> None:
     """settings.toml (the effective settings) and reproduce.sh, which runs `command` with them.
 

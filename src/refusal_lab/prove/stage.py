@@ -17,7 +17,7 @@ from typing import Any
 
 from refusal_lab.config import Settings
 from refusal_lab.core.activations import cached_capture
-from refusal_lab.core.artifacts import Log, check_output, manifest, settings_record, write_text_atomic
+from refusal_lab.core.artifacts import Log, check_output, manifest, record_diff, settings_record, write_text_atomic
 from refusal_lab.core.model import Loaded
 from refusal_lab.core.sources import PromptSets, Source, load_model, model_path
 from refusal_lab.errors import UserError
@@ -277,7 +277,11 @@ def run_prove(
     stamp = work / "prove.json"
     if stamp.is_file() and json.loads(stamp.read_text()) != meta:
         if not force:
-            raise UserError(f"{out} holds a prove run with other models or settings", "use a new -o folder, or --force")
+            diff = record_diff(json.loads(stamp.read_text()), meta)
+            shown = "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
+            raise UserError(
+                f"{out} holds a prove run with other models or settings ({shown})", "use a new -o folder, or --force"
+            )
         shutil.rmtree(work)  # --force: start that proof again
         work.mkdir(parents=True)
     write_text_atomic(stamp, json.dumps(meta, indent=1))
