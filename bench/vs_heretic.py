@@ -179,16 +179,13 @@ split = "[{p}:{p + e}]"
             buf = ""
     proc.wait()
     log.close()
-    run = {
+    return {
         "wall_s": time.perf_counter() - start,
         "optimisation_s": optimised_s,
         "front": front,
         "exports": {t: str(p) for t, p in exports.items() if (p / "config.json").exists()},
         "rc": proc.returncode,
-        "setting": heretic_setting(model, args),
     }
-    (hdir / "run.json").write_text(json.dumps(run, indent=1))
-    return run
 
 
 def heretic_setting(model: str, args: argparse.Namespace) -> dict:
@@ -197,14 +194,17 @@ def heretic_setting(model: str, args: argparse.Namespace) -> dict:
     return {"model": model, **{k: str(getattr(args, k)) for k in keys}}
 
 
-def reused_heretic(model: str, hdir: Path, args: argparse.Namespace) -> dict | None:
-    """The last Heretic run in this work folder, when asked for and made with the same setting."""
-    path = hdir / "run.json"
-    if not args.reuse_heretic or not path.is_file():
-        return None
-    run = json.loads(path.read_text())
-    if run.get("setting") != heretic_setting(model, args):
-        raise SystemExit(f"--reuse-heretic: {path} was made with another setting; run without it")
+def heretic_run(exe: Path, model: str, hdir: Path, harmful: Path, harmless: Path, args: argparse.Namespace) -> dict:
+    """Heretic's run for this setting: with --reuse-heretic the last one made with it, else a new one
+    (recorded in run.json for the next --reuse-heretic)."""
+    path, setting = hdir / "run.json", heretic_setting(model, args)
+    if args.reuse_heretic and path.is_file():
+        run = json.loads(path.read_text())
+        if run.get("setting") != setting:
+            raise SystemExit(f"--reuse-heretic: {path} was made with another setting; run without it")
+        return run
+    run = run_heretic(exe, model, hdir, harmful, harmless, args) | {"setting": setting}
+    path.write_text(json.dumps(run, indent=1))
     return run
 
 
@@ -262,28 +262,31 @@ def make_scorer(model: str, harmless: list[str], args: argparse.Namespace) -> tu
     return base, CoherenceScorer(base.model, base.tokenizer, threshold, src.markers)
 
 
-def score(model: str, exports: dict, harmful: Path, harmless: Path, args: argparse.Namespace) -> dict:
+def score(model: str, groups: dict, harmful: Path, harmless: Path, args: argparse.Namespace) -> dict:
     """Every export on the evaluation slice, by refusal-lab's scorer: refused / complied / broken and KL."""
     h = harmful.read_text().splitlines()[args.probe : args.probe + args.eval]
     b = harmless.read_text().splitlines()[args.probe : args.probe + args.eval]
-    return score_on(model, exports, h, b, args)
+    return score_on(model, groups, h, b, args)
 
 
-def score_on(model: str, exports: dict, h: list[str], b: list[str], args: argparse.Namespace) -> dict:
-    """Exports scored on harmful prompts `h` (replies) and harmless prompts `b` (first-token KL)."""
+def score_on(model: str, groups: dict, h: list[str], b: list[str], args: argparse.Namespace) -> dict:
+    """Exports ({group: {name: folder}}) scored on harmful prompts `h` (replies) and harmless prompts
+    `b` (first-token KL), with one scorer and one set of base logits for them all."""
     from refusal_lab.core.generate import generate
     from refusal_lab.core.model import load
     from refusal_lab.evaluate.metrics import first_token_kl, last_logits
 
     base, scorer = make_scorer(model, b, args)
     base_logits = last_logits(base.model, base.tokenizer, b)
-    out = {}
-    for name, path in exports.items():
-        m = load(path)
-        kl = first_token_kl(base_logits, last_logits(m.model, m.tokenizer, b))
-        labels = scorer.labels(h, generate(m.model, m.tokenizer, h, args.tokens))
-        out[name] = {"kl": kl, **{k: labels.count(k) for k in ("refused", "complied", "broken")}}
-        m.release()
+    out: dict = {}
+    for group, exports in groups.items():
+        out[group] = {}
+        for name, path in exports.items():
+            m = load(path)
+            kl = first_token_kl(base_logits, last_logits(m.model, m.tokenizer, b))
+            labels = scorer.labels(h, generate(m.model, m.tokenizer, h, args.tokens))
+            out[group][name] = {"kl": kl, **{k: labels.count(k) for k in ("refused", "complied", "broken")}}
+            m.release()
     return out
 
 
@@ -300,8 +303,8 @@ def held_out(model: str, work: Path, exports: dict, scored: dict, args: argparse
             if ok:
                 picks[tool][limit] = max(ok)[2]
     chosen = {tool: {t: exports[tool][t] for t in set(p.values())} for tool, p in picks.items()}
-    res = {tool: score_on(model, ex, h, b, args) for tool, ex in chosen.items()}
-    base = score_on(model, {"base": model}, h, b, args)["base"]
+    res = score_on(model, {**chosen, "base": {"base": model}}, h, b, args)
+    base = res.pop("base")["base"]
     print(
         f"\nheld-out prompts ({len(h)} harmful, {len(b)} harmless; neither tool saw them): base refused "
         f"{base['refused']}, complied {base['complied']}"
@@ -384,9 +387,7 @@ def main() -> None:
         f"{args.tokens}-token replies, {args.trials} trials each",
         flush=True,
     )
-    her = reused_heretic(model, work / "heretic", args) or run_heretic(
-        exe, model, work / "heretic", harmful, harmless, args
-    )
+    her = heretic_run(exe, model, work / "heretic", harmful, harmless, args)
     print(
         f"heretic: {her['wall_s']:.0f} s wall ({her['optimisation_s'] or float('nan'):.0f} s to its front), "
         f"exit {her['rc']}, {len(her['exports'])} front trials exported",
@@ -394,11 +395,9 @@ def main() -> None:
     )
     ours = run_refusal_lab(model, work / "refusal-lab", harmful, harmless, args)
     print(f"refusal-lab: {ours['wall_s']:.0f} s wall, {len(ours['exports'])} front trials exported", flush=True)
-    scored = {
-        "heretic": score(model, her["exports"], harmful, harmless, args),
-        "refusal-lab": score(model, ours["exports"], harmful, harmless, args),
-    }
-    base = score(model, {"base": model}, harmful, harmless, args)["base"]
+    groups = {"heretic": her["exports"], "refusal-lab": ours["exports"], "base": {"base": model}}
+    scored = score(model, groups, harmful, harmless, args)
+    base = scored.pop("base")["base"]
     floor = forward_pass_s(model, harmful, harmless, args)
     trials = our_trials(work / "refusal-lab")
     full = [t for t in trials if t["state"] == "COMPLETE"]

@@ -23,7 +23,7 @@ def _batch(lengths: list[int], seed: int = 1) -> dict[str, torch.Tensor]:
 
 def _reference(model, batch, n: int, eos: list[int]) -> list[list[int]]:
     with torch.no_grad():
-        return _finish_unshrunk(model, batch, [], n, eos, None)
+        return _finish_unshrunk(model, batch, n, eos, None)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -56,7 +56,7 @@ def test_rows_leave_the_batch_when_done_and_the_rest_are_unchanged():
     # the fallback (model.generate, rows cut afterwards) agrees with the shrinking loop
     rule = lambda ids: len(ids) >= 3  # noqa: E731
     with torch.no_grad():
-        assert greedy_shrinking(model, batch, 10, [-1], rule) == _finish_unshrunk(model, batch, [], 10, [-1], rule)
+        assert greedy_shrinking(model, batch, 10, [-1], rule) == _finish_unshrunk(model, batch, 10, [-1], rule)
 
 
 def test_a_generation_config_that_reshapes_logits_is_not_plain_greedy():

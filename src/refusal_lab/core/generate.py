@@ -67,13 +67,19 @@ def split_thinking(text: str, markers: tuple[str, str] | None) -> Reply:
     return Reply(text.strip())
 
 
-def tail_logits(model: PreTrainedModel, keep: int, **batch: torch.Tensor) -> torch.Tensor:
-    """Logits of the last `keep` positions only: the vocabulary projection of every other position
-    is skipped (for a 150k-word vocabulary that is most of the memory a forward pass needs)."""
+def tail_forward(model: PreTrainedModel, keep: int, **inputs: object) -> object:
+    """A forward pass whose logits cover the last `keep` positions only: the vocabulary projection of
+    every other position is skipped (for a 150k-word vocabulary that is most of the memory a
+    forward pass needs). A model without logits_to_keep computes them all."""
     try:
-        return model(**batch, use_cache=False, logits_to_keep=keep).logits
-    except TypeError:  # a model without logits_to_keep: compute them all, keep the tail
-        return model(**batch, use_cache=False).logits[:, -keep:]
+        return model(**inputs, logits_to_keep=keep)
+    except TypeError:
+        return model(**inputs)
+
+
+def tail_logits(model: PreTrainedModel, keep: int, **batch: torch.Tensor) -> torch.Tensor:
+    """Logits of the last `keep` positions only."""
+    return tail_forward(model, keep, **batch, use_cache=False).logits[:, -keep:]
 
 
 def stop_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> list[int]:
@@ -166,10 +172,7 @@ def greedy_shrinking(
     out: list[list[int]] = [[] for _ in range(n)]
     rows = torch.arange(n, device=ids.device)
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    try:
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    except TypeError:  # a model without logits_to_keep
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    res = tail_forward(model, 1, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     cache, last = res.past_key_values, pos[:, -1]
     stop = torch.tensor(eos, device=ids.device)
     for step in range(max_new_tokens):
@@ -184,7 +187,7 @@ def greedy_shrinking(
             break
         if len(keep) < len(rows):
             if not hasattr(cache, "batch_select_indices"):  # a cache that cannot drop rows
-                return _finish_unshrunk(model, batch, out, max_new_tokens, eos, done)
+                return _finish_unshrunk(model, batch, max_new_tokens, eos, done)
             idx = torch.tensor(keep, device=ids.device)
             cache.batch_select_indices(idx)
             rows, nxt, mask, last = rows[idx], nxt[idx], mask[idx], last[idx]
@@ -203,12 +206,11 @@ def greedy_shrinking(
 def _finish_unshrunk(
     model: PreTrainedModel,
     batch: dict[str, torch.Tensor],
-    out: list[list[int]],
     max_new_tokens: int,
     eos: list[int],
     done: Callable[[list[int]], bool] | None,
 ) -> list[list[int]]:
-    """Fallback for caches without row selection: `model.generate`, rows cut where they end."""
+    """Fallback for caches without row selection: `model.generate` from the start, rows cut where they end."""
     pad = eos[0]
     gen = model.generate(
         **batch, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
