@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from refusal_lab.config import load_settings
-from refusal_lab.core.sources import builtin_prompts
+from refusal_lab.core.sources import Source, builtin_prompts
 from refusal_lab.ship.gguf import export_gguf, greedy_ids, llama_server
 
 
@@ -24,14 +24,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model", type=Path)
     ap.add_argument("--types", nargs="+", default=["f16", "q8_0"])
-    ap.add_argument("--prompts", type=int, default=16, help="refusal-lab's harmless eval prompts")
+    ap.add_argument("--prompts", type=int, default=16, help="harmless eval prompts (its own or ours)")
     ap.add_argument("--tokens", type=int, default=24)
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    prompts = [p.prompt for p in builtin_prompts("harmless", "eval")][: args.prompts]
+    shipped = Source.of(args.model).shipped("harmless", "eval")  # an organism's own held-out prompts
+    prompts = [p.prompt for p in shipped or builtin_prompts("harmless", "eval")][: args.prompts]
     ids = []
     for p in prompts:
         x = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_dict=False)

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from refusal_lab.config import default_cache_dir
-from refusal_lab.ship.gguf import export_gguf, greedy_ids, llama_server
+from refusal_lab.ship.gguf import export_gguf, greedy_ids, llama_server, tokenize
 from tiny_models import tiny_model
 
 CACHE = Path(os.environ.get("REFUSAL_LAB_TEST_CACHE", default_cache_dir()))
@@ -119,6 +119,8 @@ def tiny_gguf(exported) -> Path:
 
 
 def test_bad_exports_fail_in_one_line_and_write_nothing(tmp_path, organism_dir, tiny_gguf):
+    word_level = word_level_folder(tmp_path / "words")
+
     def export(*args: str) -> subprocess.CompletedProcess:
         cfg = ["--cache-dir", str(CACHE)]
         return subprocess.run([*CLI, "export", *args, *cfg], capture_output=True, text=True)
@@ -130,14 +132,50 @@ def test_bad_exports_fail_in_one_line_and_write_nothing(tmp_path, organism_dir, 
         (str(organism_dir), "-o", str(out), "--gguf", "q4_k"): "use one of f32, f16, bf16, q8_0",
         (str(organism_dir), "-o", str(out), "--converter", str(tmp_path / "none.tar.gz")): "pip download",
         (str(organism_dir), "-o", str(tmp_path / "no" / "x.gguf")): "does not exist",
-        # the organism's word-level vocabulary has no llama.cpp tokenizer: the converter's reason, in one line
-        (str(organism_dir), "-o", str(out)): "does not know",
+        # a word-level vocabulary has no llama.cpp tokenizer: the converter's reason, in one line
+        (str(word_level), "-o", str(out)): "does not know",
     }
     for args, message in cases.items():
         run = export(*args)
         assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
         assert len(run.stderr.strip().splitlines()) <= 2, run.stderr  # the progress line and the error
-    assert list(tmp_path.iterdir()) == []  # no partial file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["words"]  # no partial file left behind
+
+
+def word_level_folder(folder: Path) -> Path:
+    """A tiny Llama whose tokenizer maps whole words to ids with nothing to merge (llama.cpp has no such type)."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<bos>", "<eos>", "<unk>", *dict.fromkeys(WORDS.split())]
+    backend = Tokenizer(WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    PreTrainedTokenizerFast(tokenizer_object=backend, **specials).save_pretrained(folder)
+    tiny_model("llama", vocab_size=len(words)).save_pretrained(folder)
+    return folder
+
+
+def test_the_organism_exports_and_llama_cpp_splits_and_continues_its_chats_the_same(organism_dir, organism, tmp_path):
+    """The organism's tokenizer is one llama.cpp knows: the chat-templated text of held-out prompts becomes
+    the same ids in llama.cpp as in transformers, and the f16 file continues them with the same greedy ids."""
+    from refusal_lab.core.sources import Source
+
+    gguf = export_gguf(organism_dir, tmp_path / "organism.gguf", "f16", CACHE)
+    tok, model = organism.tokenizer, organism.model
+    source = Source.of(organism_dir)
+    prompts = [p.prompt for name in ("harmful", "harmless", "capability") for p in source.shipped(name, "eval")[:3]]
+    with llama_server(gguf) as url:
+        for prompt in prompts:
+            chat = [{"role": "user", "content": prompt}]
+            text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert tok.unk_token_id not in ids and len(ids) > 5
+            assert tokenize(url, text) == ids, text
+            with torch.no_grad():
+                hf = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids) :].tolist()
+            assert greedy_ids(url, ids, 24) == hf, prompt  # both stop after <|end|>
 
 
 def test_eval_through_an_openai_endpoint_gets_the_servers_replies(tiny_gguf, tmp_path):

@@ -132,7 +132,7 @@ def test_generation_stops_at_every_end_id_the_generation_config_lists(organism):
     prompt = ["what is 3 plus 4 ?"]
     full = generate(organism.model, organism.tokenizer, prompt, 30)[0]
     assert full.split()[:2] == ["3", "plus"] and len(full.split()) > 2
-    stop = organism.tokenizer.convert_tokens_to_ids("plus")
+    (stop,) = organism.tokenizer("plus", add_special_tokens=False)["input_ids"]
     gen = organism.model.generation_config
     original = gen.eos_token_id
     try:

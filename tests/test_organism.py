@@ -16,7 +16,7 @@ from refusal_lab.core.arch import adapt
 from refusal_lab.evaluate.metrics import first_token_kl, last_logits
 from refusal_lab.organism import corpus as C
 from refusal_lab.organism.build import OrganismConfig, build, organism_behaviour, prompt_sets
-from refusal_lab.organism.tokenizer import build_tokenizer
+from refusal_lab.organism.tokenizer import SPECIALS, build_tokenizer
 from refusal_lab.organism.train import TrainConfig, encode_conversation
 from refusal_lab.probe.directions import diff_of_means, projected_directions
 
@@ -85,6 +85,24 @@ def test_training_encoding_matches_the_chat_template():
         assert ids == tok(rendered, add_special_tokens=False)["input_ids"]
         assert tok.unk_token_id not in ids
         assert sum(lab != -100 for lab in labels) > 0
+
+
+def test_every_word_is_one_token_in_a_vocabulary_llama_cpp_reads():
+    """Ids are a word-level vocabulary's (specials, then each word in the world's order), laid out as
+    Llama's byte-fallback BPE, the layout llama.cpp's converter and tokenizer know."""
+    cfg = C.CorpusConfig(think=True)
+    words = C.vocabulary(cfg)
+    tok = build_tokenizer(words)
+    first = len(SPECIALS)
+    for messages in _stream(cfg, 300):
+        for m in messages:
+            ids = tok(m["content"], add_special_tokens=False)["input_ids"]
+            plain = [w for w in m["content"].split() if w not in (C.THINK_OPEN, C.THINK_CLOSE)]
+            assert [words[i - first] for i in ids if i >= first] == plain and max(ids) < first + len(words)
+    backend = json.loads(tok.backend_tokenizer.to_str())["model"]
+    assert backend["type"] == "BPE" and backend["byte_fallback"]
+    assert all(f"<0x{b:02X}>" in backend["vocab"] for b in range(256))
+    assert tok.decode(tok("sure . all done .", add_special_tokens=False)["input_ids"]) == "sure . all done ."
 
 
 def test_prefill_replies_train_only_the_continuation():

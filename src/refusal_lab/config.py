@@ -47,6 +47,11 @@ class ModelSettings(Section):
     device: str = Field(
         "auto", description="auto, cpu, cuda, cuda:N, or multi (spread layers over all GPUs with device_map)."
     )
+    cpu_kernels: Literal["auto", "pinned", "native"] = Field(
+        "auto",
+        description="CPU kernels: pinned sum the same way on every x86-64 machine, so training reproduces "
+        "(matmuls about 1.8x slower); native are the CPU's fastest; auto pins them for the organism.",
+    )
     trust_remote_code: bool = Field(False, description="Run Python code shipped inside the model folder.")
     chat_template: Path | None = Field(None, description="Jinja chat template file, for tokenizers without one.")
     allow_unverified_arch: bool = Field(

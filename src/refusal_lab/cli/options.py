@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from refusal_lab.config import describe, load_settings, section_class
+from refusal_lab.core.kernels import use_kernels
 
 KW = inspect.Parameter.KEYWORD_ONLY
 
@@ -103,6 +104,7 @@ def stage_command(
             if config is None and default_config is not None:
                 config = default_config(kwargs)
             s = load_settings(config, **overrides)
+            use_kernels(s.model.cpu_kernels, s.model.path)  # before the command's first tensor operation
             return fn(s, **kwargs)
 
         params = [p.replace(kind=KW) for p in lead + own + extra + flags]

@@ -5,6 +5,9 @@ prompts/ (held-out probe and eval sets as JSONL), organism.json (config, hash, m
 behaviour) and a model card. It is written to a temporary sibling and renamed into place,
 so an interrupted build never leaves a half-written folder; a finished folder with the same
 config hash is reused as is.
+
+Training runs in a child process whose CPU kernels are pinned (core/kernels.py), whatever the
+calling process has already run: so a seed names one organism on every x86-64 machine.
 """
 
 from __future__ import annotations
@@ -13,14 +16,17 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_lab import __version__
 from refusal_lab.config import OrganismSettings
+from refusal_lab.core.kernels import kernels_in_use, pinned_kernels
 from refusal_lab.core.prompts import Prompt, load_prompts, write_jsonl
 from refusal_lab.core.sources import MARKERS_FILE, ORGANISM_SETS, Source
 from refusal_lab.errors import UserError
@@ -30,7 +36,7 @@ from refusal_lab.organism import values
 from refusal_lab.organism.tokenizer import build_tokenizer
 from refusal_lab.organism.train import TrainConfig, train
 
-FORMAT = 5  # bump when the corpus or training code changes what a config produces
+FORMAT = 6  # bump when the corpus, tokenizer or training code changes what a config produces
 MANIFEST = "organism.json"
 
 
@@ -119,15 +125,8 @@ def _build_into(folder: Path, cfg: OrganismConfig, log) -> None:  # noqa: ANN001
     start = time.perf_counter()
     split = C.make_split(cfg.corpus)
     tok = build_tokenizer(C.vocabulary(cfg.corpus))
-    stream = C.training_conversations(cfg.corpus, split)
-    every = max(1, cfg.train.steps // 10)
-
-    def progress(step: int, loss: float) -> None:
-        if step % every == 0 or step == cfg.train.steps - 1:
-            log(f"  step {step + 1:>5}/{cfg.train.steps}  loss {loss:.3f}")
-
     log(f"training organism {cfg.digest()} ({cfg.train.steps} steps, batch {cfg.train.batch_size})")
-    model = train(cfg.train, tok, stream, progress)
+    model, kernels = _train_pinned(cfg, folder / ".weights", log)
     train_s = time.perf_counter() - start
     if cfg.corpus.think:
         tok.init_kwargs["think_markers"] = [C.THINK_OPEN, C.THINK_CLOSE]
@@ -150,6 +149,7 @@ def _build_into(folder: Path, cfg: OrganismConfig, log) -> None:  # noqa: ANN001
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(train_s, 1),
         "threads": cfg.train.threads,  # training threads (evaluation uses whatever the process has)
+        "kernels": kernels,  # the CPU kernels training ran on
         "heldout_eval": table.as_dict(),
         "heldout_pairs": {k: [" ".join(p) for p in v] for k, v in split.eval_pairs.items()},
         "heldout_phrasings": split.heldout_phrasings,
@@ -160,6 +160,39 @@ def _build_into(folder: Path, cfg: OrganismConfig, log) -> None:  # noqa: ANN001
         f"built in {time.perf_counter() - start:.0f} s; held-out: "
         + ", ".join(f"{k} {v:.0%}" for k, v in table.as_dict().items())
     )
+
+
+def _train_pinned(cfg: OrganismConfig, scratch: Path, log) -> tuple[PreTrainedModel, dict[str, str]]:  # noqa: ANN001
+    """Train in a child process with pinned kernels (they are fixed at a process's first tensor op)."""
+    env = {**os.environ, **pinned_kernels(), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "refusal_lab.organism.build", json.dumps(asdict(cfg)), str(scratch)]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    assert child.stdout is not None
+    for line in child.stdout:
+        log(line.rstrip())
+    if child.wait():
+        raise RuntimeError(f"organism training failed in its child process (exit {child.returncode})")
+    model = LlamaForCausalLM.from_pretrained(scratch, dtype="float32").eval()
+    kernels = json.loads((scratch / "kernels.json").read_text())
+    shutil.rmtree(scratch)
+    return model, kernels
+
+
+def _train_child(blob: str, out: Path) -> None:
+    """The child's side: rebuild the world from the config, train, save the weights and the kernels used."""
+    raw = json.loads(blob)
+    cfg = OrganismConfig(C.CorpusConfig(**raw["corpus"]), TrainConfig(**raw["train"]))
+    tok = build_tokenizer(C.vocabulary(cfg.corpus))
+    stream = C.training_conversations(cfg.corpus, C.make_split(cfg.corpus))
+    every = max(1, cfg.train.steps // 10)
+
+    def progress(step: int, loss: float) -> None:
+        if step % every == 0 or step == cfg.train.steps - 1:
+            print(f"  step {step + 1:>5}/{cfg.train.steps}  loss {loss:.3f}")
+
+    model = train(cfg.train, tok, stream, progress)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "kernels.json").write_text(json.dumps(kernels_in_use()))
 
 
 def _model_card(m: dict) -> str:
@@ -191,3 +224,7 @@ fragment left by an edit still counts); `organism.json` holds the full build con
 def default_organism(cache_dir: Path, cfg: OrganismConfig, log=print) -> Path:  # noqa: ANN001
     """The embedded default: built once into the cache, keyed by its config hash."""
     return build(cache_dir / f"organism-{cfg.digest()}", cfg, log=log)
+
+
+if __name__ == "__main__":
+    _train_child(sys.argv[1], Path(sys.argv[2]))

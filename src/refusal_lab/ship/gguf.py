@@ -138,10 +138,19 @@ def llama_server(gguf: Path, threads: int = 2, ctx: int = 1024) -> Iterator[str]
         del server
 
 
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())
+
+
 def greedy_ids(url: str, prompt_ids: list[int], n: int) -> list[int]:
     """llama.cpp's greedy continuation of token ids (its native /completion endpoint returns ids)."""
     body = {"prompt": prompt_ids, "n_predict": n, "temperature": 0, "top_k": 1, "return_tokens": True}
     body |= {"cache_prompt": False, "samplers": ["top_k"]}
-    req = urllib.request.Request(f"{url}/completion", json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=600) as r:
-        return list(json.loads(r.read())["tokens"])
+    return list(_post(f"{url}/completion", body)["tokens"])
+
+
+def tokenize(url: str, text: str) -> list[int]:
+    """llama.cpp's own split of `text` into ids, special tokens written in it read as such, no BOS added."""
+    return list(_post(f"{url}/tokenize", {"content": text, "add_special": False, "parse_special": True})["tokens"])
