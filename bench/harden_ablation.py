@@ -29,7 +29,8 @@ VARIANTS = {
     "+aware": {**OFF, "ablation_aware": True},
     "+invariance": {**OFF, "invariance": 1.0},
     "+matching": {**OFF, "matching": 0.1},
-    "default": {},  # ablation-aware + invariance (the stage's defaults)
+    "default": {},  # ablation-aware (harmful and harmless examples) + invariance: the stage's defaults
+    "default-aware-harmful-only": {"aware_harmless": False},
     "default-no-stage1": {"stage1_tokens": 0},
     "all": {"matching": 0.1, "extended_refusals": True},
 }

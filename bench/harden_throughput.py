@@ -24,6 +24,7 @@ from refusal_lab.harden.train import Trainer, make_plan
 CONFIGS = {
     "plain stage 2": {"ablation_aware": False, "invariance": 0.0, "matching": 0.0},
     "+ ablation-aware": {"ablation_aware": True, "invariance": 0.0, "matching": 0.0},
+    "+ aware, harmful only": {"ablation_aware": True, "aware_harmless": False, "invariance": 0.0, "matching": 0.0},
     "+ invariance": {"ablation_aware": False, "invariance": 1.0, "matching": 0.0},
     "+ matching": {"ablation_aware": False, "invariance": 0.0, "matching": 0.1},
     "all three": {"ablation_aware": True, "invariance": 1.0, "matching": 0.1},

@@ -165,8 +165,11 @@ def test_harden_writes_a_loadable_folder_and_resumes_after_kill_9(organism_dir, 
     assert whole.returncode == 0, whole.stderr
     manifest = json.loads((tmp_path / "whole" / "harden.json").read_text())
     assert manifest["method"] == "harden" and manifest["steps"] > 6 and manifest["data"]["spec_blocks"] >= 1
-    seen = {k for row in json.loads((tmp_path / "whole" / "history.json").read_text()) for k in row}
+    history = json.loads((tmp_path / "whole" / "history.json").read_text())
+    seen = {k for row in history for k in row}
     assert {"spec", "sft", "retain", "aware", "invariance", "matching"} <= seen  # every switched-on term ran
+    # ablation-aware rows: the harmless ones too (--aware-harmless, the default), not the harmful ones alone
+    assert any(row["aware_rows"] > row["harmful_rows"] for row in history if "aware_rows" in row)
     hardened = AutoModelForCausalLM.from_pretrained(tmp_path / "whole")
     base = AutoModelForCausalLM.from_pretrained(organism_dir)
     changed = [n for n, p in hardened.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]

@@ -13,9 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from refusal_lab.ablate.edit import orthogonalize
 from refusal_lab.core.activations import residual_at_position
 from refusal_lab.core.arch import adapt
+from refusal_lab.core.kernels import pinned_kernels
 from refusal_lab.evaluate.metrics import first_token_kl, last_logits
 from refusal_lab.organism import corpus as C
-from refusal_lab.organism.build import OrganismConfig, build, organism_behaviour, prompt_sets
+from refusal_lab.organism.build import OrganismConfig, build, organism_behaviour, prompt_sets, weights_digest
 from refusal_lab.organism.tokenizer import SPECIALS, build_tokenizer
 from refusal_lab.organism.train import TrainConfig, encode_conversation
 from refusal_lab.probe.directions import diff_of_means, projected_directions
@@ -132,6 +133,10 @@ def test_tiny_build_is_deterministic_and_cached(tmp_path):
     a = build(tmp_path / "a", cfg, log=lambda _m: None)
     b = build(tmp_path / "b", cfg, log=lambda _m: None)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    manifest = json.loads((a / "organism.json").read_text())  # trained on the pinned kernels, whatever ran here
+    assert manifest["kernels"]["mkl_cbwr"] == pinned_kernels().get("MKL_CBWR", "native")
+    assert manifest["kernels"]["aten"] == ("AVX2" if pinned_kernels() else manifest["kernels"]["aten"])
+    assert manifest["weights"] == weights_digest(AutoModelForCausalLM.from_pretrained(a))
     stamp = (a / "model.safetensors").stat().st_mtime_ns
     messages: list[str] = []
     build(tmp_path / "a", cfg, log=messages.append)  # same config: reused, not retrained

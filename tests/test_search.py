@@ -153,7 +153,7 @@ def test_early_stopped_replies_keep_every_label_and_end_refusing_batches_early(o
     edit = saber(m.model, m.tokenizer, m.adapter, *texts, ProbeSettings(), SaberSettings()).ablations
     scorer = src.scorer()
     seen = set()
-    for ablations in ([], edit):  # the base refuses everything; SABER's edit mixes outcomes
+    for ablations in ([], edit):  # the base refuses everything; SABER's edit makes most comply
         with hooked(m.adapter, ablations):
             full = generate(m.model, m.tokenizer, harmful, 24)
             short = generate(m.model, m.tokenizer, harmful, 24, settled=lambda t: is_refusal(t, src.markers))
@@ -161,7 +161,8 @@ def test_early_stopped_replies_keep_every_label_and_end_refusing_batches_early(o
         assert scorer.labels(harmful, short) == labels
         seen |= set(labels)
         refused = [i for i, x in enumerate(labels) if x == "refused"]
-        assert sum(len(short[i].split()) for i in refused) < sum(len(full[i].split()) for i in refused)
+        if refused:  # always for the base; the edit may leave none
+            assert sum(len(short[i].split()) for i in refused) < sum(len(full[i].split()) for i in refused)
     assert {"refused", "complied"} <= seen  # both kinds of reply were compared
 
 

@@ -276,6 +276,11 @@ class HardenSettings(Section):
     reestimate_every: int = Field(20, ge=1, description="Harden: steps between refusal-subspace estimates.")
     aware_directions: int = Field(4, ge=1, description="Harden: directions per layer in the estimated subspace.")
     full_ablation: float = Field(0.3, ge=0, le=1, description="Harden: share of ablated steps that ablate everything.")
+    aware_harmless: bool = Field(
+        True,
+        description="Harden: ablate on harmless examples too, their helpful replies still asked for, so "
+        "refusing whatever names a person is not how the model learns to refuse without its directions.",
+    )
     invariance: float = Field(1.0, ge=0, description="Harden: weight of the output invariance to the ablation.")
     invariance_margin: float = Field(
         1.0, ge=0, description="Harden: the refusal's first token keeps log-prob above -this."

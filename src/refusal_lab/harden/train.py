@@ -218,9 +218,11 @@ class Trainer:
                 self.reestimate()
             sub = {k: v[harmful] for k, v in batch.items()}
             if cfg.ablation_aware:
-                with self.ablation(sub, self.rng.random() < cfg.full_ablation):
-                    aware = self.model(**sub).loss
+                rows_aware = batch if cfg.aware_harmless else sub
+                with self.ablation(rows_aware, self.rng.random() < cfg.full_ablation):
+                    aware = self.model(**rows_aware).loss
                 loss, parts["aware"] = loss + aware, aware.item()
+                parts["aware_rows"], parts["harmful_rows"] = len(rows_aware["input_ids"]), int(harmful.sum())
             if cfg.invariance > 0:
                 with self.ablation(sub, True):
                     ablated = self.model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"]).logits

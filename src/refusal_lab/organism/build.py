@@ -150,6 +150,7 @@ def _build_into(folder: Path, cfg: OrganismConfig, log) -> None:  # noqa: ANN001
         "train_seconds": round(train_s, 1),
         "threads": cfg.train.threads,  # training threads (evaluation uses whatever the process has)
         "kernels": kernels,  # the CPU kernels training ran on
+        "weights": weights_digest(model),  # equal digests: the same organism, whatever machine built it
         "heldout_eval": table.as_dict(),
         "heldout_pairs": {k: [" ".join(p) for p in v] for k, v in split.eval_pairs.items()},
         "heldout_phrasings": split.heldout_phrasings,
@@ -157,9 +158,18 @@ def _build_into(folder: Path, cfg: OrganismConfig, log) -> None:  # noqa: ANN001
     (folder / "README.md").write_text(_model_card(manifest))
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # written last: marks completion
     log(
-        f"built in {time.perf_counter() - start:.0f} s; held-out: "
+        f"built in {time.perf_counter() - start:.0f} s (weights {manifest['weights']}); held-out: "
         + ", ".join(f"{k} {v:.0%}" for k, v in table.as_dict().items())
     )
+
+
+def weights_digest(model: PreTrainedModel) -> str:
+    """A digest of every tensor's bytes in name order (not of the file, whose metadata may vary)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _train_pinned(cfg: OrganismConfig, scratch: Path, log) -> tuple[PreTrainedModel, dict[str, str]]:  # noqa: ANN001
