@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from refusal_lab.config import load_settings
+from refusal_lab.core.kernels import use_kernels
 from refusal_lab.core.sources import load_model, model_path
 from refusal_lab.harden.stage import run_harden
 from refusal_lab.prove.stage import run_prove
@@ -67,6 +68,7 @@ def main() -> None:
     table: dict[str, list[str]] = {}
     for seed in args.seeds:
         s = load_settings(**{"organism.seed": seed, "prove.attacks": ATTACKS, "eval.escalation": "none"})
+        use_kernels(s.model.cpu_kernels, s.model.path)  # the organism's: pinned, as the CLI would
         base = str(model_path(s, "organism"))
         start = time.perf_counter()
         base_res = run_prove([base], s, None, args.out / f"seed{seed}" / "prove-base", True, quiet)["models"][0]
