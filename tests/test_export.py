@@ -162,7 +162,9 @@ def test_the_organism_exports_and_llama_cpp_splits_and_continues_its_chats_the_s
     the same ids in llama.cpp as in transformers, and the f16 file continues them with the same greedy ids."""
     from refusal_lab.core.sources import Source
 
-    gguf = export_gguf(organism_dir, tmp_path / "organism.gguf", "f16", CACHE)
+    gguf = tmp_path / "organism.gguf"  # by name, as every command takes it
+    run = subprocess.run([*CLI, "export", "organism", "-o", str(gguf), "--cache-dir", str(CACHE)], capture_output=True)
+    assert run.returncode == 0 and gguf.stat().st_size > 0, run.stderr
     tok, model = organism.tokenizer, organism.model
     source = Source.of(organism_dir)
     prompts = [p.prompt for name in ("harmful", "harmless", "capability") for p in source.shipped(name, "eval")[:3]]

@@ -15,7 +15,9 @@ from refusal_lab.config import Settings
 @stage_command(app, "export", sections=("",))
 def export(
     s: Settings,
-    model: Annotated[Path, typer.Argument(help="A Hugging Face model folder (an ablated or hardened one).")],
+    model: Annotated[
+        str, typer.Argument(help="A Hugging Face model folder (an ablated or hardened one), or 'organism'.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="The GGUF file to write.")],
     gguf: Annotated[str, typer.Option("--gguf", help="Weight type: f16, bf16, q8_0 or f32.")] = "f16",
     converter: Annotated[
@@ -24,8 +26,9 @@ def export(
     ] = None,
 ) -> None:
     """Write MODEL as a GGUF file that llama.cpp (and tools built on it) loads."""
+    from refusal_lab.core.sources import model_path
     from refusal_lab.ship.gguf import export_gguf
 
     say(f"converting {model} to {gguf} with llama.cpp's convert_hf_to_gguf.py")
-    path = export_gguf(model, out, gguf, s.cache_dir, converter)
+    path = export_gguf(model_path(s, model), out, gguf, s.cache_dir, converter)
     typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
