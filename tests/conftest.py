@@ -1,7 +1,9 @@
-"""Shared fixtures: the organism is built once per cache folder (about 4.7 minutes on 2 cores).
+"""Shared fixtures: the organism is built once per cache folder (about 7.3 minutes on 2 cores).
 
 The folder is the one `make demo` and the CLI use (~/.cache/refusal-lab), so a fresh machine trains
-the organism once for both; REFUSAL_LAB_TEST_CACHE points the tests elsewhere.
+the organism once for both; REFUSAL_LAB_TEST_CACHE points the tests elsewhere. The run ends by
+printing the organism's weights digest and kernels, so a run on another machine (CI) shows whether it
+built the same organism as the README's figures (they are not asserted: another CPU may differ).
 """
 
 from __future__ import annotations
@@ -27,3 +29,13 @@ def organism(organism_dir: Path):
     from refusal_lab.core.model import load
 
     return load(organism_dir, dtype="float32", device="cpu")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    import json
+
+    cache = Path(os.environ.get("REFUSAL_LAB_TEST_CACHE", default_cache_dir()))
+    for manifest in sorted(cache.glob("organism-*/organism.json")):
+        m = json.loads(manifest.read_text())
+        seed, kernels = m["config"]["corpus"]["seed"], m.get("kernels")
+        terminalreporter.write_line(f"organism seed {seed} {m['config_hash']}: weights {m.get('weights')}, {kernels}")
