@@ -21,6 +21,7 @@ CLI = [sys.executable, "-m", "refusal_lab.cli"]
 WORDS = "the cat sat on a mat and a dog ran to the red box while birds sang over quiet fields of green grass"
 VOCAB = 320  # 256 byte pieces, the corpus's characters and a few merges
 FAMILIES = ("llama", "apertus", "gemma4_text")  # Qwen2 converts as Llama does
+SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}
 PROMPTS = [[1, 5, 9, 13, 20], [1, 40, 41, 42], [1, 7, 7, 7, 7, 7, 30], [1, 88, 3, 60, 17, 2, 9]]
 
 
@@ -66,8 +67,7 @@ def llama_bpe_vocab(folder: Path) -> None:
     backend.normalizer = norm
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     backend.decoder = decoders.Sequence(steps)
-    specials = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}
-    PreTrainedTokenizerFast(tokenizer_object=backend, **specials).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS).save_pretrained(folder)
 
 
 def tiny_folder(family: str, folder: Path) -> Path:
@@ -151,8 +151,7 @@ def word_level_folder(folder: Path) -> Path:
     words = ["<pad>", "<bos>", "<eos>", "<unk>", *dict.fromkeys(WORDS.split())]
     backend = Tokenizer(WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}
-    PreTrainedTokenizerFast(tokenizer_object=backend, **specials).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS).save_pretrained(folder)
     tiny_model("llama", vocab_size=len(words)).save_pretrained(folder)
     return folder
 
