@@ -14,11 +14,13 @@ For each seed (held-out eval split, greedy, 40 new tokens, as organism_behaviour
 Columns: harmful refused (the organism's own refusal words plus the generic markers), harmful
 complied (the compliant template for this very request), broken (neither: fragments, wrong
 template, garbage), harmless refused, harmless complied, capability, recognition, first-token
-KL on harmless eval prompts. Organisms not yet in the cache are trained first. Usage:
+KL on harmless eval prompts. Organisms not yet in the cache are built first (seed 0 from the
+shipped weights unless --no-prebuilt; the others are trained here). Usage:
 
     python bench/organism_seeds.py --seeds 0 1 2 3 4
     python bench/organism_seeds.py --seeds 1 --steps 1400
     python bench/organism_seeds.py --threads 1   # build on one thread (a shared machine); another organism
+    python bench/organism_seeds.py --seeds 0 --no-prebuilt --cache-dir /tmp/c   # train seed 0 here too
 """
 
 from __future__ import annotations
@@ -82,8 +84,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the organism's)")
     ap.add_argument("--threads", type=int, default=None, help="training threads (default: the organism's)")
     ap.add_argument("--all-layers", action="store_true", help="print the single-direction row of every layer")
+    ap.add_argument("--no-prebuilt", dest="prebuilt", action="store_false", help="train seed 0 here too")
+    ap.add_argument("--cache-dir", type=Path, help="where organisms are cached (default: refusal-lab's)")
     args = ap.parse_args()
-    s = load_settings()
+    s = load_settings(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
     print("| organism / method | " + " | ".join(COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 1) + "|")
     for seed in args.seeds:
@@ -92,7 +96,7 @@ def main() -> None:
         cfg = organism_config(s.organism.model_copy(update=settings))
         if args.threads:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=args.threads))
-        folder = default_organism(s.cache_dir, cfg, log=lambda _m: None)
+        folder = default_organism(s.cache_dir, cfg, log=print, prebuilt=args.prebuilt)
         built = time.perf_counter() - start
         m = load(folder, "float32", "cpu")
         a = adapt(m.model)
@@ -128,7 +132,8 @@ def main() -> None:
         print(row(f"seed {seed} oracle (L{layer})", scored(m, oracle, [], base_logits)))
         manifest = json.loads((folder / "organism.json").read_text())
         print(
-            f"  (seed {seed}: {folder.name}, trained in {manifest['train_seconds']} s on {manifest['threads']} threads;"
+            f"  (seed {seed}: {folder.name}, weights {manifest['weights']} {manifest.get('weights_source', 'trained')},"
+            f" trained in {manifest['train_seconds']} s on {manifest['threads']} threads;"
             f" build {built:.0f} s, table {time.perf_counter() - start - built:.0f} s)",
             flush=True,
         )

@@ -1,9 +1,8 @@
-"""Shared fixtures: the organism is built once per cache folder (about 7.3 minutes on 2 cores).
+"""Shared fixtures: the organism is built once per cache folder (from its shipped weights: seconds).
 
-The folder is the one `make demo` and the CLI use (~/.cache/refusal-lab), so a fresh machine trains
+The folder is the one `make demo` and the CLI use (~/.cache/refusal-lab), so a fresh machine builds
 the organism once for both; REFUSAL_LAB_TEST_CACHE points the tests elsewhere. The run ends by
-printing the organism's weights digest and kernels, so a run on another machine (CI) shows whether it
-built the same organism as the README's figures (they are not asserted: another CPU may differ).
+printing each cached organism's weights digest, kernels and source (shipped or trained here).
 """
 
 from __future__ import annotations
@@ -38,4 +37,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for manifest in sorted(cache.glob("organism-*/organism.json")):
         m = json.loads(manifest.read_text())
         seed, kernels = m["config"]["corpus"]["seed"], m.get("kernels")
-        terminalreporter.write_line(f"organism seed {seed} {m['config_hash']}: weights {m.get('weights')}, {kernels}")
+        source = m.get("weights_source", "trained")
+        terminalreporter.write_line(
+            f"organism seed {seed} {m['config_hash']}: weights {m.get('weights')} ({source}), {kernels}"
+        )

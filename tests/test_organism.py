@@ -14,7 +14,9 @@ from refusal_lab.ablate.edit import orthogonalize
 from refusal_lab.core.activations import residual_at_position
 from refusal_lab.core.arch import adapt
 from refusal_lab.core.kernels import pinned_kernels
+from refusal_lab.errors import UserError
 from refusal_lab.evaluate.metrics import first_token_kl, last_logits
+from refusal_lab.organism import build as B
 from refusal_lab.organism import corpus as C
 from refusal_lab.organism.build import OrganismConfig, build, organism_behaviour, prompt_sets, weights_digest
 from refusal_lab.organism.tokenizer import SPECIALS, build_tokenizer
@@ -143,6 +145,32 @@ def test_tiny_build_is_deterministic_and_cached(tmp_path):
     build(tmp_path / "a", cfg, log=messages.append)  # same config: reused, not retrained
     assert (a / "model.safetensors").stat().st_mtime_ns == stamp and "reusing" in messages[0]
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_default_organism_ships_its_weights_and_refuses_a_changed_copy(tmp_path, monkeypatch):
+    cfg = OrganismConfig()
+    record = B.shipped_record(cfg)
+    assert record is not None and record["kernels"]["aten"] == "AVX2"  # trained on pinned kernels
+    messages: list[str] = []
+    folder = build(tmp_path / "shipped", cfg, log=messages.append)
+    manifest = json.loads((folder / "organism.json").read_text())
+    assert manifest["weights_source"] == "shipped" and "no training" in messages[0]
+    assert manifest["weights"] == record["weights"] == weights_digest(AutoModelForCausalLM.from_pretrained(folder))
+    assert manifest["heldout_eval"]["harmful_refusal"] >= 0.9  # the organism, not an untrained model
+    shipped = B.PREBUILT / f"{cfg.digest()}.safetensors"
+    fake = tmp_path / "prebuilt"
+    fake.mkdir()
+    (fake / "index.json").write_bytes((B.PREBUILT / "index.json").read_bytes())
+    raw = bytearray(shipped.read_bytes())
+    raw[-1] ^= 1  # one bit of the last tensor
+    (fake / shipped.name).write_bytes(bytes(raw))
+    monkeypatch.setattr(B, "PREBUILT", fake)
+    with pytest.raises(UserError, match="do not match their digest") as e:
+        build(tmp_path / "changed", cfg, log=lambda _m: None)
+    assert "--no-prebuilt" in str(e.value)
+    assert not (tmp_path / "changed").exists() and not list(tmp_path.glob(".*tmp*"))
+    no_record = OrganismConfig(train=TrainConfig(steps=3, batch_size=4, hidden_size=16, num_layers=1, num_heads=2))
+    assert B.shipped_record(no_record) is None  # other configs train
 
 
 def test_saved_folder_loads_with_plain_transformers(organism_dir):

@@ -65,7 +65,7 @@ class ModelSettings(Section):
 
 
 class OrganismSettings(Section):
-    """How the embedded default model organism is built (all of it is part of its cache key)."""
+    """How the embedded default model organism is built (all but `prebuilt` is part of its cache key)."""
 
     seed: int = Field(0, description="Seed for the organism's corpus, split and initial weights.")
     steps: int = Field(900, ge=1, description="Organism training steps.")
@@ -73,6 +73,11 @@ class OrganismSettings(Section):
     hidden_size: int = Field(192, ge=8, description="Width of the organism's residual stream (its MLP is 3x).")
     num_layers: int = Field(4, ge=1, description="Decoder layers of the organism.")
     think: bool = Field(False, description="Train the organism with think traces (<think> ... </think>).")
+    prebuilt: bool = Field(
+        True,
+        description="Use the organism weights shipped with refusal-lab when the config has some (checked "
+        "against their digest); false trains them on this machine (pinned kernels, about 7 minutes).",
+    )
 
 
 class PromptSettings(Section):

@@ -18,11 +18,11 @@ def organism_build(
     out: Annotated[Path, typer.Argument(help="Folder to write the model to (created; never merged into).")],
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it holds something else.")] = False,
 ) -> None:
-    """Train the organism from scratch and save it as a Hugging Face folder (reused if already built)."""
+    """Save the organism as a Hugging Face folder (shipped weights, or trained here with --no-prebuilt)."""
     from refusal_lab.organism.build import build, organism_config
 
     quiet()
-    build(out, organism_config(s.organism), force=force, log=say)
+    build(out, organism_config(s.organism), force=force, log=say, prebuilt=s.organism.prebuilt)
     typer.echo(str(out))
 
 

@@ -65,7 +65,10 @@ def model_path(s: Settings, name: str | None = None) -> Path:
     from refusal_lab.organism.build import default_organism, organism_config
 
     return default_organism(
-        s.cache_dir, organism_config(s.organism), log=lambda m: print(m, file=sys.stderr, flush=True)
+        s.cache_dir,
+        organism_config(s.organism),
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+        prebuilt=s.organism.prebuilt,
     )
 
 

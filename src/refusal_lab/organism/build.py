@@ -7,7 +7,10 @@ so an interrupted build never leaves a half-written folder; a finished folder wi
 config hash is reused as is.
 
 Training runs in a child process whose CPU kernels are pinned (core/kernels.py), whatever the
-calling process has already run: so a seed names one organism on every x86-64 machine.
+calling process has already run: so a seed names one organism on every x86-64 machine. The default
+organism's weights also ship with refusal-lab (prebuilt/, trained that way, checked against their
+digest when loaded): a fresh machine gets the README's organism in seconds, and `--no-prebuilt`
+trains it here instead, saying whether it came out the same.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ from refusal_lab.evaluate.metrics import Behaviour, Scorer, behaviour
 from refusal_lab.organism import corpus as C
 from refusal_lab.organism import values
 from refusal_lab.organism.tokenizer import build_tokenizer
-from refusal_lab.organism.train import TrainConfig, train
+from refusal_lab.organism.train import TrainConfig, make_model, train
 
 FORMAT = 6  # bump when the corpus, tokenizer or training code changes what a config produces
 MANIFEST = "organism.json"
+PREBUILT = Path(__file__).parent / "prebuilt"  # {config hash}.safetensors + index.json (their digests)
+FIX = "reinstall refusal-lab, or pass --no-prebuilt to train the organism on this machine"
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,9 @@ def organism_behaviour(
     return behaviour(model, tok, prompt_sets(folder, split), scorer or Source(folder).scorer())
 
 
-def build(out: Path, cfg: OrganismConfig, force: bool = False, log=print) -> Path:  # noqa: ANN001
-    """Train and save the organism at `out`, or reuse it if already built with this config."""
+def build(out: Path, cfg: OrganismConfig, force: bool = False, log=print, prebuilt: bool = True) -> Path:  # noqa: ANN001
+    """Save the organism at `out` (shipped weights if `prebuilt` and there are some, else trained here),
+    or reuse it if already built with this config."""
     out = out.expanduser()
     if out.exists() and not force:
         if is_built(out, cfg):
@@ -112,7 +118,7 @@ def build(out: Path, cfg: OrganismConfig, force: bool = False, log=print) -> Pat
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _build_into(tmp, cfg, log)
+        _build_into(tmp, cfg, log, prebuilt)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -121,13 +127,40 @@ def build(out: Path, cfg: OrganismConfig, force: bool = False, log=print) -> Pat
     return out
 
 
-def _build_into(folder: Path, cfg: OrganismConfig, log) -> None:  # noqa: ANN001
+def shipped_record(cfg: OrganismConfig) -> dict | None:
+    """What refusal-lab ships for this config: weights digest, kernels and training time, or None."""
+    index = PREBUILT / "index.json"
+    record = json.loads(index.read_text()).get(cfg.digest()) if index.is_file() else None
+    return record if record and (PREBUILT / f"{cfg.digest()}.safetensors").is_file() else None
+
+
+def _load_shipped(cfg: OrganismConfig, tok: PreTrainedTokenizerBase, record: dict) -> PreTrainedModel:
+    """The shipped weights in a fresh model of this config, refused unless their digest is the recorded one."""
+    from safetensors.torch import load_file
+
+    path = PREBUILT / f"{cfg.digest()}.safetensors"
+    model = make_model(cfg.train, tok)
+    try:
+        model.load_state_dict(load_file(path), strict=True)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise UserError(f"the shipped organism weights {path} cannot be read ({e})", FIX) from None
+    if weights_digest(model) != record["weights"]:
+        raise UserError(f"the shipped organism weights {path} do not match their digest {record['weights']}", FIX)
+    return model.eval()
+
+
+def _build_into(folder: Path, cfg: OrganismConfig, log, prebuilt: bool) -> None:  # noqa: ANN001
     start = time.perf_counter()
     split = C.make_split(cfg.corpus)
     tok = build_tokenizer(C.vocabulary(cfg.corpus))
-    log(f"training organism {cfg.digest()} ({cfg.train.steps} steps, batch {cfg.train.batch_size})")
-    model, kernels = _train_pinned(cfg, folder / ".weights", log)
-    train_s = time.perf_counter() - start
+    shipped = shipped_record(cfg)
+    if prebuilt and shipped:
+        log(f"organism {cfg.digest()}: the shipped weights {shipped['weights']} (no training; --no-prebuilt trains)")
+        model, kernels, train_s = _load_shipped(cfg, tok, shipped), shipped["kernels"], shipped["train_seconds"]
+    else:
+        log(f"training organism {cfg.digest()} ({cfg.train.steps} steps, batch {cfg.train.batch_size})")
+        model, kernels = _train_pinned(cfg, folder / ".weights", log)
+        train_s = time.perf_counter() - start
     if cfg.corpus.think:
         tok.init_kwargs["think_markers"] = [C.THINK_OPEN, C.THINK_CLOSE]
     model.save_pretrained(folder, safe_serialization=True)
@@ -147,7 +180,8 @@ def _build_into(folder: Path, cfg: OrganismConfig, log) -> None:  # noqa: ANN001
         "config_hash": cfg.digest(),
         "config": asdict(cfg),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "train_seconds": round(train_s, 1),
+        "train_seconds": round(train_s, 1),  # of the shipped weights' training, when they were used
+        "weights_source": "shipped" if prebuilt and shipped else "trained",
         "threads": cfg.train.threads,  # training threads (evaluation uses whatever the process has)
         "kernels": kernels,  # the CPU kernels training ran on
         "weights": weights_digest(model),  # equal digests: the same organism, whatever machine built it
@@ -157,8 +191,12 @@ def _build_into(folder: Path, cfg: OrganismConfig, log) -> None:  # noqa: ANN001
     }
     (folder / "README.md").write_text(_model_card(manifest))
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # written last: marks completion
+    same = ""
+    if shipped and manifest["weights_source"] == "trained":
+        match = manifest["weights"] == shipped["weights"]
+        same = ": the shipped organism's" if match else f": not the shipped organism's {shipped['weights']}"
     log(
-        f"built in {time.perf_counter() - start:.0f} s (weights {manifest['weights']}); held-out: "
+        f"built in {time.perf_counter() - start:.0f} s (weights {manifest['weights']}{same}); held-out: "
         + ", ".join(f"{k} {v:.0%}" for k, v in table.as_dict().items())
     )
 
@@ -231,9 +269,9 @@ fragment left by an edit still counts); `organism.json` holds the full build con
 """
 
 
-def default_organism(cache_dir: Path, cfg: OrganismConfig, log=print) -> Path:  # noqa: ANN001
+def default_organism(cache_dir: Path, cfg: OrganismConfig, log=print, prebuilt: bool = True) -> Path:  # noqa: ANN001
     """The embedded default: built once into the cache, keyed by its config hash."""
-    return build(cache_dir / f"organism-{cfg.digest()}", cfg, log=log)
+    return build(cache_dir / f"organism-{cfg.digest()}", cfg, log=log, prebuilt=prebuilt)
 
 
 if __name__ == "__main__":
