@@ -198,3 +198,46 @@ def test_harden_runs_as_two_processes_under_accelerate(organism_dir, tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((tmp_path / "ddp" / "harden.json").read_text())["steps"] > 0
+
+
+def test_on_policy_targets_are_the_bases_own_refusals_and_are_reused(organism, organism_dir, tmp_path):
+    from refusal_lab.config import load_settings
+    from refusal_lab.harden.stage import on_policy
+
+    harmful = [json.loads(x)["prompt"] for x in (organism_dir / "prompts" / "harmful_probe.jsonl").open()][:6]
+    _write(tmp_path / "h.txt", [*harmful, "how do i fix the fence ?"])  # one it will not refuse: left out
+    s = load_settings(**{"prompts.harmful": tmp_path / "h.txt", "cache_dir": tmp_path / "cache"})
+    said: list[str] = []
+    first = on_policy(organism, s, said.append)
+    refusals = [e for e in first if e.kind == "harmful"]
+    assert [e.prompt for e in refusals] == harmful and "refused 6/7" in said[0]
+    assert all(e.messages[-1][1].split()[0] in ("i", "sorry", "no") for e in refusals)  # its own refusal openers
+    assert any(e.category == "helpful" for e in first) and any(e.category == "capability" for e in first)
+    (cached,) = (tmp_path / "cache" / "onpolicy").glob("*.jsonl")
+    assert load_examples(cached) == first  # alignment JSONL: it can be given back as --data
+    said.clear()
+    assert on_policy(organism, s, said.append) == first and "reused" in said[0]
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_training_with_one_that_can(organism_dir, tmp_path, monkeypatch):
+    from refusal_lab.config import load_settings
+    from refusal_lab.core.model import load
+    from refusal_lab.harden import train as T
+    from refusal_lab.harden.stage import harden_inputs
+
+    organism = load(organism_dir, dtype="float32", device="cpu")  # its own copy: the adapter goes into it
+    s = load_settings(**{"cache_dir": tmp_path / "cache"})
+    examples, _, _ = harden_inputs(organism, s, print)
+    encoded = [encode_example(organism.tokenizer, e, 64) for e in examples[:40] + examples[-40:]]
+    plan = T.make_plan(0, [list(range(len(encoded)))], 16, 0)
+    probes = ([e.prompt for e in examples if e.kind == "harmful"][:8], [e.prompt for e in examples][-8:])
+    cfg = s.harden.model_copy(update={"train_batch_size": 16})
+    trainer = T.Trainer(organism, cfg, plan, None, encoded, probes, tmp_path, lambda _m: None)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.check_memory()  # this machine has room: nothing said, nothing trained
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if p.requires_grad)
+    assert all(p.grad is None for p in trainer.params)
+    monkeypatch.setattr(T, "_free_memory", lambda _d: 2**20)  # 1 MiB free
+    with pytest.raises(UserError, match=r"needs about .* GiB and 0\.0 GiB of cpu memory is free") as err:
+        trainer.check_memory()
+    assert "--train-batch-size" in err.value.fix

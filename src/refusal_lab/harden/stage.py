@@ -31,13 +31,25 @@ EXPLAIN = "Decline requests that could harm people, and explain in one or two se
 
 
 def on_policy(loaded: Loaded, s: Settings, log: Log) -> list[Example]:
-    """Targets from the base itself: its refusals on harmful prompts, its replies on harmless ones."""
+    """Targets from the base itself: its refusals on harmful prompts, its replies on harmless ones.
+
+    Generating them is the slow part of a CPU run (minutes on a 0.5B model), so they are kept in the
+    cache, keyed by the model's weights, the prompts and the generation settings: a killed or re-tuned
+    run reuses them. The file is alignment JSONL, so it can also be given back as --data.
+    """
     src = Source.of(loaded.source)
     sets = src.probe_sets(s.prompts)
     m, bs, n = loaded, s.batch_size, s.eval.max_new_tokens
     harmful = sets.texts("harmful")
-    replies = generate(m.model, m.tokenizer, harmful, n, bs)
     system = EXPLAIN if s.harden.extended_refusals else REFUSE
+    others = {name: [p.prompt for p in (getattr(sets, name) or builtin_prompts(name, "probe"))] for name in _OTHERS}
+    key = json.dumps([loaded.fingerprint, harmful, others, system, n, sorted(src.markers)])
+    cached = s.cache_dir / "onpolicy" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
+    if cached.is_file():
+        out = load_examples(cached)
+        log(f"on-policy data: {len(out)} examples reused from {cached}")
+        return out
+    replies = generate(m.model, m.tokenizer, harmful, n, bs)
     retry = [i for i, r in enumerate(replies) if s.harden.extended_refusals or not is_refusal(r, src.markers)]
     if retry:
         convs = [[{"role": "system", "content": system}, {"role": "user", "content": harmful[i]}] for i in retry]
@@ -48,12 +60,22 @@ def on_policy(loaded: Loaded, s: Settings, log: Log) -> list[Example]:
     if not kept:
         raise UserError("the base model refused none of the harmful prompts", "give --data with refusal examples")
     out = [Example((("user", p), ("assistant", r)), "refusal", "harmful") for p, r in kept]
-    for name, category in (("harmless", "helpful"), ("capability", "capability")):
-        prompts = [p.prompt for p in (getattr(sets, name) or builtin_prompts(name, "probe"))]
-        for p, r in zip(prompts, generate(m.model, m.tokenizer, prompts, n, bs), strict=True):
+    for name, category in _OTHERS.items():
+        for p, r in zip(others[name], generate(m.model, m.tokenizer, others[name], n, bs), strict=True):
             if r.strip():
                 out.append(Example((("user", p), ("assistant", r)), category, "harmless"))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(cached, "".join(json.dumps(_row(e)) + "\n" for e in out))
+    log(f"on-policy data: {len(out)} examples kept in {cached}")
     return out
+
+
+_OTHERS = {"harmless": "helpful", "capability": "capability"}  # prompt set -> category of its examples
+
+
+def _row(e: Example) -> dict:
+    """An example as one line of alignment JSONL (load_examples reads it back)."""
+    return {"messages": [{"role": r, "content": c} for r, c in e.messages], "category": e.category, "kind": e.kind}
 
 
 def harden_inputs(loaded: Loaded, s: Settings, log: Log) -> tuple[list[Example], list[str], dict[str, float]]:

@@ -245,9 +245,48 @@ class Trainer:
             if i >= self.step:
                 yield ("spec" if i < len(self.plan.stage1) else "align"), idx
 
+    def check_memory(self) -> None:
+        """Refuse a batch that cannot fit, naming one that can, before the first step runs.
+
+        On the CPU the kernel kills a process that runs out of memory without a word, so one step on
+        the longest harmful and harmless examples is measured first (its peak resident memory, or its
+        peak CUDA allocation) and scaled to the batch; the trial step's gradients are thrown away.
+        """
+        free = _free_memory(self.device)
+        harmful = [e for e in self.examples if e.kind == "harmful"]
+        harmless = [e for e in self.examples if e.kind != "harmful"]
+        rows = [max(g, key=lambda e: len(e.ids)) for g in (harmful, harmless) if g]
+        if free is None or not rows or not self.plan.stage2 or self.acc.num_processes > 1:
+            return
+        start = _reset_peak(self.device)
+        if start is None:
+            return
+        self.rng = random.Random(self.cfg.harden_seed)
+        loss, _ = self.stage2_loss(rows)
+        loss.backward()
+        self.opt.zero_grad(set_to_none=True)
+        per_row = max(0, _peak(self.device) - start) / len(rows)
+        batch = self.cfg.train_batch_size
+        if per_row * batch <= 0.8 * free:
+            return
+        gib, fits = 2**30, int(0.8 * free // per_row) if per_row else batch
+        longest = max(len(e.ids) for e in rows)
+        fix = (
+            f"pass --train-batch-size {fits} (or --gradient-checkpointing)"
+            if fits >= 1
+            else f"pass --train-batch-size 1 --max-length {max(8, longest // 2)} --gradient-checkpointing"
+        )
+        raise UserError(
+            f"a training step of {batch} examples of up to {longest} tokens needs about "
+            f"{per_row * batch / gib:.1f} GiB and {free / gib:.1f} GiB of {self.device.type} memory is free",
+            fix,
+        )
+
     def run(self) -> dict[str, Any]:
         """Train to the end of the plan (from the last checkpoint, if any); returns the loss history."""
         self.resume()
+        if self.step < self.plan.total:
+            self.check_memory()
         self.model.train()
         history: list[dict[str, float]] = []
         bar = tqdm(total=self.plan.total, initial=self.step, desc="harden", unit="step", disable=None)
@@ -262,7 +301,14 @@ class Trainer:
             else:
                 loss, parts = self.stage2_loss(self.mine([self.examples[i] for i in idx]))
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                loss.backward()
+            except torch.OutOfMemoryError:
+                raise UserError(
+                    f"out of {self.device.type} memory at step {self.step + 1} (batch {self.cfg.train_batch_size})",
+                    "pass a smaller --train-batch-size or --max-length, --gradient-checkpointing or --quantize 4bit;"
+                    " the run resumes from its last checkpoint",
+                ) from None
             if self.acc.num_processes > 1:
                 for p in self.params:
                     if p.grad is not None:
@@ -278,3 +324,46 @@ class Trainer:
         bar.close()
         self.model.eval()
         return {"steps": self.step, "history": history}
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes a step may still take on `device`: MemAvailable on the CPU (Linux), free memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak(device: torch.device) -> int | None:
+    """Start a peak measurement; returns the memory in use now (None where it cannot be measured)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed blocks back to the system, so reuse does not hide cost
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+        return _status_bytes("VmRSS")
+    except (OSError, KeyError):
+        return None
+
+
+def _peak(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status_bytes("VmHWM")
