@@ -129,6 +129,7 @@ class Trainer:
         self.rng = random.Random(cfg.harden_seed)
         self.subspace: RefusalSubspace | None = None
         self.device = next(loaded.model.parameters()).device
+        self.memory_checked = False
 
     # --- checkpoints -----------------------------------------------------------------------
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -252,6 +253,7 @@ class Trainer:
         the longest harmful and harmless examples is measured first (its peak resident memory, or its
         peak CUDA allocation) and scaled to the batch; the trial step's gradients are thrown away.
         """
+        self.memory_checked = True
         free = _free_memory(self.device)
         harmful = [e for e in self.examples if e.kind == "harmful"]
         harmless = [e for e in self.examples if e.kind != "harmful"]
@@ -285,7 +287,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to the end of the plan (from the last checkpoint, if any); returns the loss history."""
         self.resume()
-        if self.step < self.plan.total:
+        if self.step < self.plan.total and not self.memory_checked:
             self.check_memory()
         self.model.train()
         history: list[dict[str, float]] = []
