@@ -32,7 +32,7 @@ def run_demo(s: Settings, out: Path, log: Log, echo: Callable[[str], None] = pri
     m = load_model(s)
     base = str(m.source)
     sets = Source.of(m.source).probe_sets(s.prompts)
-    steps = 5 + len(METHODS)
+    steps = 4 + len(METHODS)  # probe, the ablations, evaluate, harden, prove
     log(f"[1/{steps}] probe")
     probe = run_probe(m, sets, s.probe, s.batch_size, s.cache_dir / "activations", log)
     write_probe(out / "probe", probe, m, s, sets, force=True)
