@@ -280,7 +280,8 @@ class Trainer:
         )
         raise UserError(
             f"a training step of {batch} examples of up to {longest} tokens needs about "
-            f"{per_row * batch / gib:.1f} GiB and {free / gib:.1f} GiB of {self.device.type} memory is free",
+            f"{per_row * batch / gib:.1f} GiB, more than 80% of the {free / gib:.1f} GiB of {self.device.type} "
+            "memory free",
             fix,
         )
 
