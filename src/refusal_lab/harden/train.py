@@ -12,6 +12,7 @@ import math
 import os
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,8 +265,10 @@ class Trainer:
         if start is None:
             return
         self.rng = random.Random(self.cfg.harden_seed)
-        loss, _ = self.stage2_loss(rows)
-        loss.backward()
+        self.model.train()
+        with self.out_of_memory_named("the memory check's step on the two longest examples"):
+            loss, _ = self.stage2_loss(rows)
+            loss.backward()
         self.opt.zero_grad(set_to_none=True)
         per_row = max(0, _peak(self.device) - start) / len(rows)
         batch = self.cfg.train_batch_size
@@ -285,33 +288,39 @@ class Trainer:
             fix,
         )
 
+    @contextmanager
+    def out_of_memory_named(self, where: str) -> Iterator[None]:
+        """A GPU out of memory as one line with the settings that use less (the run resumes)."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            raise UserError(
+                f"out of {self.device.type} memory at {where} (batch {self.cfg.train_batch_size})",
+                "pass a smaller --train-batch-size or --max-length, --gradient-checkpointing or --quantize 4bit;"
+                " the run resumes from its last checkpoint",
+            ) from None
+
     def run(self) -> dict[str, Any]:
         """Train to the end of the plan (from the last checkpoint, if any); returns the loss history."""
         self.resume()
+        self.model.train()  # before the memory check, so its trial step drops out as training does
         if self.step < self.plan.total and not self.memory_checked:
             self.check_memory()
-        self.model.train()
         history: list[dict[str, float]] = []
         bar = tqdm(total=self.plan.total, initial=self.step, desc="harden", unit="step", disable=None)
         for stage, idx in self.steps():
             seed = self.cfg.harden_seed * 100_003 + self.step  # randomness by step: a resumed run repeats it
             self.rng = random.Random(seed)
             torch.manual_seed(seed)
-            if stage == "spec":
-                ids = self.blocks[self.mine(idx)].to(self.device)  # type: ignore[index]
-                loss = self.model(input_ids=ids, labels=ids).loss
-                parts = {"spec": loss.item()}
-            else:
-                loss, parts = self.stage2_loss(self.mine([self.examples[i] for i in idx]))
             self.opt.zero_grad(set_to_none=True)
-            try:
+            with self.out_of_memory_named(f"step {self.step + 1}"):
+                if stage == "spec":
+                    ids = self.blocks[self.mine(idx)].to(self.device)  # type: ignore[index]
+                    loss = self.model(input_ids=ids, labels=ids).loss
+                    parts = {"spec": loss.item()}
+                else:
+                    loss, parts = self.stage2_loss(self.mine([self.examples[i] for i in idx]))
                 loss.backward()
-            except torch.OutOfMemoryError:
-                raise UserError(
-                    f"out of {self.device.type} memory at step {self.step + 1} (batch {self.cfg.train_batch_size})",
-                    "pass a smaller --train-batch-size or --max-length, --gradient-checkpointing or --quantize 4bit;"
-                    " the run resumes from its last checkpoint",
-                ) from None
             if self.acc.num_processes > 1:
                 for p in self.params:
                     if p.grad is not None:
