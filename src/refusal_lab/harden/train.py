@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -308,6 +309,7 @@ class Trainer:
             self.check_memory()
         history: list[dict[str, float]] = []
         bar = tqdm(total=self.plan.total, initial=self.step, desc="harden", unit="step", disable=None)
+        every, start = max(1, self.plan.total // 10), time.perf_counter()
         for stage, idx in self.steps():
             seed = self.cfg.harden_seed * 100_003 + self.step  # randomness by step: a resumed run repeats it
             self.rng = random.Random(seed)
@@ -331,6 +333,9 @@ class Trainer:
             self.step += 1
             history.append({"step": self.step, "stage": stage, **parts})
             bar.update()
+            if bar.disable and (self.step % every == 0 or self.step == self.plan.total):  # no terminal: a line
+                took = time.perf_counter() - start
+                self.log(f"  step {self.step}/{self.plan.total} ({stage}) loss {loss.item():.3f}, {took:.0f} s")
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.plan.total:
                 self.save()
         bar.close()
