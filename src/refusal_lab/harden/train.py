@@ -275,7 +275,7 @@ class Trainer:
         batch = self.cfg.train_batch_size
         if per_row * batch <= 0.8 * free:
             return
-        gib, fits = 2**30, int(0.8 * free // per_row) if per_row else batch
+        gib, fits = 2**30, int(0.8 * free // per_row)  # per_row > 0: a step of 0 bytes fits any batch
         longest = max(len(e.ids) for e in rows)
         fix = (
             f"pass --train-batch-size {fits} (or --gradient-checkpointing)"
@@ -304,9 +304,9 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to the end of the plan (from the last checkpoint, if any); returns the loss history."""
         self.resume()
-        self.model.train()  # before the memory check, so its trial step drops out as training does
         if self.step < self.plan.total and not self.memory_checked:
             self.check_memory()
+        self.model.train()
         history: list[dict[str, float]] = []
         bar = tqdm(total=self.plan.total, initial=self.step, desc="harden", unit="step", disable=None)
         every, start = max(1, self.plan.total // 10), time.perf_counter()
@@ -348,17 +348,17 @@ def _free_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
-        meminfo = Path("/proc/meminfo").read_text()
-    except OSError:
+        return _proc_bytes("/proc/meminfo", "MemAvailable")
+    except (OSError, KeyError):
         return None
-    for line in meminfo.splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return None
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+_STATUS = "/proc/self/status"  # this process's VmRSS (resident now) and VmHWM (its peak)
+
+
+def _proc_bytes(path: str, field: str) -> int:
+    """A 'Field:  N kB' line of a /proc file, in bytes."""
+    for line in Path(path).read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise KeyError(field)
@@ -377,10 +377,10 @@ def _reset_peak(device: torch.device) -> int | None:
         pass
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
-        return _status_bytes("VmRSS")
+        return _proc_bytes(_STATUS, "VmRSS")
     except (OSError, KeyError):
         return None
 
 
 def _peak(device: torch.device) -> int:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status_bytes("VmHWM")
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _proc_bytes(_STATUS, "VmHWM")

@@ -154,7 +154,8 @@ def _build_into(folder: Path, cfg: OrganismConfig, log, prebuilt: bool) -> None:
     split = C.make_split(cfg.corpus)
     tok = build_tokenizer(C.vocabulary(cfg.corpus))
     shipped = shipped_record(cfg)
-    if prebuilt and shipped:
+    use_shipped = prebuilt and shipped is not None
+    if use_shipped:
         log(f"organism {cfg.digest()}: the shipped weights {shipped['weights']} (no training; --no-prebuilt trains)")
         model, kernels, train_s = _load_shipped(cfg, tok, shipped), shipped["kernels"], shipped["train_seconds"]
     else:
@@ -181,7 +182,7 @@ def _build_into(folder: Path, cfg: OrganismConfig, log, prebuilt: bool) -> None:
         "config": asdict(cfg),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(train_s, 1),  # of the shipped weights' training, when they were used
-        "weights_source": "shipped" if prebuilt and shipped else "trained",
+        "weights_source": "shipped" if use_shipped else "trained",
         "threads": cfg.train.threads,  # training threads (evaluation uses whatever the process has)
         "kernels": kernels,  # the CPU kernels training ran on
         "weights": weights_digest(model),  # equal digests: the same organism, whatever machine built it
@@ -192,7 +193,7 @@ def _build_into(folder: Path, cfg: OrganismConfig, log, prebuilt: bool) -> None:
     (folder / "README.md").write_text(_model_card(manifest))
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # written last: marks completion
     same = ""
-    if shipped and manifest["weights_source"] == "trained":
+    if shipped and not use_shipped:
         match = manifest["weights"] == shipped["weights"]
         same = ": the shipped organism's" if match else f": not the shipped organism's {shipped['weights']}"
     log(
