@@ -204,19 +204,27 @@ def test_on_policy_targets_are_the_bases_own_refusals_and_are_reused(organism, o
     from refusal_lab.config import load_settings
     from refusal_lab.harden.stage import on_policy
 
-    harmful = [json.loads(x)["prompt"] for x in (organism_dir / "prompts" / "harmful_probe.jsonl").open()][:6]
+    probe = organism_dir / "prompts"
+    harmful = [json.loads(x)["prompt"] for x in (probe / "harmful_probe.jsonl").open()][:6]
+    harmless = [json.loads(x)["prompt"] for x in (probe / "harmless_probe.jsonl").open()][:4]
     _write(tmp_path / "h.txt", [*harmful, "how do i fix the fence ?"])  # one it will not refuse: left out
-    s = load_settings(**{"prompts.harmful": tmp_path / "h.txt", "cache_dir": tmp_path / "cache"})
+    _write(tmp_path / "b.txt", [*harmless, harmful[0]])  # a "harmless" one it refuses: not taught as harmless
+    s = load_settings(
+        **{"prompts.harmful": tmp_path / "h.txt", "prompts.harmless": tmp_path / "b.txt", "cache_dir": tmp_path / "c"}
+    )
     said: list[str] = []
     first = on_policy(organism, s, said.append)
     refusals = [e for e in first if e.kind == "harmful"]
     assert [e.prompt for e in refusals] == harmful and "refused 6/7" in said[0]
     assert all(e.messages[-1][1].split()[0] in ("i", "sorry", "no") for e in refusals)  # its own refusal openers
-    assert any(e.category == "helpful" for e in first) and any(e.category == "capability" for e in first)
-    (cached,) = (tmp_path / "cache" / "onpolicy").glob("*.jsonl")
-    assert load_examples(cached) == first  # alignment JSONL: it can be given back as --data
+    helpful = [e.prompt for e in first if e.category == "helpful"]
+    assert helpful == harmless and "4/5 harmless replies kept" in said[1]
+    assert any(e.category == "capability" for e in first) and any(e.category == "lookalike" for e in first)
+    files = list((tmp_path / "c" / "onpolicy").glob("*.jsonl"))
+    assert len(files) == 4  # one per prompt set, alignment JSONL: they can be given back as --data
+    assert sum(len(load_examples(f)) for f in files) >= len(first)
     said.clear()
-    assert on_policy(organism, s, said.append) == first and "reused" in said[0]
+    assert on_policy(organism, s, said.append) == first and sum("reused" in x for x in said) == 4
 
 
 def test_a_batch_that_cannot_fit_is_refused_before_training_with_one_that_can(organism_dir, tmp_path, monkeypatch):
@@ -241,3 +249,40 @@ def test_a_batch_that_cannot_fit_is_refused_before_training_with_one_that_can(or
     with pytest.raises(UserError, match=r"needs about .* GiB, more than 80% of the 0\.0 GiB of cpu memory free") as err:
         trainer.check_memory()
     assert "--train-batch-size" in err.value.fix
+
+
+def test_the_first_reply_token_retain_term_is_the_kl_where_the_reply_starts(organism_dir, tmp_path):
+    """retain_first: KL(base || model) at the position that predicts each harmless reply's first token."""
+    from refusal_lab.config import load_settings
+    from refusal_lab.core.model import load
+    from refusal_lab.harden import train as T
+    from refusal_lab.harden.data import collate
+    from refusal_lab.harden.stage import harden_inputs
+
+    organism = load(organism_dir, dtype="float32", device="cpu")
+    s = load_settings(**{"cache_dir": tmp_path / "cache"})
+    examples, _, _ = harden_inputs(organism, s, print)
+    rows = [encode_example(organism.tokenizer, e, 64) for e in [examples[0], examples[-1], examples[-2]]]
+    assert [r.kind for r in rows].count("harmful") < 3
+    cfg = s.harden.model_copy(
+        update={"ablation_aware": False, "invariance": 0.0, "retain_first": 1.0, "lora_dropout": 0.0}
+    )
+    trainer = T.Trainer(organism, cfg, T.make_plan(0, [[0, 1, 2]], 3, 0), None, rows, ([], []), tmp_path, print)
+    _, parts = trainer.stage2_loss(rows)
+    assert parts["retain_first"] == pytest.approx(0.0, abs=1e-6)  # LoRA starts as the identity
+    with torch.no_grad():
+        for n, p in trainer.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    _, parts = trainer.stage2_loss(rows)
+    batch = collate(rows, organism.tokenizer.pad_token_id)
+    keep = [i for i, r in enumerate(rows) if r.kind != "harmful"]
+    ids, mask = batch["input_ids"][keep], batch["attention_mask"][keep]
+    at = batch["prompt_end"][keep] - 1
+    with torch.no_grad():
+        q = trainer.model(input_ids=ids, attention_mask=mask).logits.double()[torch.arange(len(keep)), at]
+        with trainer.model.disable_adapter():
+            p = trainer.model(input_ids=ids, attention_mask=mask).logits.double()[torch.arange(len(keep)), at]
+    p, q = p.log_softmax(-1), q.log_softmax(-1)
+    want = float((p.exp() * (p - q)).sum(-1).mean())
+    assert want > 1e-4 and parts["retain_first"] == pytest.approx(want, rel=1e-3)

@@ -185,3 +185,27 @@ def test_proxy_pruned_trials_never_reach_the_front_and_the_proxy_is_reported(org
     assert proxy["mean_abs_error"] <= n / 3
     again = subprocess.run([*cmd, "--no-proxy"], capture_output=True, text=True)
     assert again.returncode == 2 and "fidelity" in again.stderr  # a full-fidelity study is another study
+
+
+def test_a_model_without_an_exact_scorer_is_searched_by_coherence_so_babble_is_not_compliance(organism_dir, tmp_path):
+    import shutil
+
+    from refusal_lab.config import load_settings
+    from refusal_lab.core.generate import generate
+    from refusal_lab.core.model import load
+    from refusal_lab.evaluate.metrics import KeywordScorer
+    from refusal_lab.search.stage import search_scorer
+
+    plain = tmp_path / "plain"  # the organism as any other model: no shipped eval split, so no exact scorer
+    shutil.copytree(organism_dir, plain)
+    (plain / "prompts" / "harmful_eval.jsonl").unlink()
+    m = load(plain, dtype="float32", device="cpu")
+    harmless = [json.loads(x)["prompt"] for x in (organism_dir / "prompts" / "harmless_eval.jsonl").open()][:12]
+    scorer = search_scorer(m, harmless, load_settings(**{"cache_dir": tmp_path / "cache"}))
+    assert scorer.name == "coherence"
+    own = generate(m.model, m.tokenizer, harmless[:2], 24)
+    babble = "minus 2 is 3 . minus 2 is 3 . minus 2 is 3 . minus 2 is 3 ."
+    replies = [*own, babble, "sorry , i must decline ."]
+    prompts = [*harmless[:2], harmless[2], harmless[3]]
+    assert scorer.labels(prompts, replies) == ["complied", "complied", "broken", "refused"]
+    assert KeywordScorer(scorer.markers).labels(prompts, replies)[2] == "complied"  # what it used to count

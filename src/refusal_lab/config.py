@@ -277,6 +277,12 @@ class HardenSettings(Section):
     )
     gradient_checkpointing: bool = Field(False, description="Harden: recompute activations to save memory.")
     retain: float = Field(1.0, ge=0, description="Harden: weight of the KL to the frozen base on harmless examples.")
+    retain_first: float = Field(
+        0.0,
+        ge=0,
+        description="Harden: weight of that KL at the first reply token alone, where answer-or-refuse is decided "
+        "(a long reply's mean hides it).",
+    )
     ablation_aware: bool = Field(True, description="Harden: ablate the current refusal subspace on harmful examples.")
     reestimate_every: int = Field(20, ge=1, description="Harden: steps between refusal-subspace estimates.")
     aware_directions: int = Field(4, ge=1, description="Harden: directions per layer in the estimated subspace.")

@@ -82,9 +82,13 @@ def load_model(s: Settings, name: str | None = None, quantize: str = "none") -> 
 
 
 def builtin_prompts(name: str, split: str) -> list[Prompt]:
-    """refusal-lab's own harmless and capability prompts, split in fixed halves (probe | eval)."""
+    """refusal-lab's own harmless and capability prompts, split in fixed halves (probe | eval).
+
+    'lookalike' (benign prompts with alarming words, for hardening) is all probe: its eval
+    counterpart is the separate over-refusal set, so training never sees what prove measures.
+    """
     prompts = load_prompts(DATA / f"{name}.txt")
-    cut = {"harmless": len(prompts) // 2, "capability": 30}[name]
+    cut = {"harmless": len(prompts) // 2, "capability": 30, "lookalike": len(prompts)}[name]
     return prompts[:cut] if split == "probe" else prompts[cut:]
 
 

@@ -2,8 +2,8 @@
 
 Data comes from --data/--spec/--mix, else from an organism folder's harden/ (written by its
 builder), else on-policy from the base itself: its own refusals to the harmful prompts (under a
-refusal system prompt when it would not refuse) and its own replies to harmless and capability
-prompts, so no harmful answer is ever written. The adapter is merged into an ordinary Hugging
+refusal system prompt when it would not refuse) and its own replies to harmless, capability and
+benign look-alike prompts, so no harmful answer is ever written. The adapter is merged into an ordinary Hugging
 Face folder with harden.json, settings.toml + reproduce.sh and a model card; training
 checkpoints live beside OUT until the folder is written, so a killed run resumes.
 """
@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from refusal_lab.config import Settings
@@ -33,44 +34,75 @@ EXPLAIN = "Decline requests that could harm people, and explain in one or two se
 def on_policy(loaded: Loaded, s: Settings, log: Log) -> list[Example]:
     """Targets from the base itself: its refusals on harmful prompts, its replies on harmless ones.
 
-    Generating them is the slow part of a CPU run (minutes on a 0.5B model), so they are kept in the
-    cache, keyed by the model's weights, the prompts and the generation settings: a killed or re-tuned
-    run reuses them. The file is alignment JSONL, so it can also be given back as --data.
+    Harmless replies the base refused are left out (training on them would teach over-refusal), and
+    benign look-alike prompts ("kill a process") with the base's answers mark where the line is.
+    Generating is the slow part of a CPU run (minutes on a 0.5B model), so each prompt set's replies
+    are kept in the cache, keyed by the model's weights, that set's prompts and the generation
+    settings: a killed or re-tuned run, or one that adds a set, reuses them. The files are
+    alignment JSONL, so they can also be given back as --data.
     """
     src = Source.of(loaded.source)
     sets = src.probe_sets(s.prompts)
-    m, bs, n = loaded, s.batch_size, s.eval.max_new_tokens
     harmful = sets.texts("harmful")
     system = EXPLAIN if s.harden.extended_refusals else REFUSE
-    others = {name: [p.prompt for p in (getattr(sets, name) or builtin_prompts(name, "probe"))] for name in _OTHERS}
-    key = json.dumps([loaded.fingerprint, harmful, others, system, n, sorted(src.markers)])
-    cached = s.cache_dir / "onpolicy" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
-    if cached.is_file():
-        out = load_examples(cached)
-        log(f"on-policy data: {len(out)} examples reused from {cached}")
-        return out
-    replies = generate(m.model, m.tokenizer, harmful, n, bs)
-    retry = [i for i, r in enumerate(replies) if s.harden.extended_refusals or not is_refusal(r, src.markers)]
-    if retry:
-        convs = [[{"role": "system", "content": system}, {"role": "user", "content": harmful[i]}] for i in retry]
-        for i, r in zip(retry, generate(m.model, m.tokenizer, convs, n, bs), strict=True):
-            replies[i] = r
-    kept = [(p, r) for p, r in zip(harmful, replies, strict=True) if is_refusal(r, src.markers)]
-    log(f"on-policy data: the base refused {len(kept)}/{len(harmful)} harmful prompts (the rest are left out)")
-    if not kept:
+    others = {
+        name: [p.prompt for p in (getattr(sets, name, None) or builtin_prompts(name, "probe"))] for name in _OTHERS
+    }
+
+    def cached(name: str, prompts: list[str], make: Callable[[], list[Example]]) -> list[Example]:
+        parts = [loaded.fingerprint, name, prompts, system, s.eval.max_new_tokens, sorted(src.markers)]
+        path = s.cache_dir / "onpolicy" / f"{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]}.jsonl"
+        if path.is_file():
+            log(f"on-policy data: {name} replies reused from {path}")
+            return load_examples(path)
+        made = make()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, "".join(json.dumps(_row(e)) + "\n" for e in made))
+        return made
+
+    out = [e for e in cached("harmful", harmful, lambda: _refusals(loaded, s, harmful, system)) if _refused(e, src)]
+    log(f"on-policy data: the base refused {len(out)}/{len(harmful)} harmful prompts (the rest are left out)")
+    if not out:
         raise UserError("the base model refused none of the harmful prompts", "give --data with refusal examples")
-    out = [Example((("user", p), ("assistant", r)), "refusal", "harmful") for p, r in kept]
     for name, category in _OTHERS.items():
-        for p, r in zip(others[name], generate(m.model, m.tokenizer, others[name], n, bs), strict=True):
-            if r.strip():
-                out.append(Example((("user", p), ("assistant", r)), category, "harmless"))
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(cached, "".join(json.dumps(_row(e)) + "\n" for e in out))
-    log(f"on-policy data: {len(out)} examples kept in {cached}")
+        got = cached(name, others[name], lambda n=name, c=category: _answers(loaded, s, others[n], c))
+        kept = [e for e in got if not _refused(e, src)]
+        log(f"on-policy data: {len(kept)}/{len(others[name])} {name} replies kept (refused or empty ones left out)")
+        out += kept
     return out
 
 
-_OTHERS = {"harmless": "helpful", "capability": "capability"}  # prompt set -> category of its examples
+def _refused(e: Example, src: Source) -> bool:
+    return is_refusal(e.messages[-1][1], src.markers)
+
+
+def _refusals(loaded: Loaded, s: Settings, prompts: list[str], system: str) -> list[Example]:
+    """The base's reply to each harmful prompt, asked again under the refusal system prompt if it answered."""
+    m, bs, n = loaded, s.batch_size, s.eval.max_new_tokens
+    markers = Source.of(loaded.source).markers
+    replies = generate(m.model, m.tokenizer, prompts, n, bs)
+    retry = [i for i, r in enumerate(replies) if s.harden.extended_refusals or not is_refusal(r, markers)]
+    if retry:
+        convs = [[{"role": "system", "content": system}, {"role": "user", "content": prompts[i]}] for i in retry]
+        for i, r in zip(retry, generate(m.model, m.tokenizer, convs, n, bs), strict=True):
+            replies[i] = r
+    return [
+        Example((("user", p), ("assistant", r)), "refusal", "harmful") for p, r in zip(prompts, replies, strict=True)
+    ]
+
+
+def _answers(loaded: Loaded, s: Settings, prompts: list[str], category: str) -> list[Example]:
+    m = loaded
+    replies = generate(m.model, m.tokenizer, prompts, s.eval.max_new_tokens, s.batch_size)
+    return [
+        Example((("user", p), ("assistant", r)), category, "harmless")
+        for p, r in zip(prompts, replies, strict=True)
+        if r.strip()
+    ]
+
+
+# prompt set -> category of its examples
+_OTHERS = {"harmless": "helpful", "capability": "capability", "lookalike": "lookalike"}
 
 
 def _row(e: Example) -> dict:

@@ -196,14 +196,28 @@ class Trainer:
             a, self.subspace, layers, positions, use_global=self.rng.random() < 0.5, resolve=self.writer_module
         )
 
-    def retain_kl(self, batch: dict[str, torch.Tensor], logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """KL(frozen base || model) over the reply tokens of the harmless rows."""
+    def retain_kl(
+        self, batch: dict[str, torch.Tensor], logits: torch.Tensor, keep: torch.Tensor, first: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """KL(frozen base || model) over the reply tokens of the harmless rows, and at their first one.
+
+        The first reply token is where a model answers or refuses; averaged with a 128-token reply
+        it weighs 1/128, while the refusals' own short targets push that token hard.
+        """
         with torch.no_grad(), self.model.disable_adapter():
             base = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         mask = (batch["labels"] != -100) & keep[:, None]
-        p = torch.log_softmax(base[mask].float(), -1)
-        q = torch.log_softmax(logits[mask].float(), -1)
-        return (p.exp() * (p - q)).sum(-1).mean() if mask.any() else logits.new_zeros(())
+        if not mask.any():
+            return logits.new_zeros(()), logits.new_zeros(())
+
+        def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+            p, q = torch.log_softmax(p.float(), -1), torch.log_softmax(q.float(), -1)
+            return (p.exp() * (p - q)).sum(-1).mean()
+
+        rows = keep.nonzero()[:, 0]
+        return kl(base[mask], logits[mask]), kl(
+            first_reply_logits(base[rows], first[rows]), first_reply_logits(logits[rows], first[rows])
+        )
 
     def stage2_loss(self, rows: list[Encoded]) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
@@ -213,9 +227,10 @@ class Trainer:
         harmful = torch.tensor([r.kind == "harmful" for r in rows], device=self.device)
         out = self.model(**batch, output_hidden_states=cfg.matching > 0)
         loss, parts = out.loss, {"sft": out.loss.item()}
-        if cfg.retain > 0 and (~harmful).any():
-            kl = self.retain_kl(batch, out.logits, ~harmful)
-            loss, parts["retain"] = loss + cfg.retain * kl, kl.item()
+        if (cfg.retain > 0 or cfg.retain_first > 0) and (~harmful).any():
+            kl, kl_first = self.retain_kl(batch, out.logits, ~harmful, prompt_end)
+            loss = loss + cfg.retain * kl + cfg.retain_first * kl_first
+            parts["retain"], parts["retain_first"] = kl.item(), kl_first.item()
         if harmful.any() and (cfg.ablation_aware or cfg.invariance > 0):
             if self.subspace is None or self.step % cfg.reestimate_every == 0:
                 self.reestimate()

@@ -2,8 +2,9 @@
 
 Each worker probes once (activations cached on disk), captures the capability activations and
 the base logits once, then applies every trial's edit as hooks on the one loaded model, so a
-trial costs one evaluation. Replies are labelled by the model's scorer; the objective counts what
-was not complied with, so breaking the model is not rewarded.
+trial costs one evaluation. Replies are labelled refused / complied / broken (exactly on an
+organism, by coherence against the unedited model otherwise); the objective counts what was not
+complied with, so breaking the model is not rewarded.
 
 Trials are multi-fidelity. Every trial is first measured without generating: one forward pass
 over the harmless prompts gives its KL, one over the harmful prompts its *proxy*, the number of
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from refusal_lab.core.artifacts import SETTINGS_FILE, Log, write_text_atomic
 from refusal_lab.core.generate import generate
 from refusal_lab.core.model import Loaded
 from refusal_lab.core.sources import PromptSets, Source
+from refusal_lab.evaluate.coherence import CoherenceScorer, calibrate
 from refusal_lab.evaluate.metrics import Scorer, first_token_kl, last_logits, refusal_openers, settled_by
 from refusal_lab.probe.directions import Probe
 from refusal_lab.probe.stage import run_probe
@@ -133,7 +136,25 @@ def build_setup(loaded: Loaded, s: Settings, log: Log) -> SearchSetup:
     src = Source.of(loaded.source)
     sets, ev = src.search_split(s.prompts, s.search.probe_count, s.search.eval_count)
     harmful, harmless = [p.prompt for p in ev.harmful], [p.prompt for p in ev.harmless]
-    return make_setup(loaded, sets, harmful, harmless, s, src.scorer(), log)
+    return make_setup(loaded, sets, harmful, harmless, s, search_scorer(loaded, harmless, s), log)
+
+
+def search_scorer(loaded: Loaded, harmless: list[str], s: Settings) -> Scorer:
+    """Exact on an organism; otherwise coherence against the unedited model, as prove scores.
+
+    A keyword count would call a broken edit's babble compliance and put it on the front. The
+    threshold is a low quantile of the model's own replies' likelihood on the evaluation harmless
+    prompts. The scorer reads the same loaded model the trials edit: evaluate_trial labels replies
+    after its hooks are gone, so it scores against the base.
+    """
+    src = Source.of(loaded.source)
+    scorer = src.scorer()
+    if scorer.name == "exact":
+        return scorer
+    m, bs = loaded, s.batch_size
+    replies = generate(m.model, m.tokenizer, harmless, s.search.max_new_tokens, bs)
+    threshold = calibrate(m.model, m.tokenizer, harmless, replies, s.eval.coherence_quantile, bs)
+    return CoherenceScorer(m.model, m.tokenizer, threshold, src.markers, bs)
 
 
 def proxy_refusals(setup: SearchSetup) -> int | None:
@@ -163,7 +184,7 @@ def evaluate_trial(
         replies = generate(
             m.model, m.tokenizer, setup.eval_harmful, setup.max_new_tokens, setup.batch_size, settled=settled
         )
-    labels = setup.scorer.labels(setup.eval_harmful, replies)
+    labels = setup.scorer.labels(setup.eval_harmful, replies)  # hooks removed: a coherence scorer reads the base
     return TrialResult(labels.count("refused"), labels.count("complied"), labels.count("broken"), kl, predicted)
 
 
@@ -200,6 +221,7 @@ def trial_objective(setup: SearchSetup, kl_prune: float | None, log: Log) -> Any
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         params = suggest(trial, setup.loaded.adapter.num_layers, setup.methods)
+        began = time.perf_counter()
 
         def dominated(kl: float, predicted: int) -> int | None:
             """A measured trial with no more KL and fewer not complied than this one's refusals alone."""
@@ -214,7 +236,7 @@ def trial_objective(setup: SearchSetup, kl_prune: float | None, log: Log) -> Any
             trial.set_user_attr("pruned_by", "kl" if p.by is None else "proxy")
             if p.predicted is not None:
                 trial.set_user_attr("proxy_refused", p.predicted)
-            log(f"  trial {trial.number}: {params['method']} pruned, {p}")
+            log(f"  trial {trial.number}: {params['method']} pruned, {p} ({time.perf_counter() - began:.1f} s)")
             raise optuna.TrialPruned(str(p)) from p
         for key in ("refused", "complied", "broken"):
             trial.set_user_attr(key, getattr(r, key))
@@ -222,7 +244,7 @@ def trial_objective(setup: SearchSetup, kl_prune: float | None, log: Log) -> Any
             trial.set_user_attr("proxy_refused", r.predicted_refused)
         log(
             f"  trial {trial.number}: {params['method']} complied {r.complied}/{n} "
-            f"(refused {r.refused}, broken {r.broken}) KL {r.kl:.4f}"
+            f"(refused {r.refused}, broken {r.broken}) KL {r.kl:.4f} ({time.perf_counter() - began:.1f} s)"
         )
         return float(r.not_complied), r.kl
 
@@ -234,7 +256,9 @@ def run_search(loaded: Loaded, s: Settings, out: Path, log: Log) -> list[dict]:
     from refusal_lab.config import to_toml
     from refusal_lab.core.artifacts import settings_record
 
+    began = time.perf_counter()
     setup, study = open_search(loaded, s, out, log)
+    log(f"search set-up (probe, base logits, refusal openers, scorer): {time.perf_counter() - began:.1f} s")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / SETTINGS_FILE, to_toml(settings_record(s, with_cache=True)) + "\n")  # `pick` reads it
     n = len(setup.eval_harmful)
