@@ -209,3 +209,8 @@ def test_a_model_without_an_exact_scorer_is_searched_by_coherence_so_babble_is_n
     prompts = [*harmless[:2], harmless[2], harmless[3]]
     assert scorer.labels(prompts, replies) == ["complied", "complied", "broken", "refused"]
     assert KeywordScorer(scorer.markers).labels(prompts, replies)[2] == "complied"  # what it used to count
+    settings = load_settings(**{"cache_dir": tmp_path / "cache"})
+    named = search_scorer(m, harmless, settings, calibrate_it=False)  # pick: the study's identity, no generation
+    assert named.name == scorer.name
+    with pytest.raises(RuntimeError):
+        named.labels(prompts, replies)

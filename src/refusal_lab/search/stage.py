@@ -99,8 +99,12 @@ def make_setup(
     scorer: Scorer,
     log: Log,
     base_logits: torch.Tensor | None = None,
+    trials: bool = True,
 ) -> SearchSetup:
-    """Probe once (cached on disk) and compute the base logits: what every trial reuses."""
+    """Probe once (cached on disk) and compute the base logits: what every trial reuses.
+
+    trials=False (pick: rebuild one trial's edit) skips what only measuring trials needs.
+    """
     cache = s.cache_dir / "activations"
     probe = run_probe(loaded, sets, s.probe, s.batch_size, cache, log)
     dom_opts = ProbeSettings(extraction="dom", directions_per_layer=1, biproject=s.probe.biproject)
@@ -110,7 +114,7 @@ def make_setup(
         base_logits = last_logits(loaded.model, loaded.tokenizer, eval_harmless, s.batch_size)
     markers = Source.of(loaded.source).markers
     ids: tuple[int, ...] = ()
-    if s.search.proxy:  # the model's own refusal openers, from short replies to the probe prompts
+    if s.search.proxy and trials:  # the model's own refusal openers, from short replies to the probe prompts
         ids = tuple(refusal_openers(loaded.model, loaded.tokenizer, sets.texts("harmful"), markers, s.batch_size, 8))
     return SearchSetup(
         loaded=loaded,
@@ -131,15 +135,26 @@ def make_setup(
     )
 
 
-def build_setup(loaded: Loaded, s: Settings, log: Log) -> SearchSetup:
+def build_setup(loaded: Loaded, s: Settings, log: Log, trials: bool = True) -> SearchSetup:
     """The search command's setup: the model's search split (probe prompts | evaluation prompts)."""
     src = Source.of(loaded.source)
     sets, ev = src.search_split(s.prompts, s.search.probe_count, s.search.eval_count)
     harmful, harmless = [p.prompt for p in ev.harmful], [p.prompt for p in ev.harmless]
-    return make_setup(loaded, sets, harmful, harmless, s, search_scorer(loaded, harmless, s), log)
+    scorer = search_scorer(loaded, harmless, s, calibrate_it=trials)
+    return make_setup(loaded, sets, harmful, harmless, s, scorer, log, trials=trials)
 
 
-def search_scorer(loaded: Loaded, harmless: list[str], s: Settings) -> Scorer:
+@dataclass(frozen=True)
+class Unscored:
+    """A scorer's name without its calibration: pick needs the study's identity, not labels."""
+
+    name: str
+
+    def labels(self, prompts: list[str], replies: list[str]) -> list[str]:
+        raise RuntimeError("this setup rebuilds edits only; it does not score replies")
+
+
+def search_scorer(loaded: Loaded, harmless: list[str], s: Settings, calibrate_it: bool = True) -> Scorer:
     """Exact on an organism; otherwise coherence against the unedited model, as prove scores.
 
     A keyword count would call a broken edit's babble compliance and put it on the front. The
@@ -151,6 +166,8 @@ def search_scorer(loaded: Loaded, harmless: list[str], s: Settings) -> Scorer:
     scorer = src.scorer()
     if scorer.name == "exact":
         return scorer
+    if not calibrate_it:
+        return Unscored("coherence")
     m, bs = loaded, s.batch_size
     replies = generate(m.model, m.tokenizer, harmless, s.search.max_new_tokens, bs)
     threshold = calibrate(m.model, m.tokenizer, harmless, replies, s.eval.coherence_quantile, bs)
@@ -203,9 +220,9 @@ def study_meta(setup: SearchSetup) -> dict:
     }
 
 
-def open_search(loaded: Loaded, s: Settings, out: Path, log: Log) -> tuple[SearchSetup, Any]:
+def open_search(loaded: Loaded, s: Settings, out: Path, log: Log, trials: bool = True) -> tuple[SearchSetup, Any]:
     """The worker's setup and its study (created, or resumed when it matches)."""
-    setup = build_setup(loaded, s, log)
+    setup = build_setup(loaded, s, log, trials)
     storage = S.storage_for(s.search.storage, out)
     return setup, S.open_study(
         storage, s.search.study_name, study_meta(setup), s.search.sampler, s.search.sampler_seed, starts(setup)
@@ -357,7 +374,7 @@ def pick_and_export(
     log: Log,
 ) -> dict:
     """Rebuild a front trial's edit and write it through the ablate stage's export."""
-    setup, study = open_search(loaded, s, out, log)
+    setup, study = open_search(loaded, s, out, log, trials=False)
     n = len(setup.eval_harmful)
     trial = S.pick(study, max_kl, None if min_complied is None else n - min_complied)
     point = front_point(trial, n)
