@@ -280,8 +280,8 @@ class HardenSettings(Section):
     retain_first: float = Field(
         0.0,
         ge=0,
-        description="Harden: weight of that KL at the first reply token alone, where answer-or-refuse is decided "
-        "(a long reply's mean hides it).",
+        description="Harden: weight of that KL at the first reply token alone (a long reply's mean hides it); "
+        "off by default: anchoring it let a cheap ablation undo the hardening.",
     )
     ablation_aware: bool = Field(True, description="Harden: ablate the current refusal subspace on harmful examples.")
     reestimate_every: int = Field(20, ge=1, description="Harden: steps between refusal-subspace estimates.")
