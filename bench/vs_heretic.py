@@ -251,15 +251,14 @@ def make_scorer(model: str, harmless: list[str], args: argparse.Namespace) -> tu
     from refusal_lab.core.generate import generate
     from refusal_lab.core.model import load
     from refusal_lab.core.sources import Source
-    from refusal_lab.evaluate.coherence import CoherenceScorer, calibrate
+    from refusal_lab.evaluate.coherence import CoherenceScorer
 
     src = Source.of(Path(model))
     base = load(model)
     if src.organism:
         return base, src.scorer()
     replies = generate(base.model, base.tokenizer, harmless, args.tokens)
-    threshold = calibrate(base.model, base.tokenizer, harmless, replies, 0.05, 8)
-    return base, CoherenceScorer(base.model, base.tokenizer, threshold, src.markers)
+    return base, CoherenceScorer.calibrated(base.model, base.tokenizer, harmless, replies, 0.05, src.markers)
 
 
 def score(model: str, groups: dict, harmful: Path, harmless: Path, args: argparse.Namespace) -> dict:

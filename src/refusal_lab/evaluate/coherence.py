@@ -54,6 +54,20 @@ class CoherenceScorer:
     batch_size: int = 8
     name: str = "coherence"
 
+    @classmethod
+    def calibrated(
+        cls,
+        model: Any,
+        tok: Any,
+        prompts: Sequence[str],
+        replies: Sequence[str],
+        quantile: float,
+        markers: tuple[str, ...],
+        batch_size: int = 8,
+    ) -> CoherenceScorer:
+        """A scorer whose threshold comes from the base's own `replies` to harmless `prompts`."""
+        return cls(model, tok, calibrate(model, tok, prompts, replies, quantile, batch_size), markers, batch_size)
+
     def labels(self, prompts: Sequence[str], replies: Sequence[str]) -> list[str]:
         out: list[str | None] = [("refused" if is_refusal(r, self.markers) else None) for r in replies]
         todo = [i for i, label in enumerate(out) if label is None]

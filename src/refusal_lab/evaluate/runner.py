@@ -25,7 +25,7 @@ from refusal_lab.core.generate import generate_replies
 from refusal_lab.core.model import Loaded
 from refusal_lab.core.prompts import Prompt
 from refusal_lab.core.sources import EvalSets, Source, load_model
-from refusal_lab.evaluate.coherence import CoherenceScorer, calibrate
+from refusal_lab.evaluate.coherence import CoherenceScorer
 from refusal_lab.evaluate.endpoint import Remote
 from refusal_lab.evaluate.escalation import (
     EscalationResult,
@@ -109,7 +109,7 @@ class Evaluator:
         assert ref is not None
         prompts = [p.prompt for p in self.sets.harmless]
         m, tok, q, bs = ref.base.model, ref.base.tokenizer, self.opts.coherence_quantile, self.batch_size
-        return CoherenceScorer(m, tok, calibrate(m, tok, prompts, ref.replies, q, bs), markers, bs)
+        return CoherenceScorer.calibrated(m, tok, prompts, ref.replies, q, markers, bs)
 
     def _verdicts(self, pairs: list[tuple[str, str]]) -> list[Verdict] | None:
         if self.judge is None or self.judge_failed:

@@ -60,7 +60,8 @@ def on_policy(loaded: Loaded, s: Settings, log: Log) -> list[Example]:
         write_text_atomic(path, "".join(json.dumps(_row(e)) + "\n" for e in made))
         return made
 
-    out = [e for e in cached("harmful", harmful, lambda: _refusals(loaded, s, harmful, system)) if _refused(e, src)]
+    made = cached("harmful", harmful, lambda: _refusals(loaded, s, harmful, system, src.markers))
+    out = [e for e in made if _refused(e, src)]
     log(f"on-policy data: the base refused {len(out)}/{len(harmful)} harmful prompts (the rest are left out)")
     if not out:
         raise UserError("the base model refused none of the harmful prompts", "give --data with refusal examples")
@@ -76,10 +77,9 @@ def _refused(e: Example, src: Source) -> bool:
     return is_refusal(e.messages[-1][1], src.markers)
 
 
-def _refusals(loaded: Loaded, s: Settings, prompts: list[str], system: str) -> list[Example]:
+def _refusals(loaded: Loaded, s: Settings, prompts: list[str], system: str, markers: tuple[str, ...]) -> list[Example]:
     """The base's reply to each harmful prompt, asked again under the refusal system prompt if it answered."""
     m, bs, n = loaded, s.batch_size, s.eval.max_new_tokens
-    markers = Source.of(loaded.source).markers
     replies = generate(m.model, m.tokenizer, prompts, n, bs)
     retry = [i for i, r in enumerate(replies) if s.harden.extended_refusals or not is_refusal(r, markers)]
     if retry:
@@ -92,8 +92,7 @@ def _refusals(loaded: Loaded, s: Settings, prompts: list[str], system: str) -> l
 
 
 def _answers(loaded: Loaded, s: Settings, prompts: list[str], category: str) -> list[Example]:
-    m = loaded
-    replies = generate(m.model, m.tokenizer, prompts, s.eval.max_new_tokens, s.batch_size)
+    replies = generate(loaded.model, loaded.tokenizer, prompts, s.eval.max_new_tokens, s.batch_size)
     return [
         Example((("user", p), ("assistant", r)), category, "harmless")
         for p, r in zip(prompts, replies, strict=True)

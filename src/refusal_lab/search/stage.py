@@ -36,7 +36,7 @@ from refusal_lab.core.artifacts import SETTINGS_FILE, Log, write_text_atomic
 from refusal_lab.core.generate import generate
 from refusal_lab.core.model import Loaded
 from refusal_lab.core.sources import PromptSets, Source
-from refusal_lab.evaluate.coherence import CoherenceScorer, calibrate
+from refusal_lab.evaluate.coherence import CoherenceScorer
 from refusal_lab.evaluate.metrics import Scorer, first_token_kl, last_logits, refusal_openers, settled_by
 from refusal_lab.probe.directions import Probe
 from refusal_lab.probe.stage import run_probe
@@ -170,8 +170,9 @@ def search_scorer(loaded: Loaded, harmless: list[str], s: Settings, calibrate_it
         return Unscored("coherence")
     m, bs = loaded, s.batch_size
     replies = generate(m.model, m.tokenizer, harmless, s.search.max_new_tokens, bs)
-    threshold = calibrate(m.model, m.tokenizer, harmless, replies, s.eval.coherence_quantile, bs)
-    return CoherenceScorer(m.model, m.tokenizer, threshold, src.markers, bs)
+    return CoherenceScorer.calibrated(
+        m.model, m.tokenizer, harmless, replies, s.eval.coherence_quantile, src.markers, bs
+    )
 
 
 def proxy_refusals(setup: SearchSetup) -> int | None:
