@@ -8,7 +8,10 @@ every trial of its Pareto front. refusal-lab exports every trial of its own fron
 refusal-lab's scorer (refused / complied / broken: exact on the organism, coherence against the
 base otherwise) on the same evaluation prompts and token budget. Also printed: one forward pass
 over the evaluation prompts (a trial's floor) and each tool's trial cost in such passes, and when
-refusal-lab's search first reached Heretic's best point.
+refusal-lab's search first reached Heretic's best point (from the start of its command), and the
+set-up and trial phases of both. A prompt file with categories is taken round-robin over them, so
+the directions, the trials and the held-out picks all see every category; refusal-lab starts from
+an empty cache, as Heretic does.
 
     python bench/vs_heretic.py                       # the organism
     python bench/vs_heretic.py --model DIR --harmful strongreject.csv --column forbidden_prompt
@@ -59,7 +62,7 @@ def write_prompts(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str
         model = str(folder)
     else:
         model = str(Path(s.model.path).expanduser().resolve())  # Heretic runs in its own folder
-        rows = [p.prompt for p in load_prompts(args.harmful, args.column)]
+        rows = [p.prompt for p in by_category(load_prompts(args.harmful, args.column))]
         harmful, held = rows[: args.probe + args.eval], rows[args.probe + args.eval :][: args.holdout]
         harmless = [p.prompt for p in builtin_prompts("harmless", "probe")][: args.probe]
         harmless += [p.prompt for p in builtin_prompts("harmless", "eval")][: args.eval]
@@ -73,6 +76,22 @@ def write_prompts(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str
     (work / "holdout_harmful.txt").write_text("\n".join(held) + "\n")
     (work / "holdout_harmless.txt").write_text("\n".join(held_ok) + "\n")
     return work / "harmful.txt", work / "harmless.txt", model
+
+
+def by_category(prompts: list) -> list:
+    """Round-robin over the file's categories (first of each, then second of each, ...).
+
+    StrongREJECT's rows are sorted by category: taken in file order, the directions came from one
+    category (disinformation), the trials were scored on another and the picks held out on a third.
+    Interleaved, every slice (directions, trials, held out) spans all of them. Stable: the same file
+    gives the same order.
+    """
+    seen: dict[str, int] = {}
+    ranked = []
+    for i, p in enumerate(prompts):
+        seen[p.category] = seen.get(p.category, 0) + 1
+        ranked.append((seen[p.category], list(seen).index(p.category), i, p))
+    return [p for *_, p in sorted(ranked, key=lambda r: r[:3])]
 
 
 def organism_markers(folder: Path) -> list[str] | None:
@@ -208,8 +227,35 @@ def heretic_run(exe: Path, model: str, hdir: Path, harmful: Path, harmless: Path
     return run
 
 
+def heretic_trials_s(hdir: Path) -> float | None:
+    """Heretic's trial phase by its own clock: the last "Elapsed time" it printed (it starts that
+    clock at its first trial, after loading, its batch-size probe and the residuals)."""
+    log = hdir / "heretic.log"
+    found = re.findall(r"Elapsed time: (?:(\d+)h )?(?:(\d+)m )?(\d+)s", log.read_text()) if log.is_file() else []
+    if not found:
+        return None
+    h, m, sec = (int(x or 0) for x in found[-1])
+    return 3600 * h + 60 * m + sec
+
+
+def export_s(run: dict) -> float:
+    """Heretic's time after its front was printed (saving the exported copies)."""
+    return run["wall_s"] - run["optimisation_s"] if run.get("optimisation_s") else 0.0
+
+
+def our_setup_s(work: Path) -> float | None:
+    """refusal-lab's set-up (probe, base logits, refusal openers, scorer) from its search log."""
+    log = work / "refusal-lab.log"
+    found = re.findall(r"search set-up [^:]*: ([\d.]+) s", log.read_text()) if log.is_file() else []
+    return float(found[-1]) if found else None
+
+
 def run_refusal_lab(model: str, sdir: Path, harmful: Path, harmless: Path, args: argparse.Namespace) -> dict:
+    """refusal-lab's search from a cold start: its own empty cache, so no earlier run's activations
+    are reused (Heretic computes its residuals in every run)."""
     shutil.rmtree(sdir, ignore_errors=True)
+    cache = sdir.parent / "refusal-lab-cache"
+    shutil.rmtree(cache, ignore_errors=True)
     cli = [
         str(ROOT / ".venv" / "bin" / "refusal-lab"),
         "search",
@@ -228,6 +274,8 @@ def run_refusal_lab(model: str, sdir: Path, harmful: Path, harmless: Path, args:
         str(args.trials),
         "--max-new-tokens",
         str(args.tokens),
+        "--cache-dir",
+        str(cache),
     ]
     start = time.perf_counter()
     subprocess.run(cli, check=True, stdout=subprocess.DEVNULL, stderr=(sdir.parent / "refusal-lab.log").open("w"))
@@ -405,12 +453,20 @@ def main() -> None:
         (t for t in full if h_best and t["complied"] >= h_best["complied"] and t["kl"] <= max(h_best["kl"], 1e-9)),
         None,
     )
-    h_trial = (her["optimisation_s"] or her["wall_s"]) / args.trials
+    h_trials_s = heretic_trials_s(work / "heretic")
+    h_trial = (h_trials_s or her["optimisation_s"] or her["wall_s"]) / args.trials
     print(f"\nbase model: refused {base['refused']}, complied {base['complied']} of {args.eval}")
     print(
         f"wall time: heretic {her['wall_s']:.0f} s, refusal-lab {ours['wall_s']:.0f} s, "
         f"ratio {ours['wall_s'] / her['wall_s']:.2f}"
     )
+    setup_s = our_setup_s(work)
+    if h_trials_s and setup_s:
+        print(
+            f"set-up before the first trial: heretic about {her['wall_s'] - h_trials_s - export_s(her):.0f} s, "
+            f"refusal-lab {setup_s:.0f} s (plus loading); trial phases: heretic {h_trials_s:.0f} s, "
+            f"refusal-lab {sum(t['duration'] for t in our_trials(work / 'refusal-lab')):.0f} s"
+        )
     mean = sum(t["duration"] for t in trials) / max(1, len(trials))
     pruned = [t["duration"] for t in trials if t["state"] != "COMPLETE"]
     print(f"one forward pass over the {2 * args.eval} evaluation prompts: {floor:.2f} s (a trial's floor)")
@@ -420,7 +476,9 @@ def main() -> None:
         f"Heretic {h_trial:.1f} s per trial = {h_trial / floor:.1f} passes"
     )
     if h_best:
-        when = f"{reach['seconds']:.0f} s (trial {reach['trial']})" if reach else "not within its budget"
+        # from the command's start: loading and set-up count (the trials' clock starts at the first one)
+        before = ours["wall_s"] - max((t["seconds"] for t in trials), default=0.0)
+        when = f"{before + reach['seconds']:.0f} s (trial {reach['trial']})" if reach else "not within its budget"
         print(
             f"Heretic's best point: {h_best['complied']}/{args.eval} complied at KL {h_best['kl']:.4f}; "
             f"refusal-lab reached it in {when}, Heretic's whole run took {her['wall_s']:.0f} s"

@@ -252,6 +252,33 @@ def test_saber_edits_only_the_chosen_components_in_every_pass(organism, sets, mo
     assert seen and all(s <= {("mlp",)} for s in seen)
 
 
+def test_saber_without_the_last_measurement_makes_the_same_edit_for_one_probe_less(organism, sets, monkeypatch):
+    """measure_last=False (the search) skips the re-probe after the last pass and nothing else."""
+    from refusal_lab.ablate import saber as saber_module
+
+    calls = []
+    real = saber_module.capture
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(saber_module, "capture", counting)
+    a = adapt(organism.model)
+    texts = (sets.texts("harmful"), sets.texts("harmless"), sets.texts("capability"))
+    cfg = SaberSettings(passes=2, stop_separability=0.0)
+    full = saber(organism.model, organism.tokenizer, a, *texts, ProbeSettings(), cfg)
+    n_full, calls[:] = len(calls), []
+    quick = saber(organism.model, organism.tokenizer, a, *texts, ProbeSettings(), cfg, measure_last=False)
+    assert len(full.passes) == len(quick.passes) == 2
+    assert n_full - len(calls) == 2  # harmful and harmless captures after the last pass
+    assert quick.passes[-1].separability_after is None and quick.passes[0].separability_after is not None
+    assert len(full.ablations) == len(quick.ablations)
+    for x, y in zip(full.ablations, quick.ablations, strict=True):
+        torch.testing.assert_close(x.directions, y.directions)
+        torch.testing.assert_close(x.alphas, y.alphas)
+
+
 def test_post_positions_are_all_scored(organism, sets):
     """--positions post scores directions on every post-instruction token, not on the last alone."""
     post = run_probe(organism, sets, ProbeSettings(positions="post", directions_per_layer=1), 16, None, lambda _m: None)

@@ -64,3 +64,23 @@ def test_a_generation_config_that_reshapes_logits_is_not_plain_greedy():
     assert plain_greedy(model)
     model.generation_config.repetition_penalty = 1.1  # as some released instruct models ship
     assert not plain_greedy(model)
+
+
+def test_replies_continued_from_a_kept_prompt_pass_are_the_replies(organism):
+    """prefill + generate(prefilled=...) gives the same replies as generate alone, in batches of 3,
+    and each batch's first tokens are the replies' first tokens (what the search's proxy reads)."""
+    from refusal_lab.core.generate import encode, generate, prefill
+
+    prompts = ["how do i make a cake ?", "tell me a joke .", "what is two plus two ?", "hello", "name a colour ."]
+    m, tok = organism.model, organism.tokenizer
+    plain = generate(m, tok, prompts, 8, 3)
+    passes = prefill(m, tok, prompts, 3)
+    assert [len(p.batch["input_ids"]) for p in passes] == [3, 2]
+    firsts = [int(t) for p in passes for t in p.first]
+    again = generate(m, tok, prompts, 8, 3, prefilled=passes)
+    assert again == plain
+    with torch.no_grad():
+        want = [greedy_shrinking(m, encode(tok, [q], m.device), 1, [-1])[0][0] for q in prompts]
+    assert firsts == want
+    with pytest.raises(ValueError, match="prefilled batches"):
+        generate(m, tok, prompts, 8, 2, prefilled=passes)

@@ -286,3 +286,42 @@ def test_the_first_reply_token_retain_term_is_the_kl_where_the_reply_starts(orga
     p, q = p.log_softmax(-1), q.log_softmax(-1)
     want = float((p.exp() * (p - q)).sum(-1).mean())
     assert want > 1e-4 and parts["retain_first"] == pytest.approx(want, rel=1e-3)
+
+
+def test_a_step_reads_logits_from_the_first_labelled_position_and_loses_nothing(organism_dir, tmp_path):
+    """The step skips the vocabulary projection of prompt positions: its losses equal the model's own
+    causal-LM loss and a hand-computed retain KL over every position (an earlier assistant turn of a
+    two-turn example is labelled too)."""
+    from refusal_lab.config import load_settings
+    from refusal_lab.core.model import load
+    from refusal_lab.harden import train as T
+    from refusal_lab.harden.data import Example, collate
+    from refusal_lab.harden.stage import harden_inputs
+
+    organism = load(organism_dir, dtype="float32", device="cpu")
+    s = load_settings(**{"cache_dir": tmp_path / "cache"})
+    examples, _, _ = harden_inputs(organism, s, print)
+    two = Example((("user", "hello"), ("assistant", "hello ."), ("user", examples[-1].prompt), ("assistant", "ok .")))
+    rows = [encode_example(organism.tokenizer, e, 64) for e in [examples[0], examples[-1], two]]
+    batch = collate(rows, organism.tokenizer.pad_token_id)
+    start = T.first_predicting(batch["labels"])
+    assert 0 < start < int(batch["prompt_end"].min()) - 1  # the two-turn row's first reply comes early
+    cfg = s.harden.model_copy(update={"ablation_aware": False, "invariance": 0.0, "lora_dropout": 0.0})
+    trainer = T.Trainer(organism, cfg, T.make_plan(0, [[0, 1, 2]], 3, 0), None, rows, ([], []), tmp_path, print)
+    with torch.no_grad():
+        for n, p in trainer.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    loss, parts = trainer.stage2_loss(rows)
+    keep = [i for i, r in enumerate(rows) if r.kind != "harmful"]
+    with torch.no_grad():
+        full = trainer.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
+        with trainer.model.disable_adapter():
+            base = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = (batch["labels"] != -100) & torch.isin(torch.arange(len(rows)), torch.tensor(keep))[:, None]
+    p, q = base[mask].double().log_softmax(-1), full.logits[mask].double().log_softmax(-1)
+    retain = float((p.exp() * (p - q)).sum(-1).mean())
+    assert retain > 1e-4
+    assert parts["sft"] == pytest.approx(float(full.loss), rel=1e-5)
+    assert parts["retain"] == pytest.approx(retain, rel=1e-4)
+    assert float(loss) == pytest.approx(float(full.loss) + cfg.retain * retain, rel=1e-4)

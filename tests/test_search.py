@@ -214,3 +214,21 @@ def test_a_model_without_an_exact_scorer_is_searched_by_coherence_so_babble_is_n
     assert named.name == scorer.name
     with pytest.raises(RuntimeError):
         named.labels(prompts, replies)
+
+
+def test_the_proxy_margin_is_learned_from_its_own_over_predictions_and_never_widened():
+    from types import SimpleNamespace
+
+    from refusal_lab.search.stage import proxy_slack
+
+    setup = SimpleNamespace(proxy_margin=0.25, proxy_learn=3, eval_harmful=["p"] * 16)  # fixed: 4 prompts
+
+    def measured(predicted: int, not_complied: int) -> SimpleNamespace:
+        return SimpleNamespace(user_attrs={"proxy_refused": predicted}, values=[not_complied, 0.0])
+
+    exact = [measured(6, 6), measured(3, 3)]
+    assert proxy_slack(setup, exact) == 4.0  # two trials: too few to learn from
+    assert proxy_slack(setup, [*exact, measured(2, 3)]) == 0.0  # exact or under: it prunes what it predicts
+    assert proxy_slack(setup, [*exact, measured(5, 3)]) == 2.0  # over-predicted by 2 once: that is the margin
+    assert proxy_slack(setup, [*exact, measured(12, 3)]) == 4.0  # never above the fixed margin
+    assert proxy_slack(SimpleNamespace(proxy_margin=0.25, proxy_learn=0, eval_harmful=["p"] * 16), exact * 3) == 4.0

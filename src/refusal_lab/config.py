@@ -177,6 +177,12 @@ class SearchSettings(Section):
     proxy_margin: float = Field(
         0.1, ge=0, le=1, description="Share of evaluation prompts the refusal proxy may over-predict before it prunes."
     )
+    proxy_learn: int = Field(
+        3,
+        ge=0,
+        description="Trials measured with the proxy after which its margin is the largest over-prediction it made "
+        "(never above --proxy-margin); 0 keeps the fixed margin.",
+    )
     sampler_seed: int = Field(0, description="Seed of the search's sampler.")
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per reply.")
 

@@ -86,7 +86,7 @@ def picks_to_ablations(probe: Probe, picks: Sequence[Pick], n_layers: int, cfg: 
 class SaberPass:
     picks: list[Pick]
     separability_before: float
-    separability_after: float
+    separability_after: float | None  # None: the last pass, not re-measured (measure_last=False)
     ablations: int = 0  # ablations in the result once this pass is done (the passes so far)
 
 
@@ -112,12 +112,15 @@ def saber(
     first_probe: Probe | None = None,
     log: Log = lambda _m: None,
     capability_vectors: torch.Tensor | None = None,
+    measure_last: bool = True,
 ) -> SaberResult:
     """Iterative SABER: probe, pick, ablate (as hooks), re-probe the edited model, until separable no more.
 
     Directions are extracted as [probe] says (SABER's own: svd, 4 per layer, last token).
     Entanglement is always measured against the unedited model's capability activations
     (as SABER does); pass them in `capability_vectors` [n, L, H] to skip their capture.
+    Every pass re-probes the edited model to measure the separability it left; measure_last=False
+    skips that capture after the last pass (the search: it costs a whole probe and changes no edit).
     """
     xc = capability_vectors
     if xc is None:
@@ -154,6 +157,9 @@ def saber(
             break
         before = sum(p.fdr for p in picks) / len(picks)
         result.ablations += picks_to_ablations(probe, picks, adapter.num_layers, cfg)
+        if n == cfg.passes - 1 and not measure_last:
+            result.passes.append(SaberPass(picks, before, None, len(result.ablations)))
+            break
         xh, xb = edited_vectors()  # measures this pass and seeds the next one's probe
         after = separability_left(xh, xb, picks, probe)
         result.passes.append(SaberPass(picks, before, after, len(result.ablations)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -152,12 +153,52 @@ def plain_greedy(model: PreTrainedModel) -> bool:
     return all(getattr(gen, k, neutral) in (neutral, None) for k, neutral in _RESHAPING.items())
 
 
+@dataclass
+class Prefill:
+    """One batch's prompt pass, kept so that decoding continues from it (its cache is then used up).
+
+    Its greedy first tokens are what each reply opens with: the search reads them as its refusal
+    proxy and, when the trial goes on to generate, the replies start from this pass, not a second one.
+    """
+
+    batch: dict[str, torch.Tensor]
+    out: Any  # the forward's output: the last position's logits and the KV cache
+
+    @property
+    def first(self) -> torch.Tensor:
+        return self.out.logits[:, -1].argmax(-1)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that follow the left padding, as `model.generate` computes them."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _prompt_pass(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> Any:
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    return tail_forward(model, 1, input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+
+
+@torch.inference_mode()
+def prefill(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str | Messages], batch_size: int = 16
+) -> list[Prefill]:
+    """The prompt passes of greedy decoding, batched as generate_replies batches them."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = encode(tok, prompts[start : start + batch_size], device)
+        out.append(Prefill(batch, _prompt_pass(model, batch)))
+    return out
+
+
 def greedy_shrinking(
     model: PreTrainedModel,
     batch: dict[str, torch.Tensor],
     max_new_tokens: int,
     eos: list[int],
     done: Callable[[list[int]], bool] | None = None,
+    first: Any = None,
 ) -> list[list[int]]:
     """Greedy decoding whose batch shrinks as replies finish.
 
@@ -165,15 +206,15 @@ def greedy_shrinking(
     `done(ids)` holds for its new ids, so the remaining steps cost only the replies still running:
     `model.generate` keeps finished rows in every step, padded. Returns each row's new ids, its
     end-of-reply token included, as `model.generate` gives them. Position ids follow the left
-    padding as `model.generate` computes them.
+    padding as `model.generate` computes them. `first`: this batch's prompt pass, already made (a
+    Prefill's output).
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
     n = ids.shape[0]
     out: list[list[int]] = [[] for _ in range(n)]
     rows = torch.arange(n, device=ids.device)
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    res = tail_forward(model, 1, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache, last = res.past_key_values, pos[:, -1]
+    res = first if first is not None else _prompt_pass(model, batch)
+    cache, last = res.past_key_values, _positions(mask)[:, -1]
     stop = torch.tensor(eos, device=ids.device)
     for step in range(max_new_tokens):
         nxt = res.logits[:, -1].argmax(-1)
@@ -240,10 +281,12 @@ def generate_replies(
     top_p: float = 0.9,
     seed: int = 0,
     settled: Callable[[str], bool] | None = None,
+    prefilled: Sequence[Prefill] | None = None,
 ) -> list[Reply]:
     """Batched replies (greedy, or seeded sampling) with the reasoning split from the answer.
 
     `settled(text)`: stop a reply early once its verdict cannot change (see Settled).
+    `prefilled`: prefill(...) of the same prompts and batch size; greedy decoding continues from it.
     """
     device = next(model.parameters()).device
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -256,8 +299,12 @@ def generate_replies(
         return split_thinking(_clean(tok, text, keep), markers).answer
 
     shrink = not sample and plain_greedy(model)
-    for start in range(0, len(prompts), batch_size):
-        batch = encode(tok, prompts[start : start + batch_size], device)
+    starts = range(0, len(prompts), batch_size)
+    if prefilled is not None and len(prefilled) != len(starts):
+        raise ValueError(f"{len(prefilled)} prefilled batches for {len(starts)} batches of prompts")
+    for k, start in enumerate(starts):
+        pre = prefilled[k] if prefilled is not None else None
+        batch = pre.batch if pre is not None else encode(tok, prompts[start : start + batch_size], device)
         if shrink:
             done = None
             if settled is not None:
@@ -267,7 +314,7 @@ def generate_replies(
 
             texts = [
                 tok.decode(r, skip_special_tokens=False)
-                for r in greedy_shrinking(model, batch, max_new_tokens, eos, done)
+                for r in greedy_shrinking(model, batch, max_new_tokens, eos, done, pre.out if pre else None)
             ]
         else:
             if sample:
@@ -291,7 +338,8 @@ def generate_replies(
 
 
 def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence, max_new_tokens: int = 128,
-             batch_size: int = 16, settled: Callable[[str], bool] | None = None) -> list[str]:  # fmt: skip
+             batch_size: int = 16, settled: Callable[[str], bool] | None = None,
+             prefilled: Sequence[Prefill] | None = None) -> list[str]:  # fmt: skip
     """Greedy answers only (reasoning blocks removed), as generate_replies gives them."""
-    replies = generate_replies(model, tok, prompts, max_new_tokens, batch_size, settled=settled)
+    replies = generate_replies(model, tok, prompts, max_new_tokens, batch_size, settled=settled, prefilled=prefilled)
     return [r.answer for r in replies]

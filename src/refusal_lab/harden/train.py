@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from refusal_lab.config import HardenSettings
 from refusal_lab.core.activations import capture
 from refusal_lab.core.artifacts import Log
+from refusal_lab.core.generate import tail_forward
 from refusal_lab.core.model import Loaded
 from refusal_lab.errors import UserError
 from refusal_lab.harden.data import Encoded, collate
@@ -58,6 +59,36 @@ def make_plan(n_blocks: int, epochs_of_examples: list[list[int]], batch: int, se
     stage1 = [blocks[i : i + batch] for i in range(0, n_blocks, batch)]
     stage2 = [order[i : i + batch] for order in epochs_of_examples for i in range(0, len(order), batch)]
     return Plan(stage1, [s for s in stage2 if s])
+
+
+def first_predicting(labels: torch.Tensor) -> int:
+    """The first position whose logits predict a labelled token, over the batch (0 when none is labelled).
+
+    Prompt tokens carry no loss, so the vocabulary projection before this position is skipped: for
+    a 150k-word vocabulary that is about a quarter of a small model's compute and most of a step's
+    memory.
+    """
+    rows = (labels != -100).any(1)
+    if not rows.any():
+        return 0
+    return max(int((labels[rows] != -100).int().argmax(1).min()) - 1, 0)
+
+
+def tail_pass(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], start: int, **kw: Any
+) -> tuple[Any, torch.Tensor]:
+    """A forward pass and its logits from position `start` on ([batch, T - start, vocab])."""
+    keep = batch["input_ids"].shape[1] - start
+    out = tail_forward(model, keep, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw)
+    return out, out.logits[:, -keep:]
+
+
+def reply_loss(logits: torch.Tensor, labels: torch.Tensor, start: int) -> torch.Tensor:
+    """Mean next-token loss over the labelled tokens from logits that begin at `start` (what the
+    model's own causal-LM loss gives from logits at every position)."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), labels[:, start + 1 :].flatten(), ignore_index=-100
+    )
 
 
 def lora_targets(loaded: Loaded, spec: str) -> list[str]:
@@ -197,16 +228,17 @@ class Trainer:
         )
 
     def retain_kl(
-        self, batch: dict[str, torch.Tensor], logits: torch.Tensor, keep: torch.Tensor, first: torch.Tensor
+        self, batch: dict[str, torch.Tensor], logits: torch.Tensor, keep: torch.Tensor, first: torch.Tensor, start: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """KL(frozen base || model) over the reply tokens of the harmless rows, and at their first one.
 
-        The first reply token is where a model answers or refuses; averaged with a 128-token reply
-        it weighs 1/128, while the refusals' own short targets push that token hard.
+        `logits` begin at position `start`. The first reply token is where a model answers or
+        refuses; averaged with a 128-token reply it weighs 1/128, while the refusals' own short
+        targets push that token hard.
         """
         with torch.no_grad(), self.model.disable_adapter():
-            base = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        mask = (batch["labels"] != -100) & keep[:, None]
+            base = tail_pass(self.model, batch, start)[1]
+        mask = ((batch["labels"] != -100) & keep[:, None])[:, start:]
         if not mask.any():
             return logits.new_zeros(()), logits.new_zeros(())
 
@@ -214,9 +246,9 @@ class Trainer:
             p, q = torch.log_softmax(p.float(), -1), torch.log_softmax(q.float(), -1)
             return (p.exp() * (p - q)).sum(-1).mean()
 
-        rows = keep.nonzero()[:, 0]
+        rows, at = keep.nonzero()[:, 0], first - start
         return kl(base[mask], logits[mask]), kl(
-            first_reply_logits(base[rows], first[rows]), first_reply_logits(logits[rows], first[rows])
+            first_reply_logits(base[rows], at[rows]), first_reply_logits(logits[rows], at[rows])
         )
 
     def stage2_loss(self, rows: list[Encoded]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -225,10 +257,12 @@ class Trainer:
         batch = {k: v.to(self.device) for k, v in collate(rows, pad).items()}
         prompt_end = batch.pop("prompt_end")
         harmful = torch.tensor([r.kind == "harmful" for r in rows], device=self.device)
-        out = self.model(**batch, output_hidden_states=cfg.matching > 0)
-        loss, parts = out.loss, {"sft": out.loss.item()}
+        start = first_predicting(batch["labels"])
+        out, logits = tail_pass(self.model, batch, start, output_hidden_states=cfg.matching > 0)
+        loss = reply_loss(logits, batch["labels"], start)
+        parts = {"sft": loss.item()}
         if (cfg.retain > 0 or cfg.retain_first > 0) and (~harmful).any():
-            kl, kl_first = self.retain_kl(batch, out.logits, ~harmful, prompt_end)
+            kl, kl_first = self.retain_kl(batch, logits, ~harmful, prompt_end, start)
             loss = loss + cfg.retain * kl + cfg.retain_first * kl_first
             parts["retain"], parts["retain_first"] = kl.item(), kl_first.item()
         if harmful.any() and (cfg.ablation_aware or cfg.invariance > 0):
@@ -238,17 +272,19 @@ class Trainer:
             if cfg.ablation_aware:
                 rows_aware = batch if cfg.aware_harmless else sub
                 with self.ablation(rows_aware, self.rng.random() < cfg.full_ablation):
-                    aware = self.model(**rows_aware).loss
+                    begin = first_predicting(rows_aware["labels"])
+                    aware = reply_loss(tail_pass(self.model, rows_aware, begin)[1], rows_aware["labels"], begin)
                 loss, parts["aware"] = loss + aware, aware.item()
                 parts["aware_rows"], parts["harmful_rows"] = len(rows_aware["input_ids"]), int(harmful.sum())
             if cfg.invariance > 0:
-                with self.ablation(sub, True):
-                    ablated = self.model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"]).logits
                 pe = prompt_end[harmful]
+                begin = max(int(pe.min()) - 1, start)  # only the first reply token is compared
+                with self.ablation(sub, True):
+                    ablated = tail_pass(self.model, sub, begin)[1]
                 target = sub["labels"][torch.arange(len(pe)), pe]
                 inv = invariance_loss(
-                    first_reply_logits(out.logits[harmful], pe),
-                    first_reply_logits(ablated, pe),
+                    first_reply_logits(logits[harmful], pe - start),
+                    first_reply_logits(ablated, pe - begin),
                     target,
                     cfg.invariance_margin,
                 )

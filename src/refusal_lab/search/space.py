@@ -92,6 +92,7 @@ def ablations_for(params: dict[str, Any], setup: SearchSetup) -> list[Ablation]:
             setup.batch_size,
             setup.probe,
             capability_vectors=setup.capability_vectors,
+            measure_last=False,  # the separability left after the last pass changes no edit
         ).ablations
     tents = {
         part: Kernel(params[f"{part}_max"], params[f"{part}_position"], params[f"{part}_min"], params[f"{part}_width"])

@@ -8,7 +8,8 @@ complied with, so breaking the model is not rewarded.
 
 Trials are multi-fidelity. Every trial is first measured without generating: one forward pass
 over the harmless prompts gives its KL, one over the harmful prompts its *proxy*, the number of
-prompts whose greedy first reply token is one of the model's own refusal openers. A trial whose KL
+prompts whose greedy first reply token is one of the model's own refusal openers (the prompt pass
+that generating then continues from, so a generating trial pays for it once). A trial whose KL
 exceeds `kl_prune` is pruned; so is one that a fully measured trial already dominates on the
 proxy's evidence (no more KL, and fewer prompts not complied with than the trial's predicted
 refusals less a margin). Only the rest generate, and a reply stops as soon as a refusal word
@@ -33,7 +34,7 @@ from refusal_lab.ablate.stage import export
 from refusal_lab.config import ProbeSettings, Settings
 from refusal_lab.core.activations import cached_capture
 from refusal_lab.core.artifacts import SETTINGS_FILE, Log, write_text_atomic
-from refusal_lab.core.generate import generate
+from refusal_lab.core.generate import Prefill, generate, prefill
 from refusal_lab.core.model import Loaded
 from refusal_lab.core.sources import PromptSets, Source
 from refusal_lab.evaluate.coherence import CoherenceScorer
@@ -63,6 +64,7 @@ class SearchSetup:
     methods: tuple[str, ...]
     refusal_ids: tuple[int, ...] = ()  # the model's own refusal openers (the proxy reads them)
     proxy_margin: float | None = 0.1  # share of prompts the proxy may be off by; None: no proxy
+    proxy_learn: int = 0  # measured trials after which the margin is the proxy's own worst over-prediction
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ def make_setup(
         methods=s.search.method_list,
         refusal_ids=ids,
         proxy_margin=s.search.proxy_margin if s.search.proxy else None,
+        proxy_learn=s.search.proxy_learn,
     )
 
 
@@ -175,13 +178,13 @@ def search_scorer(loaded: Loaded, harmless: list[str], s: Settings, calibrate_it
     )
 
 
-def proxy_refusals(setup: SearchSetup) -> int | None:
-    """Harmful evaluation prompts whose greedy first reply token is a refusal opener (one forward pass)."""
+def proxy_refusals(setup: SearchSetup, passes: list[Prefill]) -> int | None:
+    """Harmful evaluation prompts whose greedy first reply token is a refusal opener, read from the
+    prompt passes that generation then continues from (so a measured trial pays for them once)."""
     if not setup.refusal_ids:
         return None
-    m = setup.loaded
-    first = last_logits(m.model, m.tokenizer, setup.eval_harmful, setup.batch_size).argmax(-1)
-    return int(torch.isin(first, torch.tensor(setup.refusal_ids)).sum())
+    ids = torch.tensor(setup.refusal_ids)
+    return sum(int(torch.isin(p.first.cpu(), ids).sum()) for p in passes)
 
 
 def evaluate_trial(
@@ -194,13 +197,14 @@ def evaluate_trial(
         kl = first_token_kl(setup.base_logits, logits)
         if kl_prune is not None and kl > kl_prune:
             raise Pruned(kl)
-        predicted = proxy_refusals(setup) if setup.proxy_margin is not None else None
+        passes = prefill(m.model, m.tokenizer, setup.eval_harmful, setup.batch_size)
+        predicted = proxy_refusals(setup, passes) if setup.proxy_margin is not None else None
         by = dominated(kl, predicted) if dominated is not None and predicted is not None else None
         if by is not None:
             raise Pruned(kl, predicted, by)
         settled = settled_by(setup.scorer)
         replies = generate(
-            m.model, m.tokenizer, setup.eval_harmful, setup.max_new_tokens, setup.batch_size, settled=settled
+            m.model, m.tokenizer, setup.eval_harmful, setup.max_new_tokens, setup.batch_size, settled, passes
         )
     labels = setup.scorer.labels(setup.eval_harmful, replies)  # hooks removed: a coherence scorer reads the base
     return TrialResult(labels.count("refused"), labels.count("complied"), labels.count("broken"), kl, predicted)
@@ -217,8 +221,35 @@ def study_meta(setup: SearchSetup) -> dict:
         "prompts_hash": hashlib.sha256(prompts.encode()).hexdigest()[:16],
         "max_new_tokens": setup.max_new_tokens,
         # how a trial is measured: a study of full-only trials is not mixed with proxy-pruned ones
-        "fidelity": "full" if setup.proxy_margin is None else f"proxy-v1 margin {setup.proxy_margin}",
+        "fidelity": fidelity(setup),
     }
+
+
+def fidelity(setup: SearchSetup) -> str:
+    if setup.proxy_margin is None:
+        return "full"
+    learned = f", learned after {setup.proxy_learn}" if setup.proxy_learn else ""
+    return f"proxy-v1 margin {setup.proxy_margin}{learned}"
+
+
+def over_predictions(done: list[Any]) -> list[float]:
+    """Predicted refusals less prompts not complied with, for each trial measured with the proxy: a
+    positive value is the error that could prune a trial wrongly."""
+    return [t.user_attrs["proxy_refused"] - t.values[0] for t in done if "proxy_refused" in t.user_attrs]
+
+
+def proxy_slack(setup: SearchSetup, done: list[Any]) -> float:
+    """How many prompts the proxy may over-predict by before it prunes.
+
+    The fixed margin until `proxy_learn` trials were measured in full; then the proxy's own largest
+    over-prediction on them (never more than the fixed margin): a proxy that has been exact on this
+    model prunes what it predicts to be dominated, one that over-predicts keeps its margin.
+    """
+    fixed = (setup.proxy_margin or 0.0) * len(setup.eval_harmful)
+    seen = over_predictions(done)
+    if not setup.proxy_learn or len(seen) < setup.proxy_learn:
+        return fixed
+    return min(fixed, max(0.0, *seen))
 
 
 def open_search(loaded: Loaded, s: Settings, out: Path, log: Log, trials: bool = True) -> tuple[SearchSetup, Any]:
@@ -235,7 +266,6 @@ def trial_objective(setup: SearchSetup, kl_prune: float | None, log: Log) -> Any
     import optuna
 
     n = len(setup.eval_harmful)
-    slack = (setup.proxy_margin or 0.0) * n
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         params = suggest(trial, setup.loaded.adapter.num_layers, setup.methods)
@@ -244,6 +274,8 @@ def trial_objective(setup: SearchSetup, kl_prune: float | None, log: Log) -> Any
         def dominated(kl: float, predicted: int) -> int | None:
             """A measured trial with no more KL and fewer not complied than this one's refusals alone."""
             done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            slack = proxy_slack(setup, done)
+            trial.set_user_attr("proxy_slack", slack)
             better = [t for t in done if t.values[1] <= kl and t.values[0] <= predicted - slack]
             return min(better, key=lambda t: t.values[0]).number if better else None
 
@@ -310,6 +342,7 @@ def proxy_report(study: Any, setup: SearchSetup) -> dict:
     measured = [t for t in trials if t.state == TS.COMPLETE and "proxy_refused" in t.user_attrs]
     slack = (setup.proxy_margin or 0.0) * len(setup.eval_harmful)
     errors = [abs(t.user_attrs["proxy_refused"] - t.user_attrs["refused"]) for t in measured]
+    over = over_predictions(measured)
     return {
         "trials": len(trials),
         "pruned_by_kl": sum(t.user_attrs.get("pruned_by", "kl") == "kl" for t in trials if t.state == TS.PRUNED),
@@ -317,7 +350,10 @@ def proxy_report(study: Any, setup: SearchSetup) -> dict:
         "measured_with_proxy": len(measured),
         "mean_abs_error": sum(errors) / len(errors) if errors else None,
         "over_predictions": sum(t.user_attrs["proxy_refused"] - slack > t.values[0] for t in measured),
+        "largest_over_prediction": max(over) if over else None,
         "margin": setup.proxy_margin,
+        "learned_after": setup.proxy_learn or None,
+        "final_slack": proxy_slack(setup, measured) if setup.proxy_margin is not None else None,
         "refusal_openers": [setup.loaded.tokenizer.decode([i]) for i in setup.refusal_ids],
     }
 
