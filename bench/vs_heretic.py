@@ -465,7 +465,7 @@ def main() -> None:
         print(
             f"set-up before the first trial: heretic about {her['wall_s'] - h_trials_s - export_s(her):.0f} s, "
             f"refusal-lab {setup_s:.0f} s (plus loading); trial phases: heretic {h_trials_s:.0f} s, "
-            f"refusal-lab {sum(t['duration'] for t in our_trials(work / 'refusal-lab')):.0f} s"
+            f"refusal-lab {sum(t['duration'] for t in trials):.0f} s"
         )
     mean = sum(t["duration"] for t in trials) / max(1, len(trials))
     pruned = [t["duration"] for t in trials if t["state"] != "COMPLETE"]

@@ -66,7 +66,7 @@ def test_a_generation_config_that_reshapes_logits_is_not_plain_greedy():
     assert not plain_greedy(model)
 
 
-def test_replies_continued_from_a_kept_prompt_pass_are_the_replies(organism):
+def test_replies_continued_from_a_kept_prompt_pass_are_the_replies(organism, monkeypatch):
     """prefill + generate(prefilled=...) gives the same replies as generate alone, in batches of 3,
     and each batch's first tokens are the replies' first tokens (what the search's proxy reads)."""
     from refusal_lab.core.generate import encode, generate, prefill
@@ -77,8 +77,13 @@ def test_replies_continued_from_a_kept_prompt_pass_are_the_replies(organism):
     passes = prefill(m, tok, prompts, 3)
     assert [len(p.batch["input_ids"]) for p in passes] == [3, 2]
     firsts = [int(t) for p in passes for t in p.first]
+    from refusal_lab.core import generate as G
+
+    repeated = []
+    real = G._prompt_pass
+    monkeypatch.setattr(G, "_prompt_pass", lambda *a: repeated.append(1) or real(*a))
     again = generate(m, tok, prompts, 8, 3, prefilled=passes)
-    assert again == plain
+    assert again == plain and not repeated  # the kept passes were used, not made again
     with torch.no_grad():
         want = [greedy_shrinking(m, encode(tok, [q], m.device), 1, [-1])[0][0] for q in prompts]
     assert firsts == want

@@ -288,7 +288,7 @@ def test_the_first_reply_token_retain_term_is_the_kl_where_the_reply_starts(orga
     assert want > 1e-4 and parts["retain_first"] == pytest.approx(want, rel=1e-3)
 
 
-def test_a_step_reads_logits_from_the_first_labelled_position_and_loses_nothing(organism_dir, tmp_path):
+def test_a_step_reads_logits_from_the_first_labelled_position_and_loses_nothing(organism_dir, tmp_path, monkeypatch):
     """The step skips the vocabulary projection of prompt positions: its losses equal the model's own
     causal-LM loss and a hand-computed retain KL over every position (an earlier assistant turn of a
     two-turn example is labelled too)."""
@@ -312,7 +312,11 @@ def test_a_step_reads_logits_from_the_first_labelled_position_and_loses_nothing(
         for n, p in trainer.model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2)
+    kept, real = [], T.tail_forward
+    monkeypatch.setattr(T, "tail_forward", lambda model, keep, **kw: kept.append(keep) or real(model, keep, **kw))
     loss, parts = trainer.stage2_loss(rows)
+    monkeypatch.undo()
+    assert kept and all(k == batch["input_ids"].shape[1] - start for k in kept)  # prompt positions skipped
     keep = [i for i, r in enumerate(rows) if r.kind != "harmful"]
     with torch.no_grad():
         full = trainer.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")})

@@ -238,6 +238,11 @@ def over_predictions(done: list[Any]) -> list[float]:
     return [t.user_attrs["proxy_refused"] - t.values[0] for t in done if "proxy_refused" in t.user_attrs]
 
 
+def fixed_slack(setup: SearchSetup) -> float:
+    """--proxy-margin in prompts."""
+    return (setup.proxy_margin or 0.0) * len(setup.eval_harmful)
+
+
 def proxy_slack(setup: SearchSetup, done: list[Any]) -> float:
     """How many prompts the proxy may over-predict by before it prunes.
 
@@ -245,7 +250,7 @@ def proxy_slack(setup: SearchSetup, done: list[Any]) -> float:
     over-prediction on them (never more than the fixed margin): a proxy that has been exact on this
     model prunes what it predicts to be dominated, one that over-predicts keeps its margin.
     """
-    fixed = (setup.proxy_margin or 0.0) * len(setup.eval_harmful)
+    fixed = fixed_slack(setup)
     seen = over_predictions(done)
     if not setup.proxy_learn or len(seen) < setup.proxy_learn:
         return fixed
@@ -340,7 +345,6 @@ def proxy_report(study: Any, setup: SearchSetup) -> dict:
     TS = optuna.trial.TrialState
     trials = study.get_trials(deepcopy=False, states=(TS.COMPLETE, TS.PRUNED))
     measured = [t for t in trials if t.state == TS.COMPLETE and "proxy_refused" in t.user_attrs]
-    slack = (setup.proxy_margin or 0.0) * len(setup.eval_harmful)
     errors = [abs(t.user_attrs["proxy_refused"] - t.user_attrs["refused"]) for t in measured]
     over = over_predictions(measured)
     return {
@@ -349,7 +353,7 @@ def proxy_report(study: Any, setup: SearchSetup) -> dict:
         "pruned_by_proxy": sum(t.user_attrs.get("pruned_by") == "proxy" for t in trials),
         "measured_with_proxy": len(measured),
         "mean_abs_error": sum(errors) / len(errors) if errors else None,
-        "over_predictions": sum(t.user_attrs["proxy_refused"] - slack > t.values[0] for t in measured),
+        "over_predictions": sum(o > fixed_slack(setup) for o in over),
         "largest_over_prediction": max(over) if over else None,
         "margin": setup.proxy_margin,
         "learned_after": setup.proxy_learn or None,
