@@ -6,6 +6,7 @@ and all three. Usage:
 
     python bench/harden_throughput.py                         # the organism
     python bench/harden_throughput.py --model DIR --harmful strongreject.csv --column forbidden_prompt --steps 10
+    python bench/harden_throughput.py --model DIR ... --dtype bfloat16     # weights in bf16 (native-bf16 CPUs)
 """
 
 from __future__ import annotations
@@ -39,8 +40,16 @@ def main() -> None:
     ap.add_argument("--column", default="prompt")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     args = ap.parse_args()
-    s = load_settings(**{"model.path": args.model, "prompts.harmful": args.harmful, "prompts.column": args.column})
+    s = load_settings(
+        **{
+            "model.path": args.model,
+            "model.dtype": args.dtype,
+            "prompts.harmful": args.harmful,
+            "prompts.column": args.column,
+        }
+    )
     first = load_model(s)
     examples, _, weights = harden_inputs(first, s, print)
     order = apply_mix([e.category for e in examples], weights, 0)[: args.steps * args.batch]
@@ -50,7 +59,8 @@ def main() -> None:
         [e.prompt for e in examples if e.kind == "harmful"][:64],
         [e.prompt for e in examples if e.kind != "harmful"][:64],
     )
-    print(f"model {first.source.name}: {args.steps} steps x {args.batch} examples = {tokens} tokens per configuration")
+    dtype = next(first.model.parameters()).dtype
+    print(f"model {first.source.name} ({dtype}): {args.steps} steps x {args.batch} examples = {tokens} tokens each")
     base = None
     for name, opts in CONFIGS.items():
         cfg = s.harden.model_copy(update={**opts, "train_batch_size": args.batch, "checkpoint_every": 10**9})

@@ -11,7 +11,8 @@ over the evaluation prompts (a trial's floor) and each tool's trial cost in such
 refusal-lab's search first reached Heretic's best point (from the start of its command), and the
 set-up and trial phases of both. A prompt file with categories is taken round-robin over them, so
 the directions, the trials and the held-out picks all see every category; refusal-lab starts from
-an empty cache, as Heretic does.
+an empty cache, as Heretic does. Both load the weights in one dtype (--dtype; by default the
+checkpoint's own, which is what Heretic's "auto" loads; refusal-lab's own auto is float32 on a CPU).
 
     python bench/vs_heretic.py                       # the organism
     python bench/vs_heretic.py --model DIR --harmful strongreject.csv --column forbidden_prompt
@@ -125,6 +126,7 @@ def run_heretic(exe: Path, model: str, hdir: Path, harmful: Path, harmless: Path
 n_trials = {args.trials}
 max_response_length = {args.tokens}
 max_batch_size = {args.heretic_max_batch}
+dtypes = ["{args.dtype}"]
 study_checkpoint_dir = "{hdir / "checkpoints"}"
 export_strategy = "merge"
 {extra}
@@ -207,9 +209,17 @@ split = "[{p}:{p + e}]"
     }
 
 
+def checkpoint_dtype_name(folder: Path) -> str:
+    """The dtype a checkpoint was saved in (float32 when its config does not say)."""
+    from refusal_lab.core.model import DTYPES, checkpoint_dtype
+
+    stored = checkpoint_dtype(folder)
+    return next((name for name, d in DTYPES.items() if d == stored), "float32")
+
+
 def heretic_setting(model: str, args: argparse.Namespace) -> dict:
     """What a Heretic run depends on: a reused run must match it."""
-    keys = ("trials", "probe", "eval", "tokens", "heretic_max_batch", "harmful", "column")
+    keys = ("trials", "probe", "eval", "tokens", "heretic_max_batch", "harmful", "column", "dtype")
     return {"model": model, **{k: str(getattr(args, k)) for k in keys}}
 
 
@@ -276,16 +286,21 @@ def run_refusal_lab(model: str, sdir: Path, harmful: Path, harmless: Path, args:
         str(args.tokens),
         "--cache-dir",
         str(cache),
+        "--dtype",
+        args.dtype,
+        "--sampler-seed",
+        str(args.seed),
     ]
     start = time.perf_counter()
     subprocess.run(cli, check=True, stdout=subprocess.DEVNULL, stderr=(sdir.parent / "refusal-lab.log").open("w"))
     wall = time.perf_counter() - start
     front = json.loads((sdir / "pareto.json").read_text())
+    dtype = ["--dtype", args.dtype]
     exports = {}
     for point in front:
         out = sdir / f"export-{point['trial']}"
         subprocess.run(
-            [cli[0], "pick", str(sdir), "--min-complied", str(point["complied"]), "-o", str(out)],
+            [cli[0], "pick", str(sdir), "--min-complied", str(point["complied"]), "-o", str(out), *dtype],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -302,7 +317,7 @@ def make_scorer(model: str, harmless: list[str], args: argparse.Namespace) -> tu
     from refusal_lab.evaluate.coherence import CoherenceScorer
 
     src = Source.of(Path(model))
-    base = load(model)
+    base = load(model, dtype=args.dtype)
     if src.organism:
         return base, src.scorer()
     replies = generate(base.model, base.tokenizer, harmless, args.tokens)
@@ -329,7 +344,7 @@ def score_on(model: str, groups: dict, h: list[str], b: list[str], args: argpars
     for group, exports in groups.items():
         out[group] = {}
         for name, path in exports.items():
-            m = load(path)
+            m = load(path, dtype=args.dtype)
             kl = first_token_kl(base_logits, last_logits(m.model, m.tokenizer, b))
             labels = scorer.labels(h, generate(m.model, m.tokenizer, h, args.tokens))
             out[group][name] = {"kl": kl, **{k: labels.count(k) for k in ("refused", "complied", "broken")}}
@@ -376,7 +391,7 @@ def forward_pass_s(model: str, harmful: Path, harmless: Path, args: argparse.Nam
     from refusal_lab.core.model import load
     from refusal_lab.evaluate.metrics import last_logits
 
-    m = load(model)
+    m = load(model, dtype=args.dtype)
     prompts = [
         *harmful.read_text().splitlines()[args.probe : args.probe + args.eval],
         *harmless.read_text().splitlines()[args.probe : args.probe + args.eval],
@@ -422,6 +437,13 @@ def main() -> None:
     ap.add_argument("--holdout", type=int, default=32, help="held-out harmful/harmless prompts for the picks")
     ap.add_argument("--heretic-max-batch", type=int, default=32, help="Heretic's batch-size probe stops here")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "vs_heretic")
+    ap.add_argument(
+        "--dtype",
+        default="checkpoint",
+        choices=("checkpoint", "float32", "bfloat16", "float16"),
+        help="weights dtype for both tools; checkpoint: the one the model was saved in (Heretic's auto)",
+    )
+    ap.add_argument("--seed", type=int, default=0, help="refusal-lab's sampler seed (Heretic's run is not reseeded)")
     ap.add_argument("--reuse-heretic", action="store_true", help="reuse the last Heretic run made with this setting")
     args = ap.parse_args()
     args.work = args.work.resolve()  # Heretic runs in its own folder: every path it reads is absolute
@@ -429,9 +451,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     exe = ensure_heretic(args.work / "heretic-venv")
     harmful, harmless, model = write_prompts(args, work)
+    args.dtype = checkpoint_dtype_name(Path(model)) if args.dtype == "checkpoint" else args.dtype
     print(
         f"model {model}; {args.probe}+{args.probe} probe prompts, {args.eval}+{args.eval} evaluation prompts, "
-        f"{args.tokens}-token replies, {args.trials} trials each",
+        f"{args.tokens}-token replies, {args.trials} trials each, {args.dtype} weights",
         flush=True,
     )
     her = heretic_run(exe, model, work / "heretic", harmful, harmless, args)
