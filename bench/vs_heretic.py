@@ -266,6 +266,7 @@ def run_refusal_lab(model: str, sdir: Path, harmful: Path, harmless: Path, args:
     shutil.rmtree(sdir, ignore_errors=True)
     cache = sdir.parent / "refusal-lab-cache"
     shutil.rmtree(cache, ignore_errors=True)
+    dtype = ["--dtype", args.dtype]  # the search and every pick load the weights alike
     cli = [
         str(ROOT / ".venv" / "bin" / "refusal-lab"),
         "search",
@@ -286,8 +287,7 @@ def run_refusal_lab(model: str, sdir: Path, harmful: Path, harmless: Path, args:
         str(args.tokens),
         "--cache-dir",
         str(cache),
-        "--dtype",
-        args.dtype,
+        *dtype,
         "--sampler-seed",
         str(args.seed),
     ]
@@ -295,7 +295,6 @@ def run_refusal_lab(model: str, sdir: Path, harmful: Path, harmless: Path, args:
     subprocess.run(cli, check=True, stdout=subprocess.DEVNULL, stderr=(sdir.parent / "refusal-lab.log").open("w"))
     wall = time.perf_counter() - start
     front = json.loads((sdir / "pareto.json").read_text())
-    dtype = ["--dtype", args.dtype]
     exports = {}
     for point in front:
         out = sdir / f"export-{point['trial']}"
