@@ -129,3 +129,29 @@ def test_an_export_edit_is_undone_exactly_and_a_tied_model_is_tied_again():
         assert not a.tied_embeddings
     assert a.tied_embeddings and a.unembedding.weight is a.embedding.weight and model.config.tie_word_embeddings
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_an_edit_measured_in_float32_for_a_bfloat16_export_holds_the_exported_numbers():
+    """The search measures a trial as its export will be: edited, then rounded once to the saved dtype."""
+    from refusal_lab.ablate.edit import weights_edited
+
+    model = tiny_model("llama")
+    with torch.no_grad():  # weights as a bfloat16 checkpoint loaded in float32 holds them
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    a = adapt(model)
+    abl = _ablations(a.hidden_size, a.num_layers)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    exported = copy.deepcopy(model)
+    apply_weights(adapt(exported), abl)
+    with torch.no_grad():
+        for p in exported.parameters():  # what saving in bfloat16 and loading in float32 give (not buffers)
+            p.copy_(p.to(torch.bfloat16).float())
+        want = exported(input_ids=IDS).logits
+        with weights_edited(a, abl, store=torch.bfloat16):
+            rounded = model(input_ids=IDS).logits
+        with weights_edited(a, abl):
+            unrounded = model(input_ids=IDS).logits
+    assert torch.equal(rounded, want)
+    assert not torch.equal(unrounded, want)  # rounding the edit matters: the check can fail
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())

@@ -49,6 +49,7 @@ def test_kill_9_then_rerun_resumes_with_finished_trials_kept(organism_dir, tmp_p
     assert 3 <= len(before) < 40
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+    assert "layer selection" not in run.stderr  # the starts were chosen when the study was made, not again
     study = _journal(out / "study.journal")
     finished = [t for t in study.trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
     assert len(finished) >= 40
@@ -171,15 +172,22 @@ def test_proxy_pruned_trials_never_reach_the_front_and_the_proxy_is_reported(org
     cmd = [*CLI, "search", str(organism_dir), "-o", str(out), "--trials", "12", *FAST, *_cfg(tmp_path)]
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+    assert "layer selection: layer" in run.stderr
     study = _journal(out / "study.journal")
-    first = study.trials[0].params  # warm start: the projected method, full strength everywhere
-    assert first["method"] == "kernel" and first["attn_min"] == first["mlp_min"] == first["attn_max"] == 1.0
+    chosen = study.user_attrs["layer_selection"]
+    n = 6  # --eval-count
+    assert chosen["predicted_refused"] < n  # the base refuses every prompt: the chosen direction moved some
+    assert chosen["within_limit"] and chosen["kl"] <= 0.1
+    # warm start: the selected direction at full then gentler strengths, flat over every layer
+    for trial, strength in zip(study.trials[:3], (1.0, 0.75, 0.5), strict=True):
+        p = trial.params
+        assert p["method"] == "kernel" and p["direction_index"] == chosen["layer"]
+        assert p["attn_max"] == p["mlp_max"] == strength and p["attn_min"] == p["mlp_min"] == 1.0
     complete = {t.number for t in _complete(study)}
     front = json.loads((out / "pareto.json").read_text())
     assert front and {p["trial"] for p in front} <= complete
     proxy = json.loads((out / "proxy.json").read_text())
     assert proxy["trials"] == 12 and proxy["measured_with_proxy"] == len(complete) and proxy["refusal_openers"]
-    n = 6  # --eval-count
     for t in _complete(study):  # the proxy counted refusals of the same replies the scorer labelled
         assert 0 <= t.user_attrs["proxy_refused"] <= n
     assert proxy["mean_abs_error"] <= n / 3
@@ -232,3 +240,25 @@ def test_the_proxy_margin_is_learned_from_its_own_over_predictions_and_never_wid
     assert proxy_slack(setup, [*exact, measured(5, 3)]) == 2.0  # over-predicted by 2 once: that is the margin
     assert proxy_slack(setup, [*exact, measured(12, 3)]) == 4.0  # never above the fixed margin
     assert proxy_slack(SimpleNamespace(proxy_margin=0.25, proxy_learn=0, eval_harmful=["p"] * 16), exact * 3) == 4.0
+
+
+def test_starts_put_the_selected_direction_first_and_keep_each_methods_default():
+    from types import SimpleNamespace
+
+    import torch
+
+    from refusal_lab.search.space import candidate_layers, starts
+
+    fdr = torch.tensor([[9.0], [1.0], [2.0], [5.0], [3.0], [0.5], [8.0], [9.0]])  # layers 0 and 7 are out of range
+    loaded = SimpleNamespace(adapter=SimpleNamespace(num_layers=8))
+    setup = SimpleNamespace(probe=SimpleNamespace(fdr=fdr), loaded=loaded)
+    assert candidate_layers(8) == [2, 3, 4, 5, 6]
+    setup.methods = ("saber", "kernel")
+    plain = starts(setup)
+    assert [p["method"] for p in plain] == ["kernel", "saber"]
+    assert plain[0]["direction_index"] == 6.0  # the most separable candidate, not layer 0 or 7
+    chosen = starts(setup, selected=4)
+    assert [p.get("direction_index") for p in chosen[:4]] == [4.0, 4.0, 4.0, 6.0] and chosen[4] == plain[1]
+    assert [p["attn_max"] for p in chosen[:4]] == [1.0, 0.75, 0.5, 1.0]
+    setup.methods = ("saber",)
+    assert [p["method"] for p in starts(setup, selected=4)] == ["saber"]  # a kernel start needs the kernel method

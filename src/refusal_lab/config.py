@@ -185,6 +185,11 @@ class SearchSettings(Section):
         description="Trials measured with the proxy after which its margin is the largest over-prediction it made "
         "(never above --proxy-margin); 0 keeps the fixed margin.",
     )
+    select_start: bool = Field(
+        True,
+        description="Begin a new study with the direction of an Arditi-style layer selection (one proxy pass per "
+        "candidate layer) at full and half strength.",
+    )
     sampler_seed: int = Field(0, description="Seed of the search's sampler.")
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per reply.")
 

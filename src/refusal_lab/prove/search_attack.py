@@ -14,8 +14,8 @@ from pathlib import Path
 from refusal_lab.prove.battery import Proposal, Target
 from refusal_lab.prove.directional import hooks
 from refusal_lab.search import study as S
-from refusal_lab.search.space import ablations_for, starts
-from refusal_lab.search.stage import make_setup, study_meta, trial_objective
+from refusal_lab.search.space import ablations_for
+from refusal_lab.search.stage import make_setup, open_with_starts, trial_objective
 
 
 @dataclass
@@ -30,7 +30,7 @@ class SearchAttack:
         harmless = [p.prompt for p in t.held_out.harmless]
         setup = make_setup(m, t.extraction, t.tuning, harmless, s, t.scorer, t.log, t.reference_logits)
         storage = S.storage_for(None, self.work / f"search-seed{t.seed}")
-        study = S.open_study(storage, "prove", study_meta(setup), "tpe", t.seed, starts(setup))
+        study = open_with_starts(storage, "prove", setup, "tpe", t.seed, lambda _m: None)
         S.run_trials(study, self.trials, trial_objective(setup, s.search.kl_prune, lambda _m: None))
         for trial in S.pareto(study):
             setting = {"trial": trial.number, "method": trial.params["method"], "seed": t.seed}

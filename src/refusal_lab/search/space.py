@@ -25,25 +25,50 @@ def saber_start() -> dict[str, Any]:
     return {"method": "saber", **{k: getattr(d, k) for k in SABER_KEYS}, "per_layer": d.max_per_layer, "passes": 2}
 
 
-def projected_start(setup: SearchSetup) -> dict[str, Any]:
-    """The projected method as a kernel point: the most separable layer's direction, full strength in
-    every attention and MLP writer (a flat tent covering all layers)."""
-    n = setup.loaded.adapter.num_layers
-    last = max(1, n - 1)
-    lo, hi = 0.2 * last, 0.9 * last  # the space's range for direction_index
-    fdr = setup.probe.fdr[:, 0]
-    layers = [i for i in range(n) if lo <= i <= hi] or list(range(n))
-    best = max(layers, key=lambda i: float(fdr[i]))
-    p: dict[str, Any] = {"method": "kernel", "direction_index": float(min(max(best, lo), hi))}
+def direction_range(n_layers: int) -> tuple[float, float]:
+    """The space's range for the kernel's direction_index: not the first fifth nor the last tenth of depth."""
+    last = max(1, n_layers - 1)
+    return 0.2 * last, 0.9 * last
+
+
+def candidate_layers(n_layers: int) -> list[int]:
+    """The whole layers inside direction_range: the directions a layer selection chooses among."""
+    lo, hi = direction_range(n_layers)
+    return [i for i in range(n_layers) if lo <= i <= hi] or list(range(n_layers))
+
+
+def flat_kernel(direction_index: float, strength: float) -> dict[str, Any]:
+    """A kernel point that removes one direction from every attention and MLP writer at one strength
+    (a flat tent covering all layers): the projected method, and Arditi et al.'s ablation at 1.0."""
+    p: dict[str, Any] = {"method": "kernel", "direction_index": float(direction_index)}
     for part in ("attn", "mlp"):
-        p |= {f"{part}_max": 1.0, f"{part}_position": 0.6, f"{part}_min": 1.0, f"{part}_width": 0.8}
+        p |= {f"{part}_max": strength, f"{part}_position": 0.6, f"{part}_min": 1.0, f"{part}_width": 0.8}
     return p
 
 
-def starts(setup: SearchSetup) -> list[dict[str, Any]]:
-    """The first trials: each searched method's own default point, so the search begins where they do."""
-    out = [saber_start()] if "saber" in setup.methods else []
-    return out + ([projected_start(setup)] if "kernel" in setup.methods else [])
+def projected_start(setup: SearchSetup) -> dict[str, Any]:
+    """The projected method as a kernel point: the most separable layer's direction, full strength."""
+    fdr = setup.probe.fdr[:, 0]
+    return flat_kernel(max(candidate_layers(setup.loaded.adapter.num_layers), key=lambda i: float(fdr[i])), 1.0)
+
+
+# Arditi et al.'s selection ablates its direction at full strength; the gentler copies step toward
+# the front's low-KL end, where the published defaults (full strength) never land.
+SELECTED_STRENGTHS = (1.0, 0.75, 0.5)
+
+
+def starts(setup: SearchSetup, selected: int | None = None) -> list[dict[str, Any]]:
+    """The first trials: each searched method's own default point, so the search begins where they do.
+
+    `selected`: the layer an Arditi-style selection chose (stage.select_layer); its direction at
+    SELECTED_STRENGTHS comes first, since each costs one evaluation and SABER's start two passes.
+    """
+    out = []
+    if "kernel" in setup.methods and selected is not None:
+        out += [flat_kernel(selected, s) for s in SELECTED_STRENGTHS]
+    if "kernel" in setup.methods:
+        out.append(projected_start(setup))
+    return out + ([saber_start()] if "saber" in setup.methods else [])
 
 
 def suggest(trial: Any, n_layers: int, methods: tuple[str, ...]) -> dict[str, Any]:
@@ -60,8 +85,7 @@ def suggest(trial: Any, n_layers: int, methods: tuple[str, ...]) -> dict[str, An
         p["passes"] = trial.suggest_int("passes", 1, 2)  # each further pass re-probes: it costs a capture
         p["components"] = trial.suggest_categorical("components", ["both", "attention", "mlp"])
     else:
-        last = max(1, n_layers - 1)
-        p["direction_index"] = trial.suggest_float("direction_index", 0.2 * last, 0.9 * last)
+        p["direction_index"] = trial.suggest_float("direction_index", *direction_range(n_layers))
         for part in ("attn", "mlp"):
             p[f"{part}_max"] = trial.suggest_float(f"{part}_max", 0.0, 1.5)
             p[f"{part}_position"] = trial.suggest_float(f"{part}_position", 0.2, 1.0)

@@ -23,26 +23,27 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from refusal_lab.ablate.edit import Ablation, hooked
+from refusal_lab.ablate.edit import Ablation, hooked, weights_edited
 from refusal_lab.ablate.stage import export
 from refusal_lab.config import ProbeSettings, Settings
 from refusal_lab.core.activations import cached_capture
 from refusal_lab.core.artifacts import SETTINGS_FILE, Log, write_text_atomic
-from refusal_lab.core.generate import Prefill, generate, prefill
-from refusal_lab.core.model import Loaded
+from refusal_lab.core.generate import generate, prefill
+from refusal_lab.core.model import Loaded, checkpoint_dtype
 from refusal_lab.core.sources import PromptSets, Source
 from refusal_lab.evaluate.coherence import CoherenceScorer
 from refusal_lab.evaluate.metrics import Scorer, first_token_kl, last_logits, refusal_openers, settled_by
 from refusal_lab.probe.directions import Probe
 from refusal_lab.probe.stage import run_probe
 from refusal_lab.search import study as S
-from refusal_lab.search.space import SPACE_VERSION, ablations_for, starts, suggest
+from refusal_lab.search.space import SPACE_VERSION, ablations_for, candidate_layers, flat_kernel, starts, suggest
 
 
 @dataclass
@@ -65,6 +66,9 @@ class SearchSetup:
     refusal_ids: tuple[int, ...] = ()  # the model's own refusal openers (the proxy reads them)
     proxy_margin: float | None = 0.1  # share of prompts the proxy may be off by; None: no proxy
     proxy_learn: int = 0  # measured trials after which the margin is the proxy's own worst over-prediction
+    select_max_kl: float | None = 0.1  # the layer selection's KL limit (Arditi's); None: no selection
+    store: torch.dtype | None = None  # None: trials hook the edit; else they edit the weights, rounded to this
+    norm_preserving: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,9 @@ def make_setup(
     if base_logits is None:
         base_logits = last_logits(loaded.model, loaded.tokenizer, eval_harmless, s.batch_size)
     markers = Source.of(loaded.source).markers
+    current = next(loaded.model.parameters()).dtype
+    stored = checkpoint_dtype(loaded.folder) or current  # what an export saves in (ablate.stage.export)
+    hooks_exact = current in (torch.float32, torch.float64) and stored == current and not s.ablate.norm_preserving
     ids: tuple[int, ...] = ()
     if s.search.proxy and trials:  # the model's own refusal openers, from short replies to the probe prompts
         ids = tuple(refusal_openers(loaded.model, loaded.tokenizer, sets.texts("harmful"), markers, s.batch_size, 8))
@@ -135,6 +142,9 @@ def make_setup(
         refusal_ids=ids,
         proxy_margin=s.search.proxy_margin if s.search.proxy else None,
         proxy_learn=s.search.proxy_learn,
+        select_max_kl=s.ablate.arditi.arditi_max_kl if s.search.select_start else None,
+        store=None if hooks_exact else stored,
+        norm_preserving=s.ablate.norm_preserving,
     )
 
 
@@ -178,13 +188,77 @@ def search_scorer(loaded: Loaded, harmless: list[str], s: Settings, calibrate_it
     )
 
 
-def proxy_refusals(setup: SearchSetup, passes: list[Prefill]) -> int | None:
-    """Harmful evaluation prompts whose greedy first reply token is a refusal opener, read from the
-    prompt passes that generation then continues from (so a measured trial pays for them once)."""
+def proxy_refusals(setup: SearchSetup, first: torch.Tensor) -> int | None:
+    """Harmful evaluation prompts whose greedy first reply token (`first`) is a refusal opener."""
     if not setup.refusal_ids:
         return None
-    ids = torch.tensor(setup.refusal_ids)
-    return sum(int(torch.isin(p.first.cpu(), ids).sum()) for p in passes)
+    return int(torch.isin(first.cpu(), torch.tensor(setup.refusal_ids)).sum())
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """What the layer selection chose; `table` holds every candidate's predicted refusals and, where it
+    was measured, its KL."""
+
+    layer: int
+    predicted_refused: int
+    kl: float
+    within_limit: bool  # False: no candidate met the KL limit, so the least-KL one was taken
+    table: list[dict]
+
+
+def select_layer(setup: SearchSetup, log: Log) -> LayerChoice | None:
+    """Arditi et al.'s direction selection, read through the search's proxy.
+
+    Each candidate layer's direction is ablated from every writer at full strength (as Arditi et al.
+    ablate) and scored by the refusal proxy on the harmful evaluation prompts (one prompt pass); KL on
+    the harmless prompts is then measured in order of fewest predicted refusals until a candidate is
+    within the limit. The paper scores refusal-token log-odds on a held-out split and also rules out
+    directions whose addition does not induce refusal; this reads the same prompts the trials are
+    scored on and keeps only the ablation test, so it costs one pass per layer plus a few. It edits
+    through hooks: it only chooses a direction, and the trials made from it are measured as exported
+    (trial_edit). None when there is no proxy (no refusal openers) or selection is off.
+    """
+    if setup.select_max_kl is None or not setup.refusal_ids or "kernel" not in setup.methods:
+        return None
+    m = setup.loaded
+    began = time.perf_counter()
+    rows = []
+    for layer in candidate_layers(m.adapter.num_layers):
+        with hooked(m.adapter, ablations_for(flat_kernel(layer, 1.0), setup)):
+            first = last_logits(m.model, m.tokenizer, setup.eval_harmful, setup.batch_size).argmax(-1)
+        rows.append({"layer": layer, "predicted_refused": proxy_refusals(setup, first), "kl": None})
+    chosen = None
+    for row in sorted(rows, key=lambda r: (r["predicted_refused"], r["layer"])):
+        with hooked(m.adapter, ablations_for(flat_kernel(row["layer"], 1.0), setup)):
+            logits = last_logits(m.model, m.tokenizer, setup.eval_harmless, setup.batch_size)
+        row["kl"] = first_token_kl(setup.base_logits, logits)
+        if row["kl"] <= setup.select_max_kl:
+            chosen = row
+            break
+    within = chosen is not None
+    if chosen is None:  # every candidate was measured: take the gentlest
+        chosen = min(rows, key=lambda r: r["kl"])
+    choice = LayerChoice(chosen["layer"], chosen["predicted_refused"], chosen["kl"], within, rows)
+    n = len(setup.eval_harmful)
+    log(
+        f"layer selection: layer {choice.layer} ({choice.predicted_refused}/{n} predicted refusals, KL "
+        f"{choice.kl:.4f}{'' if within else f', none within KL {setup.select_max_kl}'}; {len(rows)} candidates, "
+        f"{time.perf_counter() - began:.1f} s)"
+    )
+    return choice
+
+
+def trial_edit(setup: SearchSetup, ablations: list[Ablation]) -> AbstractContextManager:
+    """A trial's edit as its export will hold it.
+
+    Hooks on the writers compute what the edited weights do only where nothing is rounded: float32
+    weights saved as float32. In bfloat16 a hooked trial and its export were measured a prompt apart,
+    so there the trial edits the weights (about 1 s for a 0.5B model), rounded as saving rounds them.
+    """
+    if setup.store is None:
+        return hooked(setup.loaded.adapter, ablations)
+    return weights_edited(setup.loaded.adapter, ablations, setup.norm_preserving, setup.store)
 
 
 def evaluate_trial(
@@ -192,13 +266,14 @@ def evaluate_trial(
 ) -> TrialResult:
     """Labels of the harmful evaluation replies and first-token KL; Pruned when KL or the proxy rules it out."""
     m = setup.loaded
-    with hooked(m.adapter, ablations):
+    with trial_edit(setup, ablations):
         logits = last_logits(m.model, m.tokenizer, setup.eval_harmless, setup.batch_size)
         kl = first_token_kl(setup.base_logits, logits)
         if kl_prune is not None and kl > kl_prune:
             raise Pruned(kl)
         passes = prefill(m.model, m.tokenizer, setup.eval_harmful, setup.batch_size)
-        predicted = proxy_refusals(setup, passes) if setup.proxy_margin is not None else None
+        first = torch.cat([p.first for p in passes])
+        predicted = proxy_refusals(setup, first) if setup.proxy_margin is not None else None
         by = dominated(kl, predicted) if dominated is not None and predicted is not None else None
         if by is not None:
             raise Pruned(kl, predicted, by)
@@ -261,9 +336,22 @@ def open_search(loaded: Loaded, s: Settings, out: Path, log: Log, trials: bool =
     """The worker's setup and its study (created, or resumed when it matches)."""
     setup = build_setup(loaded, s, log, trials)
     storage = S.storage_for(s.search.storage, out)
-    return setup, S.open_study(
-        storage, s.search.study_name, study_meta(setup), s.search.sampler, s.search.sampler_seed, starts(setup)
-    )
+    return setup, open_with_starts(storage, s.search.study_name, setup, s.search.sampler, s.search.sampler_seed, log)
+
+
+def open_with_starts(storage: Any, name: str, setup: SearchSetup, sampler: str, seed: int, log: Log) -> Any:
+    """Open the study; a new one is seeded with the methods' own points (the layer selection runs only then)."""
+    chosen: list[LayerChoice] = []
+
+    def first_trials() -> list[dict[str, Any]]:
+        choice = select_layer(setup, log)
+        chosen.extend([choice] if choice else [])
+        return starts(setup, choice.layer if choice else None)
+
+    study = S.open_study(storage, name, study_meta(setup), sampler, seed, first_trials)
+    if chosen:
+        study.set_user_attr("layer_selection", asdict(chosen[0]))
+    return study
 
 
 def trial_objective(setup: SearchSetup, kl_prune: float | None, log: Log) -> Any:

@@ -39,8 +39,13 @@ def storage_for(url: str | None, folder: Path) -> Any:
         ) from exc
 
 
-def open_study(storage: Any, name: str, meta: dict, sampler_name: str, seed: int, starts: list[dict]) -> Any:
-    """Create or resume a study; refuse one made with another model, prompts, space or objectives."""
+def open_study(
+    storage: Any, name: str, meta: dict, sampler_name: str, seed: int, starts: Callable[[], list[dict]]
+) -> Any:
+    """Create or resume a study; refuse one made with another model, prompts, space or objectives.
+
+    `starts` is called only for a new study: choosing them may cost forward passes a resume need not repeat.
+    """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -55,7 +60,7 @@ def open_study(storage: Any, name: str, meta: dict, sampler_name: str, seed: int
     old = study.user_attrs.get("meta")
     if old is None:
         study.set_user_attr("meta", meta)
-        for start in starts:  # the methods' own defaults come first
+        for start in starts():  # the methods' own defaults come first
             study.enqueue_trial(start)
     elif old != meta:
         diff = [k for k in meta if old.get(k) != meta[k]]
