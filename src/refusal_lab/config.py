@@ -188,7 +188,7 @@ class SearchSettings(Section):
     select_start: bool = Field(
         True,
         description="Begin a new study with the direction of an Arditi-style layer selection (one proxy pass per "
-        "candidate layer) at full and half strength.",
+        "candidate layer) at full, three-quarter and half strength.",
     )
     sampler_seed: int = Field(0, description="Seed of the search's sampler.")
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per reply.")
