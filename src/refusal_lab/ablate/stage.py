@@ -76,6 +76,11 @@ def choose_ablations(loaded: Loaded, sets: PromptSets, s: Settings, first: Probe
     return AblationChoice(kernel_ablations(per_layer, index, tent, tent), record)
 
 
+def export_dtype(loaded: Loaded) -> torch.dtype:
+    """The dtype an export saves the weights in: the checkpoint's own, else the loaded one."""
+    return checkpoint_dtype(loaded.folder) or next(loaded.model.parameters()).dtype
+
+
 def export(
     loaded: Loaded,
     ablations: list[Ablation],
@@ -98,8 +103,7 @@ def export(
 
     def fill(tmp: Path) -> None:
         model = loaded.model
-        current = next(model.parameters()).dtype
-        stored = checkpoint_dtype(src) or current
+        current, stored = next(model.parameters()).dtype, export_dtype(loaded)
         with weights_edited(loaded.adapter, ablations, s.ablate.norm_preserving):
             model.to(stored)  # the checkpoint's own precision; unedited weights round-trip exactly
             try:

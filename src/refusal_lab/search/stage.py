@@ -31,12 +31,12 @@ from typing import Any
 import torch
 
 from refusal_lab.ablate.edit import Ablation, hooked, weights_edited
-from refusal_lab.ablate.stage import export
+from refusal_lab.ablate.stage import export, export_dtype
 from refusal_lab.config import ProbeSettings, Settings
 from refusal_lab.core.activations import cached_capture
 from refusal_lab.core.artifacts import SETTINGS_FILE, Log, write_text_atomic
 from refusal_lab.core.generate import generate, prefill
-from refusal_lab.core.model import Loaded, checkpoint_dtype
+from refusal_lab.core.model import Loaded
 from refusal_lab.core.sources import PromptSets, Source
 from refusal_lab.evaluate.coherence import CoherenceScorer
 from refusal_lab.evaluate.metrics import Scorer, first_token_kl, last_logits, refusal_openers, settled_by
@@ -119,8 +119,7 @@ def make_setup(
     if base_logits is None:
         base_logits = last_logits(loaded.model, loaded.tokenizer, eval_harmless, s.batch_size)
     markers = Source.of(loaded.source).markers
-    current = next(loaded.model.parameters()).dtype
-    stored = checkpoint_dtype(loaded.folder) or current  # what an export saves in (ablate.stage.export)
+    current, stored = next(loaded.model.parameters()).dtype, export_dtype(loaded)
     hooks_exact = current in (torch.float32, torch.float64) and stored == current and not s.ablate.norm_preserving
     ids: tuple[int, ...] = ()
     if s.search.proxy and trials:  # the model's own refusal openers, from short replies to the probe prompts
@@ -223,14 +222,15 @@ def select_layer(setup: SearchSetup, log: Log) -> LayerChoice | None:
         return None
     m = setup.loaded
     began = time.perf_counter()
+    edits = {layer: ablations_for(flat_kernel(layer, 1.0), setup) for layer in candidate_layers(m.adapter.num_layers)}
     rows = []
-    for layer in candidate_layers(m.adapter.num_layers):
-        with hooked(m.adapter, ablations_for(flat_kernel(layer, 1.0), setup)):
+    for layer, edit in edits.items():
+        with hooked(m.adapter, edit):
             first = last_logits(m.model, m.tokenizer, setup.eval_harmful, setup.batch_size).argmax(-1)
         rows.append({"layer": layer, "predicted_refused": proxy_refusals(setup, first), "kl": None})
     chosen = None
     for row in sorted(rows, key=lambda r: (r["predicted_refused"], r["layer"])):
-        with hooked(m.adapter, ablations_for(flat_kernel(row["layer"], 1.0), setup)):
+        with hooked(m.adapter, edits[row["layer"]]):
             logits = last_logits(m.model, m.tokenizer, setup.eval_harmless, setup.batch_size)
         row["kl"] = first_token_kl(setup.base_logits, logits)
         if row["kl"] <= setup.select_max_kl:
