@@ -112,6 +112,58 @@ def test_arditi_single_direction_falls_short(organism, sets, base_eval):
     assert table.harmful_refusal >= 0.2 * base.harmful_refusal or table.harmless_refusal >= 0.2
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_arditi_checks_candidates_lazily_and_chooses_as_checking_all_would(seed):
+    """The KL and steering checks run in order of ablation score and stop at the first pass; the
+    choice (and any relaxation) must equal the exhaustive one. Seeds cover: a pass early or late,
+    ties (3), none within the KL limit (2: KL relaxed), none within it and none passing steering
+    either (4: both relaxed), a NaN score (5)."""
+    from refusal_lab.ablate.arditi import _admissible, _checked_in_order
+
+    g = torch.Generator().manual_seed(seed)
+    n, limit, max_kl = 40, 30, 0.1
+    high = seed in (2, 4)
+    hidden = [
+        {
+            "kl": float(torch.rand(1, generator=g)) * (0.01 if high else 0.3) + (0.2 if high else 0.0),
+            "steering_score": float(torch.randn(1, generator=g)) - (10.0 if seed == 4 else 0.0),
+        }
+        for _ in range(n)
+    ]
+    scores = torch.randn(n, generator=g).round(decimals=0 if seed == 3 else 4)  # seed 3: many ties
+    if seed == 5:
+        scores[int(scores.argmin())] = float("nan")
+    rows = [
+        {
+            "i": i,
+            "layer": i % 32,
+            "position": -1,
+            "ablation_score": float(scores[i]),
+            "kl": None,
+            "steering_score": None,
+        }
+        for i in range(n)
+    ]
+    full = [{**r, **h} for r, h in zip(rows, hidden, strict=True)]
+    calls: list[tuple[str, int]] = []
+
+    def check(name: str):
+        def run(r: dict) -> None:
+            calls.append((name, r["i"]))
+            r[name] = hidden[r["i"]][name]
+
+        return run
+
+    ok, relaxed = _checked_in_order(rows, check("kl"), check("steering_score"), limit, max_kl)
+    want_ok, want_relaxed = _admissible(full, limit, max_kl)
+    got, want = min(ok, key=lambda r: r["ablation_score"]), min(want_ok, key=lambda r: r["ablation_score"])
+    assert (got["i"], relaxed) == (want["i"], want_relaxed)
+    assert relaxed == {2: ["kl"], 4: ["kl", "steering"]}.get(seed, [])
+    assert len(set(calls)) == len(calls)  # each check run once at most per candidate
+    if seed != 4:
+        assert len(calls) < 2 * n  # stopped early: fewer passes than checking every candidate
+
+
 def test_activation_cache_skips_capture_on_rerun(organism, sets, tmp_path, monkeypatch):
     opts = ProbeSettings(directions_per_layer=2)
     first = run_probe(organism, sets, opts, 16, tmp_path, lambda _m: None)

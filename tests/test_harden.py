@@ -227,6 +227,26 @@ def test_on_policy_targets_are_the_bases_own_refusals_and_are_reused(organism, o
     assert on_policy(organism, s, said.append) == first and sum("reused" in x for x in said) == 4
 
 
+def test_targets_come_from_a_copy_in_targets_dtype_and_are_cached_apart(organism, organism_dir, tmp_path):
+    from refusal_lab.config import load_settings
+    from refusal_lab.harden.stage import on_policy
+
+    probe = organism_dir / "prompts"
+    harmful = [json.loads(x)["prompt"] for x in (probe / "harmful_probe.jsonl").open()][:4]
+    _write(tmp_path / "h.txt", harmful)
+    _write(tmp_path / "b.txt", [json.loads(x)["prompt"] for x in (probe / "harmless_probe.jsonl").open()][:3])
+    opts = {"prompts.harmful": tmp_path / "h.txt", "prompts.harmless": tmp_path / "b.txt", "cache_dir": tmp_path / "c"}
+    said: list[str] = []
+    on_policy(organism, load_settings(**opts), said.append)
+    assert not any("copy" in x for x in said)
+    said.clear()
+    bf16 = on_policy(organism, load_settings(**opts, **{"harden.targets_dtype": "bfloat16"}), said.append)
+    assert "bfloat16 copy" in said[0] and not any("reused" in x for x in said)  # its own cache entries
+    assert len(list((tmp_path / "c" / "onpolicy").glob("*.jsonl"))) == 8
+    assert next(organism.model.parameters()).dtype == torch.float32  # the trained model is left as it was
+    assert [e.prompt for e in bf16 if e.kind == "harmful"] == harmful
+
+
 def test_a_batch_that_cannot_fit_is_refused_before_training_with_one_that_can(organism_dir, tmp_path, monkeypatch):
     from refusal_lab.config import load_settings
     from refusal_lab.core.model import load

@@ -279,6 +279,11 @@ class HardenSettings(Section):
     lr: float = Field(2e-4, gt=0, description="Harden: peak learning rate (LoRA).")
     train_batch_size: int = Field(8, ge=1, description="Examples per training step.")
     max_length: int = Field(512, ge=8, description="Harden: tokens kept per example.")
+    targets_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Harden: dtype of a second copy that generates the on-policy targets (auto: the trained "
+        "model itself); bfloat16 generates about 2x faster on CPUs with native bf16 while training stays in --dtype.",
+    )
     lora_r: int = Field(64, ge=1, description="Harden: LoRA rank.")
     lora_alpha: float = Field(128.0, gt=0, description="Harden: LoRA alpha.")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Harden: LoRA dropout.")

@@ -4,7 +4,9 @@ Directions are extracted from one part of the prompts and candidates are judged 
 part, as in the paper: ablating the direction should lower the log-odds of the model's own
 refusal openers on harmful prompts, adding it (at the layer it was read from) must not lower
 them on harmless prompts, first-token KL on harmless prompts stays under a limit, and the layer
-is not in the last share of the model.
+is not in the last share of the model. Every candidate is scored; the two harmless-prompt checks
+run in order of score and stop at the first candidate that passes them (the same choice as
+checking every candidate, relaxations included).
 """
 
 from __future__ import annotations
@@ -84,32 +86,33 @@ def arditi(
     n_pos, n_layers = diffs.shape[0], diffs.shape[1]
     limit = int(n_layers * (1 - cfg.prune_last))
     rows = []
-    with tqdm(total=n_pos * n_layers, desc="arditi candidates", unit="cand", disable=None, leave=False) as bar:
+    with tqdm(total=n_pos * limit, desc="arditi candidates", unit="cand", disable=None, leave=False) as bar:
         for pos in range(n_pos):
-            for layer in range(n_layers):
-                d = diffs[pos, layer]
-                with hooked(adapter, [Ablation(unit(d))]):
+            for layer in range(limit):  # the last layers are never chosen: not scored either
+                d = unit(diffs[pos, layer])
+                with hooked(adapter, [Ablation(d)]):
                     abl = float(refusal_score(last_logits(model, tok, val_h, batch_size), refusal_ids).mean())
-                    kl = first_token_kl(base_b, last_logits(model, tok, val_b, batch_size))
-                handle = steer(adapter, layer, d)
-                try:
-                    steering = float(refusal_score(last_logits(model, tok, val_b, batch_size), refusal_ids).mean())
-                finally:
-                    handle.remove()
                 rows.append(
                     {
                         "layer": layer,
                         "position": pos - n_pos,
                         "ablation_score": abl,
-                        "steering_score": steering,
-                        "kl": kl,
-                        "direction": unit(d),
+                        "kl": None,
+                        "steering_score": None,
+                        "direction": d,
+                        "raw": diffs[pos, layer],
                     }
                 )
                 bar.update()
-    ok, relaxed = _admissible(rows, limit, cfg.arditi_max_kl)
+    ok, relaxed = _checked_in_order(
+        rows,
+        lambda r: _kl_check(model, tok, r, val_b, base_b, adapter, batch_size),
+        lambda r: _steering_check(model, tok, adapter, r, val_b, refusal_ids, batch_size),
+        limit,
+        cfg.arditi_max_kl,
+    )
     r = min(ok, key=lambda r: r["ablation_score"])
-    table = [{k: v for k, v in row.items() if k != "direction"} for row in rows]
+    table = [{k: v for k, v in row.items() if k not in ("direction", "raw")} for row in rows]
     choice = ArditiChoice(
         r["layer"],
         r["position"],
@@ -129,18 +132,87 @@ def arditi(
     return choice
 
 
-def _admissible(rows: list[dict], depth_limit: int, max_kl: float) -> tuple[list[dict], list[str]]:
+def _kl_check(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    row: dict,
+    val_b: Sequence[str],
+    base_b: torch.Tensor,
+    adapter: Adapter,
+    batch_size: int,
+) -> None:
+    """First-token KL on harmless prompts with the candidate ablated (one prompt pass)."""
+    with hooked(adapter, [Ablation(row["direction"])]):
+        row["kl"] = first_token_kl(base_b, last_logits(model, tok, val_b, batch_size))
+
+
+def _steering_check(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    adapter: Adapter,
+    row: dict,
+    val_b: Sequence[str],
+    refusal_ids: Sequence[int],
+    batch_size: int,
+) -> None:
+    """Refusal score on harmless prompts with the candidate added where it was read (one pass)."""
+    handle = steer(adapter, row["layer"], row["raw"])
+    try:
+        row["steering_score"] = float(refusal_score(last_logits(model, tok, val_b, batch_size), refusal_ids).mean())
+    finally:
+        handle.remove()
+
+
+def _checked_in_order(
+    rows: list[dict],
+    kl: Callable[[dict], None],
+    steering: Callable[[dict], None],
+    depth_limit: int,
+    max_kl: float,
+) -> tuple[list[dict], list[str]]:
+    """The admissible candidates, running the harmless-prompt checks only as far as needed.
+
+    The choice is the lowest ablation score among the candidates that pass every check, so the
+    checks (one prompt pass each) run in order of score, the steering check only where KL passed,
+    and stop at the first candidate that passes both: the choice checking every candidate would
+    make. Where none passes the KL limit, it is relaxed as in _admissible: the steering checks
+    continue in order of score to the first pass, and only where none passes are all of them run.
+    Unchecked rows keep None.
+    """
+    order = [r for r in sorted(rows, key=lambda r: r["ablation_score"]) if math.isfinite(r["ablation_score"])]
+    for r in order:  # sorted() is stable: ties keep their scan order
+        kl(r)
+        if math.isfinite(r["kl"]) and r["kl"] <= max_kl:
+            steering(r)
+            if _admissible([r], depth_limit, max_kl, relax=False)[0]:
+                return [r], []
+    for r in order:
+        if r["steering_score"] is None:
+            steering(r)
+        if (
+            r["layer"] < depth_limit
+            and math.isfinite(r["kl"])
+            and math.isfinite(r["steering_score"])
+            and r["steering_score"] >= 0
+        ):
+            return [r], ["kl"]
+    return _admissible(order, depth_limit, max_kl)
+
+
+def _admissible(rows: list[dict], depth_limit: int, max_kl: float, relax: bool = True) -> tuple[list[dict], list[str]]:
     """Candidates meeting the constraints in Arditi et al.'s order; where none does, the KL limit,
     then the steering check, is relaxed and the relaxation returned, so a method that falls
-    short still returns its best candidate."""
+    short still returns its best candidate (with relax=False, none is returned instead)."""
     rules = {
         "depth": lambda r: r["layer"] < depth_limit,
         "steering": lambda r: r["steering_score"] >= 0,
         "kl": lambda r: r["kl"] <= max_kl,
     }
     finite = [r for r in rows if all(map(math.isfinite, (r["ablation_score"], r["kl"], r["steering_score"])))]
-    for drop in ([], ["kl"], ["kl", "steering"]):
+    for drop in ([], ["kl"], ["kl", "steering"]) if relax else ([],):
         ok = [r for r in finite if all(rule(r) for name, rule in rules.items() if name not in drop)]
         if ok:
             return ok, drop
+    if not relax:
+        return [], []
     raise UserError("no (layer, position) candidate is usable", "check the prompt sets and the model")
