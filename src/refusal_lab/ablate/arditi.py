@@ -184,35 +184,30 @@ def _checked_in_order(
         kl(r)
         if math.isfinite(r["kl"]) and r["kl"] <= max_kl:
             steering(r)
-            if _admissible([r], depth_limit, max_kl, relax=False)[0]:
+            if _passes(r, depth_limit, max_kl, ()):
                 return [r], []
     for r in order:
         if r["steering_score"] is None:
             steering(r)
-        if (
-            r["layer"] < depth_limit
-            and math.isfinite(r["kl"])
-            and math.isfinite(r["steering_score"])
-            and r["steering_score"] >= 0
-        ):
+        if _passes(r, depth_limit, max_kl, ("kl",)):
             return [r], ["kl"]
     return _admissible(order, depth_limit, max_kl)
 
 
-def _admissible(rows: list[dict], depth_limit: int, max_kl: float, relax: bool = True) -> tuple[list[dict], list[str]]:
+def _passes(r: dict, depth_limit: int, max_kl: float, drop: Sequence[str]) -> bool:
+    """Whether a checked candidate meets Arditi et al.'s constraints, less those in `drop`."""
+    if not all(v is not None and math.isfinite(v) for v in (r["ablation_score"], r["kl"], r["steering_score"])):
+        return False
+    rules = {"depth": r["layer"] < depth_limit, "steering": r["steering_score"] >= 0, "kl": r["kl"] <= max_kl}
+    return all(ok for name, ok in rules.items() if name not in drop)
+
+
+def _admissible(rows: list[dict], depth_limit: int, max_kl: float) -> tuple[list[dict], list[str]]:
     """Candidates meeting the constraints in Arditi et al.'s order; where none does, the KL limit,
     then the steering check, is relaxed and the relaxation returned, so a method that falls
-    short still returns its best candidate (with relax=False, none is returned instead)."""
-    rules = {
-        "depth": lambda r: r["layer"] < depth_limit,
-        "steering": lambda r: r["steering_score"] >= 0,
-        "kl": lambda r: r["kl"] <= max_kl,
-    }
-    finite = [r for r in rows if all(map(math.isfinite, (r["ablation_score"], r["kl"], r["steering_score"])))]
-    for drop in ([], ["kl"], ["kl", "steering"]) if relax else ([],):
-        ok = [r for r in finite if all(rule(r) for name, rule in rules.items() if name not in drop)]
+    short still returns its best candidate."""
+    for drop in ([], ["kl"], ["kl", "steering"]):
+        ok = [r for r in rows if _passes(r, depth_limit, max_kl, drop)]
         if ok:
             return ok, drop
-    if not relax:
-        return [], []
     raise UserError("no (layer, position) candidate is usable", "check the prompt sets and the model")
