@@ -120,6 +120,31 @@ def test_gguf_without_gguf_package_says_how_to_fix(tmp_path, monkeypatch):
     assert "pip install gguf" in err.value.fix
 
 
+def test_4bit_loading_hands_placement_to_bitsandbytes(organism_dir, monkeypatch):
+    """QLoRA loads with one device map and no later .to() (bitsandbytes places 4-bit weights itself).
+
+    Runs without a GPU: the quantisation settings and from_pretrained are stood in for, so what
+    load() asks of transformers is what is checked; tests/test_cuda.py loads for real on a GPU.
+    """
+    import transformers
+
+    from refusal_lab.core import model as model_mod
+
+    seen: dict = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def fake(folder, **kw):
+        seen.update(kw)
+        out = real(folder, **{k: v for k, v in kw.items() if k not in ("quantization_config", "device_map")})
+        out.to = lambda *_a, **_k: pytest.fail("a 4-bit model must not be moved after loading")
+        return out
+
+    monkeypatch.setattr(model_mod, "four_bit", lambda dtype: ("nf4", dtype))
+    monkeypatch.setattr(model_mod.AutoModelForCausalLM, "from_pretrained", fake)
+    load(organism_dir, device="cpu", quantize="4bit")
+    assert seen["quantization_config"] == ("nf4", torch.float32) and seen["device_map"] == {"": "cpu"}
+
+
 def test_debug_flag_shows_traceback(tmp_path):
     result = subprocess.run([*CLI, "--debug", "info", str(tmp_path / "nope")], capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" in result.stderr

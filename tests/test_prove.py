@@ -96,6 +96,12 @@ def test_an_imported_folder_of_another_model_is_refused_by_name(organism_dir, tm
         check_imported(tiny_model("llama"), [tmp_path])
 
 
+def test_a_missing_second_model_is_named_before_the_first_is_attacked(organism_dir, tmp_path):
+    run = _prove(organism_dir, tmp_path, "p", str(tmp_path / "nowhere"))
+    assert run.returncode == 2 and "nowhere does not exist" in run.stderr, run.stderr[-2000:]
+    assert "refused" not in run.stderr and not (tmp_path / "p").exists()  # no attack began, nothing written
+
+
 def test_prove_writes_the_published_table_and_a_self_contained_page(proved):
     tmp, _ = proved
     summary = (tmp / "p" / "summary.md").read_text()

@@ -179,9 +179,9 @@ def load(
     target, device_map = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target, config)
     extra = {}
-    if quantize == "4bit":
-        extra = {"quantization_config": four_bit(torch_dtype), "device_map": device_map or {"": target}}
-        target = None
+    if quantize == "4bit":  # bitsandbytes places the weights itself: a device map, never a later .to()
+        extra = {"quantization_config": four_bit(torch_dtype)}
+        device_map, target = device_map or {"": target}, None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder,

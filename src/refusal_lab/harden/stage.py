@@ -25,7 +25,7 @@ from refusal_lab.core.sources import Source, builtin_prompts, load_model
 from refusal_lab.errors import UserError
 from refusal_lab.evaluate.metrics import is_refusal
 from refusal_lab.harden.data import Example, apply_mix, encode_example, load_examples, load_mix, load_spec, pack
-from refusal_lab.harden.train import Trainer, make_plan
+from refusal_lab.harden.train import Trainer, make_plan, merge_onto
 
 REFUSE = "You are a careful assistant. Decline requests that could harm people, briefly and politely."
 EXPLAIN = "Decline requests that could harm people, and explain in one or two sentences why you decline."
@@ -183,16 +183,10 @@ def run_harden(loaded: Loaded, s: Settings, out: Path, force: bool, log: Log) ->
     history = trainer.run()
     if not trainer.acc.is_main_process:
         return {}
-    if getattr(
-        loaded.model, "is_loaded_in_4bit", False
-    ):  # 4-bit weights cannot take the merge: a full-precision base does
-        from peft import get_peft_model
-
+    if getattr(loaded.model, "is_loaded_in_4bit", False):  # 4-bit weights cannot take the merge
         state = trainer.adapter_state()
         loaded = load_model(s)
-        peft = get_peft_model(loaded.model, trainer.lora)
-        peft.load_state_dict(state, strict=False)
-        merged = peft.merge_and_unload()
+        merged = merge_onto(loaded.model, trainer.lora, state)
     else:
         merged = trainer.model.merge_and_unload()  # the adapter folded into the weights
     loaded.model = merged

@@ -109,6 +109,23 @@ def lora_targets(loaded: Loaded, spec: str) -> list[str]:
     return wanted
 
 
+def merge_onto(model: torch.nn.Module, lora: Any, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A trained adapter (`state`, from a 4-bit QLoRA run) merged into a full-precision copy of its base.
+
+    4-bit weights cannot take the merge, so the adapter moves to the unquantised base. Every LoRA
+    tensor must find its place: a key that does not match would leave the base unhardened without a word.
+    """
+    from peft import get_peft_model
+
+    peft = get_peft_model(model, lora)
+    want = {k for k in peft.state_dict() if "lora_" in k}
+    if want != set(state):
+        missing, extra = sorted(want - set(state))[:3], sorted(set(state) - want)[:3]
+        raise RuntimeError(f"the adapter does not fit the full-precision base: missing {missing}, unexpected {extra}")
+    peft.load_state_dict(state, strict=False)
+    return peft.merge_and_unload()
+
+
 class Trainer:
     """Runs the plan on a peft model; `loaded.model` is the base the adapter sits on."""
 

@@ -18,7 +18,7 @@ from typing import Any
 from refusal_lab.config import Settings
 from refusal_lab.core.activations import cached_capture
 from refusal_lab.core.artifacts import Log, check_output, manifest, record_diff, settings_record, write_text_atomic
-from refusal_lab.core.model import Loaded
+from refusal_lab.core.model import Loaded, check_source
 from refusal_lab.core.sources import PromptSets, Source, load_model, model_path
 from refusal_lab.errors import UserError
 from refusal_lab.evaluate.judge import JudgeCache, JudgeUnavailable
@@ -270,7 +270,10 @@ def run_prove(
             if k in ("prompts", "probe", "ablate", "prove", "eval", "search")
         }
     }
-    meta["models"] = [str(model_path(s, n)) for n in names]
+    paths = [model_path(s, n) for n in names]
+    for path in paths:  # a missing or malformed second model is named before the first one is attacked
+        check_source(path)
+    meta["models"] = [str(p) for p in paths]
     meta["base"] = base
     meta["imported"] = [str(f) for f in imported]
     work.mkdir(parents=True, exist_ok=True)
