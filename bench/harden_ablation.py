@@ -33,6 +33,7 @@ VARIANTS = {
     "default": {},  # ablation-aware (harmful and harmless examples) + invariance: the stage's defaults
     "default-aware-harmful-only": {"aware_harmless": False},
     "default-no-stage1": {"stage1_tokens": 0},
+    "default+answer-hinge": {"answer_hinge": 1.0},
     "all": {"matching": 0.1, "extended_refusals": True},
 }
 ATTACKS = "arditi,saber,adaptive,subspace,rdo,search"

@@ -67,3 +67,40 @@ def test_invalid_setting_from_cli_is_one_line(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("args", "seen"),
+    [
+        (["prove", "REAL", "organism"], ["REAL", "organism"]),  # every model a command takes, not model.path
+        (["eval", "REAL"], ["REAL"]),
+        (["harden", "REAL"], ["REAL"]),
+        (["organism", "eval"], ["organism"]),
+    ],
+)
+def test_kernels_are_chosen_from_the_models_a_command_is_given(tmp_path, monkeypatch, args, seen):
+    """'auto' pins the CPU kernels for the organism alone: a real model among a command's models keeps its own."""
+    from typer.testing import CliRunner
+
+    from refusal_lab.cli import (
+        commands,  # noqa: F401  (registers the commands)
+        options,
+    )
+    from refusal_lab.cli.app import app
+    from refusal_lab.core.kernels import use_kernels
+
+    got: list = []
+
+    def record(choice, paths):
+        got.append([str(p) for p in paths])
+        raise SystemExit(0)  # stop before any work
+
+    monkeypatch.setattr(options, "use_kernels", record)
+    real = str(tmp_path / "real")
+    CliRunner().invoke(app, [a.replace("REAL", real) for a in args])
+    assert got == [[s.replace("REAL", real) for s in seen]]
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    (tmp_path / "real").mkdir()
+    use_kernels("auto", ["organism", real])
+    assert "MKL_CBWR" not in __import__("os").environ  # one real model: native kernels

@@ -153,6 +153,30 @@ def test_invariance_and_matching_terms():
     assert same < 0.05 and float(matching_loss((x, apart), end, harmful)) > 10 * same
 
 
+def test_the_answer_hinge_reads_the_first_reply_token_of_harmless_rows_only():
+    from types import SimpleNamespace
+
+    from refusal_lab.harden.train import Trainer
+
+    width, vocab, start = 6, 5, 1
+    labels = torch.full((4, width), -100)
+    prompt_end = torch.tensor([3, 2, 3, width])  # row 3: truncated before its reply began
+    for r, pe in enumerate(prompt_end.tolist()):
+        labels[r, pe:] = 4  # reply tokens; the first one is the target
+    logits = torch.zeros(4, width - start, vocab)
+    logits[0, 3 - 1 - start, 4] = 10.0  # row 0 opens its answer confidently: no loss
+    logits[1, 2 - 1 - start, 0] = 10.0  # row 1 opens with something else: the hinge bites
+    logits[2, 3 - 1 - start, 0] = 10.0  # row 2 is harmful: not this term's business
+    keep = torch.tensor([True, True, False, True])
+    me = SimpleNamespace(cfg=SimpleNamespace(invariance_margin=1.0))
+    got = Trainer.answer_hinge(me, logits, labels, prompt_end, keep, start)
+    logp1 = torch.log_softmax(logits[1, 0], -1)[4]
+    assert float(got) == pytest.approx(float(torch.relu(-1.0 - logp1)) / 2, rel=1e-5)  # rows 0 and 1 averaged
+    assert float(got) > 4.0
+    none = Trainer.answer_hinge(me, logits, labels, prompt_end, torch.tensor([False, False, False, True]), start)
+    assert float(none) == 0.0
+
+
 def _harden(organism_dir: Path, tmp_path: Path, out: str, *extra: str) -> list[str]:
     return [*CLI, "harden", str(organism_dir), "-o", str(tmp_path / out), *QUICK, *_cfg(tmp_path), *extra]
 

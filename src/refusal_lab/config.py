@@ -314,6 +314,12 @@ class HardenSettings(Section):
     invariance_margin: float = Field(
         1.0, ge=0, description="Harden: the refusal's first token keeps log-prob above -this."
     )
+    answer_hinge: float = Field(
+        0.0,
+        ge=0,
+        description="Harden: weight of a hinge keeping each harmless reply's first token likely (log-prob above "
+        "-invariance_margin), the answer's counterpart of the refusal's hinge.",
+    )
     matching: float = Field(0.0, ge=0, description="Harden: weight of harmful/harmless activation-statistics matching.")
     extended_refusals: bool = Field(False, description="Harden: train refusals that explain their reason.")
     checkpoint_every: int = Field(50, ge=1, description="Harden: steps between resumable checkpoints.")

@@ -104,7 +104,8 @@ def stage_command(
             if config is None and default_config is not None:
                 config = default_config(kwargs)
             s = load_settings(config, **overrides)
-            use_kernels(s.model.cpu_kernels, s.model.path)  # before the command's first tensor operation
+            given = kwargs.get("models") or ([kwargs["model"]] if isinstance(kwargs.get("model"), str) else [])
+            use_kernels(s.model.cpu_kernels, given or [s.model.path])  # before the first tensor operation
             return fn(s, **kwargs)
 
         params = [p.replace(kind=KW) for p in lead + own + extra + flags]

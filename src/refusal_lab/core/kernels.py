@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Sequence
+from pathlib import Path
 
 
 def pinned_kernels() -> dict[str, str]:
@@ -21,13 +23,19 @@ def pinned_kernels() -> dict[str, str]:
     return {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
 
 
-def use_kernels(choice: str, model_path: str | os.PathLike) -> None:
-    """Pin this process's kernels ('pinned', or 'auto' for the organism and folders made from it) or
-    leave them ('native'). Effective only before the process's first tensor operation."""
+def use_kernels(choice: str, model_paths: str | os.PathLike | Sequence[str | os.PathLike]) -> None:
+    """Pin this process's kernels ('pinned', or 'auto' when every model is the organism or made from it)
+    or leave them ('native'). Effective only before the process's first tensor operation.
+
+    A command of several models (prove, eval) passes them all: a real model among them keeps the
+    CPU's own kernels (pinned AVX2 ones are slower, and bfloat16 attention fails under them on some
+    AVX-512 CPUs).
+    """
+    paths = [model_paths] if isinstance(model_paths, str | os.PathLike) else list(model_paths)
     if choice == "auto":
         from refusal_lab.core.sources import Source
 
-        organism = str(model_path) == "organism" or Source.of(model_path).organism
+        organism = all(str(p) == "organism" or Source.of(Path(p)).organism for p in paths)
         choice = "pinned" if organism else "native"
     if choice == "pinned":
         os.environ.update(pinned_kernels())

@@ -107,8 +107,17 @@ def invariance_loss(clean: torch.Tensor, ablated: torch.Tensor, target: torch.Te
     p = torch.log_softmax(clean.float(), -1)
     q = torch.log_softmax(ablated.float(), -1)
     kl = (p.detach().exp() * (p.detach() - q)).sum(-1).mean()
-    keep = torch.relu(-margin - p.gather(-1, target[:, None]).squeeze(-1)).mean()  # wants log p(target) >= -margin
-    return kl + keep
+    return kl + keep_likely(clean, target, margin)
+
+
+def keep_likely(logits: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
+    """Mean hinge wanting log p(target) >= -margin at each row's first reply token; zero once it holds.
+
+    One-sided: it bites only where a reply's opening is slipping away (a refusal on a harmful
+    prompt, an answer on a harmless one), and leaves the rest of the distribution free.
+    """
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, target[:, None]).squeeze(-1)
+    return torch.relu(-margin - logp).mean()
 
 
 def matching_loss(hidden: tuple[torch.Tensor, ...], prompt_end: torch.Tensor, harmful: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from refusal_lab.harden.robust import (
     estimate_subspace,
     first_reply_logits,
     invariance_loss,
+    keep_likely,
     matching_loss,
 )
 
@@ -268,6 +269,23 @@ class Trainer:
             first_reply_logits(base[rows], at[rows]), first_reply_logits(logits[rows], at[rows])
         )
 
+    def answer_hinge(
+        self, logits: torch.Tensor, labels: torch.Tensor, prompt_end: torch.Tensor, keep: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """The hinge on the first reply token of the `keep` rows (harmless ones) whose reply survived truncation.
+
+        Invariance's hinge asks, row by row, that a harmful prompt's refusal opens likely; a harmless
+        reply's opening is only one of up to a hundred tokens in the SFT mean. Without a counterpart
+        every first-token push is towards refusing.
+        """
+        width = labels.shape[1]
+        first = labels[torch.arange(len(labels), device=labels.device), prompt_end.clamp_max(width - 1)]
+        rows = keep & (prompt_end < width) & (first != -100)
+        if not rows.any():
+            return logits.new_zeros(())
+        pe = prompt_end[rows]
+        return keep_likely(first_reply_logits(logits[rows], pe - start), labels[rows, pe], self.cfg.invariance_margin)
+
     def stage2_loss(self, rows: list[Encoded]) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         pad = self.loaded.tokenizer.pad_token_id
@@ -282,6 +300,9 @@ class Trainer:
             kl, kl_first = self.retain_kl(batch, logits, ~harmful, prompt_end, start)
             loss = loss + cfg.retain * kl + cfg.retain_first * kl_first
             parts["retain"], parts["retain_first"] = kl.item(), kl_first.item()
+        if cfg.answer_hinge > 0 and (~harmful).any():
+            hinge = self.answer_hinge(logits, batch["labels"], prompt_end, ~harmful, start)
+            loss, parts["answer_hinge"] = loss + cfg.answer_hinge * hinge, hinge.item()
         if harmful.any() and (cfg.ablation_aware or cfg.invariance > 0):
             if self.subspace is None or self.step % cfg.reestimate_every == 0:
                 self.reestimate()
