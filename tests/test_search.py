@@ -82,6 +82,31 @@ def test_two_workers_share_one_sqlite_study(organism_dir, tmp_path):
     assert len(workers) == 2  # both processes ran trials of the one study
 
 
+def test_a_trial_another_worker_finished_first_is_dropped_not_fatal(tmp_path):
+    """SQLite has no row locks, so two workers can pop the same enqueued trial (seen in the test above:
+    "Trial#1 has already finished"). The one that loses the race must go on, not crash."""
+    from refusal_lab.search.study import run_trials
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=url, directions=["minimize", "minimize"])
+    other = optuna.load_study(study_name="s", storage=url)  # the second worker
+    study.enqueue_trial({"x": 0.5})
+    calls = []
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        if not calls:  # the other worker popped the same trial and finished it while we ran it
+            other.tell(trial.number, [1.0, 1.0])
+        calls.append(trial.number)
+        trial.set_user_attr("kl", x)
+        return x, x
+
+    run_trials(study, 3, objective)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 3 and done[0].values == [1.0, 1.0]  # the other worker's result stands
+    assert len(calls) == 3  # the lost trial was dropped, counted as the other's, and the run went on
+
+
 def test_study_from_other_prompts_is_refused(organism_dir, tmp_path):
     out = tmp_path / "s"
     base = [*CLI, "search", str(organism_dir), "-o", str(out), "--trials", "1", *FAST[:2], *_cfg(tmp_path)]

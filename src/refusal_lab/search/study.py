@@ -116,16 +116,20 @@ def run_trials(study: Any, n_trials: int, objective: Callable[[Any], tuple[float
         if finished + running >= n_trials:
             return
         trial = study.ask()
-        trial.set_user_attr("worker", worker)
         try:
+            trial.set_user_attr("worker", worker)
             values = objective(trial)
         except optuna.TrialPruned:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
+            continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # SQLite has no row locks, so two workers can pop the same enqueued trial; the
+            # other finished it first and its result stands
             continue
         except BaseException:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             raise
-        study.tell(trial, values)
+        study.tell(trial, values, skip_if_finished=True)
 
 
 def pareto(study: Any) -> list:
