@@ -251,6 +251,43 @@ def test_on_policy_targets_are_the_bases_own_refusals_and_are_reused(organism, o
     assert on_policy(organism, s, said.append) == first and sum("reused" in x for x in said) == 4
 
 
+def test_look_alikes_the_base_refuses_are_asked_again_and_harmless_ones_never(
+    organism, organism_dir, tmp_path, monkeypatch
+):
+    """With --reask-lookalikes, a refused look-alike (an over-refusal: the set is benign by construction)
+    is asked again under a helpful system prompt; a refused prompt of the harmless set may be a mislabelled harmful
+    one, so it is only left out. (The organism's harmful prompts stand in for refused look-alikes.)"""
+    from refusal_lab.config import load_settings
+    from refusal_lab.core.prompts import Prompt
+    from refusal_lab.harden import stage
+
+    probe = organism_dir / "prompts"
+    harmful = [json.loads(x)["prompt"] for x in (probe / "harmful_probe.jsonl").open()][:3]
+    harmless = [json.loads(x)["prompt"] for x in (probe / "harmless_probe.jsonl").open()][:2]
+    _write(tmp_path / "h.txt", harmful)
+    _write(tmp_path / "b.txt", [*harmless, harmful[1]])
+    real = stage.builtin_prompts
+    monkeypatch.setattr(
+        stage, "builtin_prompts", lambda n, split: [Prompt(p) for p in harmful] if n == "lookalike" else real(n, split)
+    )
+    asked: list = []
+    spy = stage.generate
+    monkeypatch.setattr(stage, "generate", lambda m, t, convs, *a: asked.extend(convs) or spy(m, t, convs, *a))
+    opts = {"prompts.harmful": tmp_path / "h.txt", "prompts.harmless": tmp_path / "b.txt", "cache_dir": tmp_path / "c"}
+    said: list[str] = []
+    stage.on_policy(organism, load_settings(**opts), said.append)  # off by default: nothing asked again
+    assert not [c for c in asked if isinstance(c, list)] and any(
+        "0/3 lookalike replies kept (refused" in x for x in said
+    )
+    said.clear()
+    stage.on_policy(organism, load_settings(**opts, **{"harden.reask_lookalikes": True}), said.append)
+    again = [c for c in asked if isinstance(c, list) and c[0]["content"] == stage.ANSWER]
+    assert [c[1]["content"] for c in again] == harmful  # each refused look-alike, once, and nothing else
+    assert any("lookalike replies kept (refused ones asked again" in x for x in said)
+    assert any("2/3 harmless replies kept (refused or" in x for x in said)
+    assert any("harmless replies reused" in x for x in said)  # the harmless set's cache is not keyed by it
+
+
 def test_targets_come_from_a_copy_in_targets_dtype_and_are_cached_apart(organism, organism_dir, tmp_path):
     from refusal_lab.config import load_settings
     from refusal_lab.harden.stage import on_policy

@@ -320,6 +320,11 @@ class HardenSettings(Section):
         description="Harden: weight of a hinge keeping each harmless reply's first token likely (log-prob above "
         "-invariance_margin), the answer's counterpart of the refusal's hinge.",
     )
+    reask_lookalikes: bool = Field(
+        False,
+        description="Harden: on-policy data asks a refused look-alike again under a helpful system prompt and "
+        "teaches that answer (else it is left out); off by default: measured on Qwen, it did not lower over-refusal.",
+    )
     matching: float = Field(0.0, ge=0, description="Harden: weight of harmful/harmless activation-statistics matching.")
     extended_refusals: bool = Field(False, description="Harden: train refusals that explain their reason.")
     checkpoint_every: int = Field(50, ge=1, description="Harden: steps between resumable checkpoints.")
