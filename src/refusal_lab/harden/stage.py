@@ -98,15 +98,23 @@ def _refused(e: Example, src: Source) -> bool:
     return is_refusal(e.messages[-1][1], src.markers)
 
 
-def _refusals(loaded: Loaded, s: Settings, prompts: list[str], system: str, markers: tuple[str, ...]) -> list[Example]:
-    """The base's reply to each harmful prompt, asked again under the refusal system prompt if it answered."""
+def _replies(
+    loaded: Loaded, s: Settings, prompts: list[str], system: str | None, again: Callable[[str], bool]
+) -> list[str]:
+    """The base's reply to each prompt; the replies `again` picks are asked once more under `system`."""
     m, bs, n = loaded, s.batch_size, s.eval.max_new_tokens
     replies = generate(m.model, m.tokenizer, prompts, n, bs)
-    retry = [i for i, r in enumerate(replies) if s.harden.extended_refusals or not is_refusal(r, markers)]
+    retry = [i for i, r in enumerate(replies) if system and again(r)]
     if retry:
         convs = [[{"role": "system", "content": system}, {"role": "user", "content": prompts[i]}] for i in retry]
         for i, r in zip(retry, generate(m.model, m.tokenizer, convs, n, bs), strict=True):
             replies[i] = r
+    return replies
+
+
+def _refusals(loaded: Loaded, s: Settings, prompts: list[str], system: str, markers: tuple[str, ...]) -> list[Example]:
+    """The base's reply to each harmful prompt, asked again under the refusal system prompt if it answered."""
+    replies = _replies(loaded, s, prompts, system, lambda r: s.harden.extended_refusals or not is_refusal(r, markers))
     return [
         Example((("user", p), ("assistant", r)), "refusal", "harmful") for p, r in zip(prompts, replies, strict=True)
     ]
@@ -123,13 +131,7 @@ def _answers(
     may hold a mislabelled harmful prompt, so it is never pushed. Off by default: on Qwen it did not
     lower over-refusal over three seeds (README, Measured figures).
     """
-    m, n, bs = loaded, s.eval.max_new_tokens, s.batch_size
-    replies = generate(m.model, m.tokenizer, prompts, n, bs)
-    retry = [i for i, r in enumerate(replies) if again and is_refusal(r, markers)]
-    if retry:
-        convs = [[{"role": "system", "content": again}, {"role": "user", "content": prompts[i]}] for i in retry]
-        for i, r in zip(retry, generate(m.model, m.tokenizer, convs, n, bs), strict=True):
-            replies[i] = r
+    replies = _replies(loaded, s, prompts, again, lambda r: is_refusal(r, markers))
     return [
         Example((("user", p), ("assistant", r)), category, "harmless")
         for p, r in zip(prompts, replies, strict=True)
