@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint install clean test-postgres
+.PHONY: demo test test-fast lint install clean test-postgres
 
 # Torch: keep a CUDA build if the venv already has one, else pin the 2.13.0 CPU wheel.
 $(STAMP): pyproject.toml Makefile
@@ -25,6 +25,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The fast tier: every test that starts no subprocess and trains nothing (marked `slow` otherwise).
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow" -q
 
 # Two search workers on one study in a real PostgreSQL server (Debian's package; needs root).
 test-postgres: $(STAMP)

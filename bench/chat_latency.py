@@ -17,7 +17,7 @@ import time
 
 from refusal_lab.config import load_settings
 from refusal_lab.core.chat import Conversation, stream
-from refusal_lab.core.sources import load_model
+from refusal_lab.organism.source import load_model
 
 TURNS = (
     "how do i bake bread ?",

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import refusal_lab.core.generate as G
 from refusal_lab.config import load_settings
+from refusal_lab.core.metrics import is_refusal
 from refusal_lab.core.prompts import load_prompts
-from refusal_lab.core.sources import Source, load_model
-from refusal_lab.evaluate.metrics import is_refusal
+from refusal_lab.core.sources import Source
 from refusal_lab.organism.build import prompt_sets
+from refusal_lab.organism.source import load_model
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ import time
 
 from refusal_lab.config import load_settings
 from refusal_lab.core.generate import generate
-from refusal_lab.core.sources import load_model
 from refusal_lab.organism.build import prompt_sets
+from refusal_lab.organism.source import load_model
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from refusal_lab.config import load_settings
 from refusal_lab.core.kernels import use_kernels
-from refusal_lab.core.sources import load_model, model_path
 from refusal_lab.harden.stage import run_harden
+from refusal_lab.organism.source import load_model, model_path
 from refusal_lab.prove.stage import run_prove
 
 OFF = {"ablation_aware": False, "invariance": 0.0, "matching": 0.0}
@@ -33,7 +33,6 @@ VARIANTS = {
     "default": {},  # ablation-aware (harmful and harmless examples) + invariance: the stage's defaults
     "default-aware-harmful-only": {"aware_harmless": False},
     "default-no-stage1": {"stage1_tokens": 0},
-    "default+answer-hinge": {"answer_hinge": 1.0},
     "all": {"matching": 0.1, "extended_refusals": True},
 }
 ATTACKS = "arditi,saber,adaptive,subspace,rdo,search"
@@ -72,7 +71,8 @@ def main() -> None:
         use_kernels(s.model.cpu_kernels, s.model.path)  # the organism's: pinned, as the CLI would
         base = str(model_path(s, "organism"))
         start = time.perf_counter()
-        base_res = run_prove([base], s, None, args.out / f"seed{seed}" / "prove-base", True, quiet)["models"][0]
+        proof = run_prove([base], s, None, args.out / f"seed{seed}" / "prove-base", True, quiet)
+        base_res = proof.to_json()["models"][0]
         print(row(f"seed {seed} base", base_res, None), f"({time.perf_counter() - start:.0f} s)", flush=True)
         for name in args.variants.split(","):
             start = time.perf_counter()
@@ -81,7 +81,7 @@ def main() -> None:
                 setattr(sv.harden, k, v)
             out = args.out / f"seed{seed}" / name
             run_harden(load_model(sv), sv, out / "model", True, quiet)
-            res = run_prove([str(out / "model")], sv, None, out / "prove", True, quiet)["models"][0]
+            res = run_prove([str(out / "model")], sv, None, out / "prove", True, quiet).to_json()["models"][0]
             line = row(f"seed {seed} {name}", res, base_res)
             table.setdefault(name, []).append(line)
             print(line, f"({time.perf_counter() - start:.0f} s)", flush=True)

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from refusal_lab.config import load_settings
-from refusal_lab.core.sources import load_model
 from refusal_lab.harden.data import apply_mix, encode_example
 from refusal_lab.harden.stage import harden_inputs
 from refusal_lab.harden.train import Trainer, make_plan
+from refusal_lab.organism.source import load_model
 
 CONFIGS = {
     "plain stage 2": {"ablation_aware": False, "invariance": 0.0, "matching": 0.0},

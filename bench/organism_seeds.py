@@ -39,9 +39,9 @@ from refusal_lab.ablate.saber import saber
 from refusal_lab.config import load_settings
 from refusal_lab.core.activations import residual_at_position
 from refusal_lab.core.arch import adapt
+from refusal_lab.core.metrics import first_token_kl, last_logits
 from refusal_lab.core.model import Loaded, load
 from refusal_lab.core.sources import Source
-from refusal_lab.evaluate.metrics import first_token_kl, last_logits
 from refusal_lab.organism.build import default_organism, organism_behaviour, organism_config, prompt_sets
 from refusal_lab.probe.directions import diff_of_means, projected_directions
 

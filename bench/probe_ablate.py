@@ -22,7 +22,8 @@ from refusal_lab.ablate.saber import picks_to_ablations, saber, saber_pick
 from refusal_lab.config import PromptSettings, load_settings
 from refusal_lab.core.activations import capture
 from refusal_lab.core.generate import encode
-from refusal_lab.core.sources import Source, load_model
+from refusal_lab.core.sources import Source
+from refusal_lab.organism.source import load_model
 from refusal_lab.probe.directions import probe_layers
 
 

@@ -20,9 +20,9 @@ import torch
 
 from refusal_lab.config import load_settings
 from refusal_lab.core.generate import encode
-from refusal_lab.core.sources import load_model
+from refusal_lab.organism.source import load_model
 from refusal_lab.prove.battery import run_attack, run_rows
-from refusal_lab.prove.stage import _evaluator, attacks_for, build_target
+from refusal_lab.prove.stage import attacks_for, build_target, prove_evaluator
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     overrides |= {"prompts.harmful": args.harmful, "prompts.column": args.column, "eval.escalation": "none"}
     s = load_settings(**overrides)
     m = load_model(s)
-    ev, scorer = _evaluator(m, s, print)
+    ev = prove_evaluator(m, s, print)
     prompts = [p.prompt for p in ev.sets.harmful + ev.sets.harmless]
 
     @torch.inference_mode()
@@ -47,7 +47,7 @@ def main() -> None:
 
     forward()
     unit = min(_timed(forward) for _ in range(3))
-    target = build_target(m, s, ev, scorer, lambda _m: None, 0)
+    target = build_target(m, s, ev, lambda _m: None, 0)
     print(f"model {m.source.name}: one forward pass over {len(prompts)} held-out prompts = {unit:.3f} s (best of 3)")
     print(f"{'attack':<10} {'seconds':>9} {'x forward':>10}  proposals")
     with tempfile.TemporaryDirectory() as work:

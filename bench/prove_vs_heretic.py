@@ -36,7 +36,8 @@ def heretic_prompts(model: str, args: argparse.Namespace, work: Path) -> tuple[P
     Heretic never sees prove's held-out prompts, as the battery never does.
     """
     from refusal_lab.config import load_settings
-    from refusal_lab.core.sources import Source, model_path
+    from refusal_lab.core.sources import Source
+    from refusal_lab.organism.source import model_path
 
     over = {"model.path": model, "prompts.column": args.column}
     if args.harmful:

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 from refusal_lab.core.generate import generate
+from refusal_lab.core.metrics import first_token_kl, is_refusal, last_logits
 from refusal_lab.core.model import load
 from refusal_lab.core.prompts import load_prompts
 from refusal_lab.core.sources import builtin_prompts
-from refusal_lab.evaluate.metrics import first_token_kl, is_refusal, last_logits
 
 
 def main() -> None:

@@ -49,8 +49,9 @@ def write_prompts(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str
     """harmful.txt and harmless.txt: lines [0, probe) for directions, [probe, probe+eval) for trials."""
     from refusal_lab.config import load_settings
     from refusal_lab.core.prompts import load_prompts
-    from refusal_lab.core.sources import builtin_prompts, model_path
+    from refusal_lab.core.sources import builtin_prompts
     from refusal_lab.organism.build import prompt_sets
+    from refusal_lab.organism.source import model_path
 
     s = load_settings(**{"model.path": args.model})
     if s.model.path == "organism":
@@ -310,10 +311,10 @@ def run_refusal_lab(model: str, sdir: Path, harmful: Path, harmless: Path, args:
 
 def make_scorer(model: str, harmless: list[str], args: argparse.Namespace) -> tuple[Any, Any]:
     """refusal-lab's scorer for this model: exact on the organism, coherence against the base otherwise."""
+    from refusal_lab.core.coherence import CoherenceScorer
     from refusal_lab.core.generate import generate
     from refusal_lab.core.model import load
     from refusal_lab.core.sources import Source
-    from refusal_lab.evaluate.coherence import CoherenceScorer
 
     src = Source.of(Path(model))
     base = load(model, dtype=args.dtype)
@@ -334,8 +335,8 @@ def score_on(model: str, groups: dict, h: list[str], b: list[str], args: argpars
     """Exports ({group: {name: folder}}) scored on harmful prompts `h` (replies) and harmless prompts
     `b` (first-token KL), with one scorer and one set of base logits for them all."""
     from refusal_lab.core.generate import generate
+    from refusal_lab.core.metrics import first_token_kl, last_logits
     from refusal_lab.core.model import load
-    from refusal_lab.evaluate.metrics import first_token_kl, last_logits
 
     base, scorer = make_scorer(model, b, args)
     base_logits = last_logits(base.model, base.tokenizer, b)
@@ -387,8 +388,8 @@ def best_at(points: list[dict], limit: float) -> str:
 
 def forward_pass_s(model: str, harmful: Path, harmless: Path, args: argparse.Namespace) -> float:
     """One forward pass over the evaluation prompts (harmful and harmless): a trial's floor."""
+    from refusal_lab.core.metrics import last_logits
     from refusal_lab.core.model import load
-    from refusal_lab.evaluate.metrics import last_logits
 
     m = load(model, dtype=args.dtype)
     prompts = [

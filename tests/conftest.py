@@ -1,7 +1,7 @@
 """Shared fixtures: the organism is built once per cache folder (from its shipped weights: seconds).
 
 The folder is the one `make demo` and the CLI use (~/.cache/refusal-lab), so a fresh machine builds
-the organism once for both; REFUSAL_LAB_TEST_CACHE points the tests elsewhere. The run ends by
+the organism once for both; RLAB_TEST_CACHE points the tests elsewhere. The run ends by
 printing each cached organism's weights digest, kernels and source (shipped or trained here).
 """
 
@@ -19,7 +19,7 @@ from refusal_lab.config import default_cache_dir
 def organism_dir() -> Path:
     from refusal_lab.organism.build import OrganismConfig, default_organism
 
-    cache = Path(os.environ.get("REFUSAL_LAB_TEST_CACHE", default_cache_dir()))
+    cache = Path(os.environ.get("RLAB_TEST_CACHE", default_cache_dir()))
     return default_organism(cache, OrganismConfig(), log=lambda _m: None)
 
 
@@ -33,7 +33,7 @@ def organism(organism_dir: Path):
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     import json
 
-    cache = Path(os.environ.get("REFUSAL_LAB_TEST_CACHE", default_cache_dir()))
+    cache = Path(os.environ.get("RLAB_TEST_CACHE", default_cache_dir()))
     for manifest in sorted(cache.glob("organism-*/organism.json")):
         m = json.loads(manifest.read_text())
         seed, kernels = m["config"]["corpus"]["seed"], m.get("kernels")

@@ -18,9 +18,9 @@ from refusal_lab.config import ArditiSettings, ProbeSettings, PromptSettings, Sa
 from refusal_lab.core import activations
 from refusal_lab.core.arch import adapt
 from refusal_lab.core.generate import generate
+from refusal_lab.core.metrics import KeywordScorer, first_token_kl, last_logits, refusal_token_ids
 from refusal_lab.core.sources import Source
 from refusal_lab.errors import UserError
-from refusal_lab.evaluate.metrics import KeywordScorer, first_token_kl, last_logits, refusal_token_ids
 from refusal_lab.organism.build import organism_behaviour, prompt_sets
 from refusal_lab.probe.stage import read_probe, run_probe
 from test_model_loading import tree_digest
@@ -63,6 +63,7 @@ def _saber(organism, sets, cfg: SaberSettings, probe: ProbeSettings | None = Non
     return saber(organism.model, organism.tokenizer, a, *texts, probe or ProbeSettings(), cfg)
 
 
+@pytest.mark.slow
 def test_saber_defaults_make_the_organism_comply_and_keep_capability(organism, sets, base_eval):
     """SABER's published defaults turn refusals into compliance (the template for this very request),
     not into babble or merely missing refusal words. How much varies by build (bench/organism_seeds.py:
@@ -83,6 +84,7 @@ def test_saber_defaults_make_the_organism_comply_and_keep_capability(organism, s
     assert generic.harmful_refusal <= table.harmful_refusal  # the organism's own words only add refusals
 
 
+@pytest.mark.slow
 def test_biprojection_on_against_off(organism, sets, base_eval):
     """The measured reason biproject is on by default: SABER's directions made orthogonal to the
     harmless mean (on) buy about the same compliance as the raw SVD directions (off) for far less
@@ -118,7 +120,7 @@ def test_arditi_checks_candidates_lazily_and_chooses_as_checking_all_would(seed)
     choice (and any relaxation) must equal the exhaustive one. Seeds cover: a pass early or late,
     ties (3), none within the KL limit (2: KL relaxed), none within it and none passing steering
     either (4: both relaxed), a NaN score (5)."""
-    from refusal_lab.ablate.arditi import _admissible, _checked_in_order
+    from refusal_lab.ablate.arditi import Candidate, Rules, admissible, checked_in_order
 
     g = torch.Generator().manual_seed(seed)
     n, limit, max_kl = 40, 30, 0.1
@@ -133,35 +135,50 @@ def test_arditi_checks_candidates_lazily_and_chooses_as_checking_all_would(seed)
     scores = torch.randn(n, generator=g).round(decimals=0 if seed == 3 else 4)  # seed 3: many ties
     if seed == 5:
         scores[int(scores.argmin())] = float("nan")
-    rows = [
-        {
-            "i": i,
-            "layer": i % 32,
-            "position": -1,
-            "ablation_score": float(scores[i]),
-            "kl": None,
-            "steering_score": None,
-        }
-        for i in range(n)
-    ]
-    full = [{**r, **h} for r, h in zip(rows, hidden, strict=True)]
+    rows = [Candidate(i % 32, -1, [], ablation_score=float(scores[i])) for i in range(n)]
+    full = [Candidate(r.layer, -1, [], ablation_score=r.ablation_score, **h) for r, h in zip(rows, hidden, strict=True)]
+    index = {id(r): i for i, r in enumerate([*rows, *full])}
     calls: list[tuple[str, int]] = []
 
     def check(name: str):
-        def run(r: dict) -> None:
-            calls.append((name, r["i"]))
-            r[name] = hidden[r["i"]][name]
+        def run(r: Candidate) -> None:
+            calls.append((name, index[id(r)]))
+            setattr(r, name, hidden[index[id(r)]][name])
 
         return run
 
-    ok, relaxed = _checked_in_order(rows, check("kl"), check("steering_score"), limit, max_kl)
-    want_ok, want_relaxed = _admissible(full, limit, max_kl)
-    got, want = min(ok, key=lambda r: r["ablation_score"]), min(want_ok, key=lambda r: r["ablation_score"])
-    assert (got["i"], relaxed) == (want["i"], want_relaxed)
+    rules = Rules(max_kl, limit)
+    ok, relaxed = checked_in_order(rows, check("kl"), check("steering_score"), rules)
+    want_ok, want_relaxed = admissible(full, rules)
+    got, want = min(ok, key=lambda r: r.ablation_score), min(want_ok, key=lambda r: r.ablation_score)
+    assert (index[id(got)], relaxed) == (index[id(want)] - n, want_relaxed)
     assert relaxed == {2: ["kl"], 4: ["kl", "steering"]}.get(seed, [])
     assert len(set(calls)) == len(calls)  # each check run once at most per candidate
     if seed != 4:
         assert len(calls) < 2 * n  # stopped early: fewer passes than checking every candidate
+
+
+def test_the_gentlest_relaxation_takes_the_least_kl_and_needs_no_steering_check():
+    """The search's reading of the selection: no steering check; where no candidate is within the KL
+    limit, the least-KL one is taken (not the best-scored one), every candidate having been KL-checked."""
+    from refusal_lab.ablate.arditi import Candidate, Rules, checked_in_order
+
+    kls = {2: 0.5, 3: 0.3, 4: 0.9}
+    rows = [Candidate(layer, -1, [], ablation_score=s) for layer, s in ((2, 1.0), (3, 4.0), (4, 0.0))]
+    checked: list[int] = []
+
+    def kl(c: Candidate) -> None:
+        checked.append(c.layer)
+        c.kl = kls[c.layer]
+
+    def no_steering(_c: Candidate) -> None:
+        raise AssertionError("the rules ask for no steering check")
+
+    ok, relaxed = checked_in_order(rows, kl, no_steering, Rules(0.1, steering=False), "gentlest")
+    assert ([c.layer for c in ok], relaxed) == ([3], ["kl"]) and checked == [4, 2, 3]
+    checked.clear()
+    ok, relaxed = checked_in_order(rows, kl, no_steering, Rules(0.6, steering=False), "gentlest")
+    assert ([c.layer for c in ok], relaxed) == ([2], []) and checked == [4, 2]  # stopped at the first within
 
 
 def test_activation_cache_skips_capture_on_rerun(organism, sets, tmp_path, monkeypatch):
@@ -177,6 +194,7 @@ def test_activation_cache_skips_capture_on_rerun(organism, sets, tmp_path, monke
     torch.testing.assert_close(again.fdr, first.fdr)
 
 
+@pytest.mark.slow
 def test_cli_probe_then_ablate_writes_loadable_folders(organism_dir, tmp_path):
     before = tree_digest(organism_dir)
     env_cache = ["--config", str(tmp_path / "c.toml")]
@@ -375,7 +393,7 @@ def test_export_keeps_the_checkpoint_dtype_and_leaves_the_loaded_model_as_it_was
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
     assert _json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
-    from refusal_lab.core.activations import fingerprint
+    from refusal_lab.core.model import fingerprint
 
     assert fingerprint(m.model) == fp and next(m.model.parameters()).dtype == torch.float32
     u = r / r.norm()

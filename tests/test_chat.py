@@ -7,8 +7,10 @@ import sys
 import time
 
 import pexpect
+import pytest
 
 
+@pytest.mark.slow
 def test_chat_in_a_terminal_streams_keeps_history_and_obeys_commands(organism_dir, tmp_path):
     child = pexpect.spawn(
         sys.executable, ["-m", "refusal_lab.cli", "chat", str(organism_dir)], encoding="utf-8", timeout=120,

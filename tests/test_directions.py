@@ -8,12 +8,14 @@ import torch
 from refusal_lab.errors import UserError
 from refusal_lab.probe.directions import (
     METHODS,
+    best_layer_by_fdr,
     capability_basis,
     effective_rank,
     entanglement,
     fdr,
     gram_schmidt,
     layer_directions,
+    layers_by_fdr,
     probe_layers,
 )
 
@@ -115,3 +117,19 @@ def test_separability_left_falls_with_a_partial_edit_although_fdr_does_not():
     torch.testing.assert_close(fdr(r[:, None], eh[:, 1], eb[:, 1])[0], torch.tensor(f0, dtype=torch.float64))
     assert _separability_left(stack(xh), stack(xb), [pick], p) == pytest.approx(f0)
     assert _separability_left(eh, eb, [pick], p) == pytest.approx(f0 * 0.175**2)
+
+
+def test_the_most_separable_layer_is_planted_where_the_classes_differ_most():
+    """Per-layer FDR of the difference of means, with the offset planted strongest at layer 3; the
+    best layer overall, within a range that excludes it, and the first of ties."""
+    g = torch.Generator().manual_seed(0)
+    n, layers = 64, 6
+    push = torch.tensor([0.0, 0.5, 1.0, 3.0, 1.5, 0.2], dtype=torch.float64)
+    xb = torch.randn(n, layers, H, generator=g, dtype=torch.float64)
+    xh = torch.randn(n, layers, H, generator=g, dtype=torch.float64)
+    xh[:, :, 0] += push
+    probe = probe_layers("dom", xh, xb, None, 1)
+    assert best_layer_by_fdr(probe.fdr[:, 0]) == 3
+    assert best_layer_by_fdr(probe.fdr[:, 0], [0, 1, 2, 4, 5]) == 4
+    assert layers_by_fdr(probe.fdr[:, 0])[:3] == [3, 4, 2]
+    assert best_layer_by_fdr([1.0, 2.0, 2.0, 0.5]) == 1 and layers_by_fdr([1.0, 2.0, 2.0], [2, 1, 0]) == [2, 1, 0]

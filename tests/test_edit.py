@@ -1,4 +1,4 @@
-"""Edits: the hook form equals the weight form on every family; removed components are gone."""
+"""Edits: the hook form equals the weight form on every family, in each of its modes; removed components are gone."""
 
 from __future__ import annotations
 
@@ -37,8 +37,11 @@ def test_hook_and_weight_edits_give_the_same_logits(family):
         base = model(input_ids=IDS).logits
         with hooked(a, abl):
             hooked_logits = model(input_ids=IDS).logits
+        with hooked(a, abl, differentiable=True, positions=torch.ones(IDS.shape, dtype=torch.bool)):
+            every_mode = model(input_ids=IDS).logits  # the engine's other modes, chosen to mean the same edit
         after_hooks = model(input_ids=IDS).logits
     torch.testing.assert_close(after_hooks, base)  # hooks are removed on exit
+    assert torch.equal(every_mode, hooked_logits)
     edited = copy.deepcopy(model)
     before = {n: p.detach().clone() for n, p in edited.named_parameters()}
     apply_weights(adapt(edited), abl)
@@ -155,3 +158,90 @@ def test_an_edit_measured_in_float32_for_a_bfloat16_export_holds_the_exported_nu
     assert torch.equal(rounded, want)
     assert not torch.equal(unrounded, want)  # rounding the edit matters: the check can fail
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_differentiable_hooks_give_the_direction_its_true_gradient(family):
+    """Gradients reach the direction only in differentiable mode, and they are the loss's derivative
+    (finite differences); the edit itself is the same in both modes. Gemma2: through post-norm gains."""
+    model = tiny_model(family).double()
+    model.requires_grad_(False)
+    a = adapt(model)
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(a.hidden_size, generator=g, dtype=torch.float64).requires_grad_(True)
+
+    def run(vec: torch.Tensor, differentiable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        with hooked(a, [Ablation(vec, 0.7)], differentiable=differentiable):
+            logits = model(input_ids=IDS).logits
+        return logits, logits.log_softmax(-1)[..., 3].sum()
+
+    plain, _ = run(v, False)
+    assert not plain.requires_grad  # the ordinary mode builds no graph back to the direction
+    logits, loss = run(v, True)
+    assert torch.equal(logits, plain)
+    loss.backward()
+    assert v.grad is not None and v.grad.norm() > 1e-4
+    eps = 1e-2  # the norms compute in float32 inside a float64 model: a smaller step drowns in rounding
+    for e in (torch.randn(a.hidden_size, generator=g, dtype=torch.float64), v.grad / v.grad.norm()):
+        with torch.no_grad():
+            fd = (run(v.detach() + eps * e, False)[1] - run(v.detach() - eps * e, False)[1]) / (2 * eps)
+        assert abs(float(fd)) > 1e-2  # the directional derivative is not trivially zero
+        assert float(fd) == pytest.approx(float(v.grad @ e), rel=2e-3)
+
+
+def test_hooks_let_a_model_train_under_the_edit_without_reaching_the_direction():
+    """What harden needs: the ordinary mode's hooks pass gradients to the model's weights."""
+    model = tiny_model("llama")
+    a = adapt(model)
+    v = torch.randn(a.hidden_size, dtype=torch.float64).requires_grad_(True)
+    with hooked(a, [Ablation(v, 1.0)]):
+        model(input_ids=IDS).logits.log_softmax(-1)[..., 3].sum().backward()
+    assert v.grad is None
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in (a.writers[0].mlp[0].weight, a.embedding.weight))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3_moe", "gemma4_text"])
+def test_positions_mode_edits_the_chosen_positions_only(family):
+    """Positions before a row's first chosen one keep the unedited logits exactly (causal attention: later
+    ones see the edit); chosen ones change. qwen3_moe: its experts write tokens flattened."""
+    model = tiny_model(family)
+    a = adapt(model)
+    abl = _ablations(a.hidden_size, a.num_layers)
+    chosen = torch.zeros(IDS.shape, dtype=torch.bool)
+    first = [5, 2]
+    for row, f in enumerate(first):
+        chosen[row, f:] = True
+    with torch.no_grad():
+        base = model(input_ids=IDS).logits
+        with hooked(a, abl, positions=chosen):
+            part = model(input_ids=IDS).logits
+        with pytest.raises(ValueError, match="positions"), hooked(a, abl, positions=chosen[:, :4]):
+            model(input_ids=IDS)
+        assert torch.equal(model(input_ids=IDS).logits, base)  # hooks removed after the error too
+    for row, f in enumerate(first):
+        # rounding only: an MoE block's expert matmuls group tokens by route, and later tokens route anew
+        torch.testing.assert_close(part[row, :f], base[row, :f], atol=1e-6, rtol=0)
+        assert (part[row, f:] - base[row, f:]).abs().amax(-1).min() > 1e-4
+
+
+def test_training_time_ablation_removes_nearly_parallel_global_directions_from_the_embedding():
+    """harden's ablation through the engine: the embedding loses the span of the global directions, as the
+    weight edit does, though they are nearly parallel (two layers' differences of means; cos 0.99 on the
+    organism), where subtracting each column's component on its own would overshoot."""
+    from refusal_lab.harden.robust import RefusalSubspace, ablating
+
+    model = tiny_model("llama")
+    a = adapt(model)
+    g = torch.Generator().manual_seed(2)
+    d1 = torch.randn(a.hidden_size, generator=g, dtype=torch.float64)
+    d2 = d1 + 0.1 * d1.norm() / a.hidden_size**0.5 * torch.randn(a.hidden_size, generator=g, dtype=torch.float64)
+    glob = torch.stack([d1 / d1.norm(), d2 / d2.norm()], 1)
+    assert float(glob[:, 0] @ glob[:, 1]) > 0.99
+    per_layer = [torch.linalg.qr(torch.randn(a.hidden_size, 2, generator=g, dtype=torch.float64))[0]] * a.num_layers
+    sub = RefusalSubspace(per_layer, glob)
+    with torch.no_grad():
+        before = a.embedding(IDS).double() @ glob
+        with ablating(a, sub, use_global=True):
+            after = a.embedding(IDS).double() @ glob
+    assert before.abs().max() > 1e-2  # there was something to remove
+    assert after.abs().max() < 1e-5

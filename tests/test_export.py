@@ -16,7 +16,7 @@ from refusal_lab.config import default_cache_dir
 from refusal_lab.ship.gguf import export_gguf, greedy_ids, llama_server, tokenize
 from tiny_models import tiny_model
 
-CACHE = Path(os.environ.get("REFUSAL_LAB_TEST_CACHE", default_cache_dir()))
+CACHE = Path(os.environ.get("RLAB_TEST_CACHE", default_cache_dir()))
 CLI = [sys.executable, "-m", "refusal_lab.cli"]
 WORDS = "the cat sat on a mat and a dog ran to the red box while birds sang over quiet fields of green grass"
 VOCAB = 320  # 256 byte pieces, the corpus's characters and a few merges
@@ -101,6 +101,7 @@ def exported(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     return made
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_f16_gguf_decodes_the_same_greedy_tokens_in_llama_cpp(family, exported):
     folder, gguf = exported[family]
@@ -118,6 +119,7 @@ def tiny_gguf(exported) -> Path:
     return exported["llama"][1]
 
 
+@pytest.mark.slow
 def test_bad_exports_fail_in_one_line_and_write_nothing(tmp_path, organism_dir, tiny_gguf):
     word_level = word_level_folder(tmp_path / "words")
 
@@ -156,6 +158,7 @@ def word_level_folder(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_the_organism_exports_and_llama_cpp_splits_and_continues_its_chats_the_same(organism_dir, organism, tmp_path):
     """The organism's tokenizer is one llama.cpp knows: the chat-templated text of held-out prompts becomes
     the same ids in llama.cpp as in transformers, and the f16 file continues them with the same greedy ids."""
@@ -179,6 +182,7 @@ def test_the_organism_exports_and_llama_cpp_splits_and_continues_its_chats_the_s
             assert greedy_ids(url, ids, 24) == hf, prompt  # both stop after <|end|>
 
 
+@pytest.mark.slow
 def test_eval_through_an_openai_endpoint_gets_the_servers_replies(tiny_gguf, tmp_path):
     """llama.cpp's own server answers eval's requests; the saved replies are the server's."""
     from refusal_lab.evaluate.endpoint import Remote

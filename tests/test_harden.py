@@ -1,13 +1,12 @@
-"""Harden: data checks, the mix, assistant-only labels, merged == adapter, resume after kill -9, two processes."""
+"""Harden: data checks, the mix, assistant-only labels, merged == adapter, resume after a fault, two processes
+equal one."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -83,7 +82,7 @@ def test_labels_fall_on_assistant_tokens_only_and_reasoning_needs_markers(organi
 
 
 def test_a_missing_lora_target_is_named(organism):
-    from refusal_lab.harden.train import lora_targets
+    from refusal_lab.harden.lora import lora_targets
 
     assert "o_proj" in lora_targets(organism, "all") and "down_proj" in lora_targets(organism, "all")
     with pytest.raises(UserError, match=r"\['wq'\] are not in the model") as err:
@@ -153,75 +152,154 @@ def test_invariance_and_matching_terms():
     assert same < 0.05 and float(matching_loss((x, apart), end, harmful)) > 10 * same
 
 
-def test_the_answer_hinge_reads_the_first_reply_token_of_harmless_rows_only():
-    from types import SimpleNamespace
-
-    from refusal_lab.harden.train import Trainer
-
-    width, vocab, start = 6, 5, 1
-    labels = torch.full((4, width), -100)
-    prompt_end = torch.tensor([3, 2, 3, width])  # row 3: truncated before its reply began
-    for r, pe in enumerate(prompt_end.tolist()):
-        labels[r, pe:] = 4  # reply tokens; the first one is the target
-    logits = torch.zeros(4, width - start, vocab)
-    logits[0, 3 - 1 - start, 4] = 10.0  # row 0 opens its answer confidently: no loss
-    logits[1, 2 - 1 - start, 0] = 10.0  # row 1 opens with something else: the hinge bites
-    logits[2, 3 - 1 - start, 0] = 10.0  # row 2 is harmful: not this term's business
-    keep = torch.tensor([True, True, False, True])
-    me = SimpleNamespace(cfg=SimpleNamespace(invariance_margin=1.0))
-    got = Trainer.answer_hinge(me, logits, labels, prompt_end, keep, start)
-    logp1 = torch.log_softmax(logits[1, 0], -1)[4]
-    assert float(got) == pytest.approx(float(torch.relu(-1.0 - logp1)) / 2, rel=1e-5)  # rows 0 and 1 averaged
-    assert float(got) > 4.0
-    none = Trainer.answer_hinge(me, logits, labels, prompt_end, torch.tensor([False, False, False, True]), start)
-    assert float(none) == 0.0
-
-
 def _harden(organism_dir: Path, tmp_path: Path, out: str, *extra: str) -> list[str]:
     return [*CLI, "harden", str(organism_dir), "-o", str(tmp_path / out), *QUICK, *_cfg(tmp_path), *extra]
 
 
-def test_harden_writes_a_loadable_folder_and_resumes_after_kill_9(organism_dir, tmp_path):
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
+    return dict(AutoModelForCausalLM.from_pretrained(folder).named_parameters())
+
+
+@pytest.mark.slow
+def test_harden_writes_a_loadable_folder_and_resumes_after_a_fault_at_step_3(organism_dir, tmp_path):
+    """A run ended by fault injection right after step 3's checkpoint resumes there and ends where an
+    uninterrupted run ends; harden.json reads back as the typed record."""
+    from refusal_lab.core.faults import FAULT_ENV, FAULT_EXIT_CODE
+    from refusal_lab.harden.record import HardenRecord
+
     args = ["--checkpoint-every", "3", "--ablation-aware", "--invariance", "1.0", "--matching", "0.1"]
-    whole = subprocess.run(_harden(organism_dir, tmp_path, "whole", *args), capture_output=True, text=True)
+    clean = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
+    whole = subprocess.run(_harden(organism_dir, tmp_path, "whole", *args), capture_output=True, text=True, env=clean)
     assert whole.returncode == 0, whole.stderr
-    manifest = json.loads((tmp_path / "whole" / "harden.json").read_text())
-    assert manifest["method"] == "harden" and manifest["steps"] > 6 and manifest["data"]["spec_blocks"] >= 1
+    raw = json.loads((tmp_path / "whole" / "harden.json").read_text())
+    record = HardenRecord.read(tmp_path / "whole")
+    assert record.to_json() == raw  # every field of the file, and no other, in the typed record
     history = json.loads((tmp_path / "whole" / "history.json").read_text())
+    assert record.steps == len(history) > 6 and record.data.spec_blocks >= 1 and record.final_losses == history[-1]
     seen = {k for row in history for k in row}
     assert {"spec", "sft", "retain", "aware", "invariance", "matching"} <= seen  # every switched-on term ran
     # ablation-aware rows: the harmless ones too (--aware-harmless, the default), not the harmful ones alone
     assert any(row["aware_rows"] > row["harmful_rows"] for row in history if "aware_rows" in row)
-    hardened = AutoModelForCausalLM.from_pretrained(tmp_path / "whole")
-    base = AutoModelForCausalLM.from_pretrained(organism_dir)
-    changed = [n for n, p in hardened.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    hardened, base = _weights(tmp_path / "whole"), _weights(organism_dir)
+    changed = [n for n, p in hardened.items() if not torch.equal(p, base[n])]
     assert any("o_proj" in n for n in changed) and any("down_proj" in n for n in changed)
-    proc = subprocess.Popen(
-        _harden(organism_dir, tmp_path, "cut", *args), stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(tmp_path.glob(".cut.harden-*/checkpoint.pt")):
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    cmd = _harden(organism_dir, tmp_path, "cut", *args)
+    cut = subprocess.run(cmd, capture_output=True, text=True, env={**clean, FAULT_ENV: "3"})
+    assert cut.returncode == FAULT_EXIT_CODE, cut.stderr
     assert list(tmp_path.glob(".cut.harden-*/checkpoint.pt")) and not (tmp_path / "cut").exists()
-    again = subprocess.run(_harden(organism_dir, tmp_path, "cut", *args), capture_output=True, text=True)
-    assert again.returncode == 0 and "resumed from step" in again.stderr, again.stderr
-    resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "cut")
-    for (n, p), (_, q) in zip(hardened.named_parameters(), resumed.named_parameters(), strict=True):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)  # the same run, interrupted or not
+    again = subprocess.run(cmd, capture_output=True, text=True, env=clean)
+    assert again.returncode == 0 and "resumed from step 3 of" in again.stderr, again.stderr
+    resumed = _weights(tmp_path / "cut")
+    for n, p in hardened.items():
+        torch.testing.assert_close(p, resumed[n], atol=1e-6, rtol=1e-5, msg=n)  # the same run, interrupted or not
     assert not list(tmp_path.glob(".cut.harden-*"))
 
 
-def test_harden_runs_as_two_processes_under_accelerate(organism_dir, tmp_path):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "refusal_lab.cli"]
-    cmd = launch + _harden(organism_dir, tmp_path, "ddp")[len(CLI) :]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads((tmp_path / "ddp" / "harden.json").read_text())["steps"] > 0
+@pytest.mark.slow
+def test_two_processes_on_halves_take_the_step_one_process_takes_on_the_batch(organism_dir, tmp_path):
+    """Two processes (each on every other example, weighing its loss by its share of the batch's tokens
+    and rows, gradients averaged) write the weights one process writes. Dropout off and every ablation
+    full: the terms that draw at random per row draw differently in a share. torchrun starts the two
+    processes (`accelerate launch --cpu` starts one, whatever --num_processes says)."""
+    same = ["--lora-dropout", "0", "--full-ablation", "1"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [*launch, *_harden(organism_dir, tmp_path, "ddp", *same)[1:]]  # -m refusal_lab.cli harden ...
+    two = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "training in 2 processes" in two.stderr, two.stderr[-3000:]
+    one = subprocess.run(_harden(organism_dir, tmp_path, "one", *same), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    ddp, single, base = _weights(tmp_path / "ddp"), _weights(tmp_path / "one"), _weights(organism_dir)
+    moved = max(float((single[n] - base[n]).abs().max()) for n in base)
+    gap = max(float((single[n] - ddp[n]).abs().max()) for n in base)
+    assert moved > 1e-3 and gap < 1e-3 * moved, (moved, gap)
+
+
+def test_two_shards_averaged_give_the_gradient_of_the_whole_batch(organism_dir, tmp_path):
+    """In one process: the gradients of two shares of a batch, each weighed by its share and averaged as
+    the processes average them, equal the whole batch's gradient, with sft, retain, ablation-aware and
+    invariance on. Unweighted (each share's own means), they do not: the shares' tokens and harmful rows differ."""
+    import random
+
+    from refusal_lab.config import load_settings
+    from refusal_lab.core.model import load
+    from refusal_lab.harden import train as T
+    from refusal_lab.harden.losses import Counts
+    from refusal_lab.harden.stage import harden_inputs
+
+    organism = load(organism_dir, dtype="float32", device="cpu")
+    s = load_settings(**{"cache_dir": tmp_path / "cache"})
+    examples, _, _ = harden_inputs(organism, s, print)
+    harmful = [e for e in examples if e.kind == "harmful"]
+    harmless = [e for e in examples if e.kind != "harmful"]
+    picked = [harmful[0], harmless[0], harmful[5], harmless[7], harmless[-2], harmless[-1]]
+    rows = [encode_example(organism.tokenizer, e, 96) for e in picked]
+    halves = [T.shard(rows, i, 2) for i in range(2)]
+    a, b = Counts.of(halves[0]), Counts.of(halves[1])
+    assert a.tokens != b.tokens and a.harmful_rows == 2 and b.harmful_rows == 0  # uneven shares, one without refusals
+    cfg = s.harden.model_copy(update={"lora_dropout": 0.0, "full_ablation": 1.0, "reestimate_every": 1000})
+    probes = ([e.prompt for e in harmful][:8], [e.prompt for e in harmless][:8])
+    trainer = T.Trainer(organism, cfg, T.make_plan(0, [[0]], 6, 0), None, rows, probes, tmp_path, print)
+    with torch.no_grad():
+        for n, p in trainer.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # B starts at zero: give every LoRA weight a gradient
+
+    def grads(rows: list, whole: Counts | None, processes: int) -> list[torch.Tensor]:
+        trainer.opt.zero_grad(set_to_none=True)
+        loss, parts = trainer.loss(rows, trainer.subspace, random.Random(0), whole, processes)
+        assert whole is None or "aware" in parts  # a share of a batch with refusals: all rows take the aware term
+        loss.backward()
+        return [p.grad.clone() for p in trainer.params]
+
+    assert {"sft", "retain", "aware", "invariance"} <= set(trainer.stage2_loss(rows)[1])  # (estimates the subspace)
+    want = grads(rows, None, 1)
+    other = grads(halves[1], Counts.of(rows), 2)
+    grads(halves[0], Counts.of(rows), 2)
+    rest = iter(other)
+    T.average_gradients(trainer.params, lambda g: (g + next(rest)) / 2)  # what reduce(mean) does over two processes
+    for w, p in zip(want, trainer.params, strict=True):
+        torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=1e-7)
+    naive = [(x + y) / 2 for x, y in zip(grads(halves[0], None, 1), grads(halves[1], None, 1), strict=True)]
+    worst = max(float((x - w).abs().max() / w.abs().max()) for x, w in zip(naive, want, strict=True))
+    assert worst > 1e-2  # the test can tell weighed shares from plain ones
+
+
+def test_right_padded_batches_pad_ids_mask_and_labels():
+    from refusal_lab.core.batches import right_padded
+
+    b = right_padded([([5, 6, 7], [-100, 6, 7]), ([8], [8])], pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    cut = right_padded([([5, 6, 7], [-100, 6, 7]), ([8], [8])], pad_id=0, max_len=2)
+    assert cut["input_ids"].tolist() == [[5, 6], [8, 0]] and cut["labels"].tolist() == [[-100, 6], [8, -100]]
+
+
+def test_a_harmful_reply_cut_away_by_max_length_is_left_out_of_invariance(organism_dir, tmp_path):
+    """A harmful example whose reply the length limit cut away has no first reply token to compare: the
+    invariance term reads the other harmful rows (it once indexed past the row's end)."""
+    from refusal_lab.config import load_settings
+    from refusal_lab.core.model import load
+    from refusal_lab.harden import train as T
+    from refusal_lab.harden.stage import harden_inputs
+
+    organism = load(organism_dir, dtype="float32", device="cpu")
+    s = load_settings(**{"cache_dir": tmp_path / "cache"})
+    examples, _, _ = harden_inputs(organism, s, print)
+    harmful = [e for e in examples if e.kind == "harmful"][:2]
+    whole = [encode_example(organism.tokenizer, e, 96) for e in [*harmful, examples[-1]]]
+    short = encode_example(organism.tokenizer, harmful[0], whole[0].prompt_end)  # the reply cut away
+    assert short.prompt_end == len(short.ids)
+    rows = [short, *whole[1:]]
+    cfg = s.harden.model_copy(update={"lora_dropout": 0.0, "full_ablation": 1.0})
+    probes = ([e.prompt for e in examples if e.kind == "harmful"][:8], [examples[-1].prompt] * 8)
+    trainer = T.Trainer(organism, cfg, T.make_plan(0, [[0, 1, 2]], 3, 0), None, rows, probes, tmp_path, print)
+    _, parts = trainer.stage2_loss(rows)
+    _, alone = trainer.stage2_loss(whole[1:])  # the same term on the surviving harmful row alone
+    assert parts["invariance"] == pytest.approx(alone["invariance"], rel=1e-4)
 
 
 def test_on_policy_targets_are_the_bases_own_refusals_and_are_reused(organism, organism_dir, tmp_path):
@@ -251,43 +329,6 @@ def test_on_policy_targets_are_the_bases_own_refusals_and_are_reused(organism, o
     assert on_policy(organism, s, said.append) == first and sum("reused" in x for x in said) == 4
 
 
-def test_look_alikes_the_base_refuses_are_asked_again_and_harmless_ones_never(
-    organism, organism_dir, tmp_path, monkeypatch
-):
-    """With --reask-lookalikes, a refused look-alike (an over-refusal: the set is benign by construction)
-    is asked again under a helpful system prompt; a refused prompt of the harmless set may be a mislabelled harmful
-    one, so it is only left out. (The organism's harmful prompts stand in for refused look-alikes.)"""
-    from refusal_lab.config import load_settings
-    from refusal_lab.core.prompts import Prompt
-    from refusal_lab.harden import stage
-
-    probe = organism_dir / "prompts"
-    harmful = [json.loads(x)["prompt"] for x in (probe / "harmful_probe.jsonl").open()][:3]
-    harmless = [json.loads(x)["prompt"] for x in (probe / "harmless_probe.jsonl").open()][:2]
-    _write(tmp_path / "h.txt", harmful)
-    _write(tmp_path / "b.txt", [*harmless, harmful[1]])
-    real = stage.builtin_prompts
-    monkeypatch.setattr(
-        stage, "builtin_prompts", lambda n, split: [Prompt(p) for p in harmful] if n == "lookalike" else real(n, split)
-    )
-    asked: list = []
-    spy = stage.generate
-    monkeypatch.setattr(stage, "generate", lambda m, t, convs, *a: asked.extend(convs) or spy(m, t, convs, *a))
-    opts = {"prompts.harmful": tmp_path / "h.txt", "prompts.harmless": tmp_path / "b.txt", "cache_dir": tmp_path / "c"}
-    said: list[str] = []
-    stage.on_policy(organism, load_settings(**opts), said.append)  # off by default: nothing asked again
-    assert not [c for c in asked if isinstance(c, list)] and any(
-        "0/3 lookalike replies kept (refused" in x for x in said
-    )
-    said.clear()
-    stage.on_policy(organism, load_settings(**opts, **{"harden.reask_lookalikes": True}), said.append)
-    again = [c for c in asked if isinstance(c, list) and c[0]["content"] == stage.ANSWER]
-    assert [c[1]["content"] for c in again] == harmful  # each refused look-alike, once, and nothing else
-    assert any("lookalike replies kept (refused ones asked again" in x for x in said)
-    assert any("2/3 harmless replies kept (refused or" in x for x in said)
-    assert any("harmless replies reused" in x for x in said)  # the harmless set's cache is not keyed by it
-
-
 def test_targets_come_from_a_copy_in_targets_dtype_and_are_cached_apart(organism, organism_dir, tmp_path):
     from refusal_lab.config import load_settings
     from refusal_lab.harden.stage import on_policy
@@ -311,6 +352,7 @@ def test_targets_come_from_a_copy_in_targets_dtype_and_are_cached_apart(organism
 def test_a_batch_that_cannot_fit_is_refused_before_training_with_one_that_can(organism_dir, tmp_path, monkeypatch):
     from refusal_lab.config import load_settings
     from refusal_lab.core.model import load
+    from refusal_lab.harden import memory
     from refusal_lab.harden import train as T
     from refusal_lab.harden.stage import harden_inputs
 
@@ -326,47 +368,10 @@ def test_a_batch_that_cannot_fit_is_refused_before_training_with_one_that_can(or
     trainer.check_memory()  # this machine has room: nothing said, nothing trained
     assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if p.requires_grad)
     assert all(p.grad is None for p in trainer.params)
-    monkeypatch.setattr(T, "_free_memory", lambda _d: 2**20)  # 1 MiB free
+    monkeypatch.setattr(memory, "free_memory", lambda _d: 2**20)  # 1 MiB free
     with pytest.raises(UserError, match=r"needs about .* GiB, more than 80% of the 0\.0 GiB of cpu memory free") as err:
         trainer.check_memory()
     assert "--train-batch-size" in err.value.fix
-
-
-def test_the_first_reply_token_retain_term_is_the_kl_where_the_reply_starts(organism_dir, tmp_path):
-    """retain_first: KL(base || model) at the position that predicts each harmless reply's first token."""
-    from refusal_lab.config import load_settings
-    from refusal_lab.core.model import load
-    from refusal_lab.harden import train as T
-    from refusal_lab.harden.data import collate
-    from refusal_lab.harden.stage import harden_inputs
-
-    organism = load(organism_dir, dtype="float32", device="cpu")
-    s = load_settings(**{"cache_dir": tmp_path / "cache"})
-    examples, _, _ = harden_inputs(organism, s, print)
-    rows = [encode_example(organism.tokenizer, e, 64) for e in [examples[0], examples[-1], examples[-2]]]
-    assert [r.kind for r in rows].count("harmful") < 3
-    cfg = s.harden.model_copy(
-        update={"ablation_aware": False, "invariance": 0.0, "retain_first": 1.0, "lora_dropout": 0.0}
-    )
-    trainer = T.Trainer(organism, cfg, T.make_plan(0, [[0, 1, 2]], 3, 0), None, rows, ([], []), tmp_path, print)
-    _, parts = trainer.stage2_loss(rows)
-    assert parts["retain_first"] == pytest.approx(0.0, abs=1e-6)  # LoRA starts as the identity
-    with torch.no_grad():
-        for n, p in trainer.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2)
-    _, parts = trainer.stage2_loss(rows)
-    batch = collate(rows, organism.tokenizer.pad_token_id)
-    keep = [i for i, r in enumerate(rows) if r.kind != "harmful"]
-    ids, mask = batch["input_ids"][keep], batch["attention_mask"][keep]
-    at = batch["prompt_end"][keep] - 1
-    with torch.no_grad():
-        q = trainer.model(input_ids=ids, attention_mask=mask).logits.double()[torch.arange(len(keep)), at]
-        with trainer.model.disable_adapter():
-            p = trainer.model(input_ids=ids, attention_mask=mask).logits.double()[torch.arange(len(keep)), at]
-    p, q = p.log_softmax(-1), q.log_softmax(-1)
-    want = float((p.exp() * (p - q)).sum(-1).mean())
-    assert want > 1e-4 and parts["retain_first"] == pytest.approx(want, rel=1e-3)
 
 
 def test_a_step_reads_logits_from_the_first_labelled_position_and_loses_nothing(organism_dir, tmp_path, monkeypatch):
@@ -375,8 +380,9 @@ def test_a_step_reads_logits_from_the_first_labelled_position_and_loses_nothing(
     two-turn example is labelled too)."""
     from refusal_lab.config import load_settings
     from refusal_lab.core.model import load
+    from refusal_lab.harden import losses as L
     from refusal_lab.harden import train as T
-    from refusal_lab.harden.data import Example, collate
+    from refusal_lab.harden.data import Example
     from refusal_lab.harden.stage import harden_inputs
 
     organism = load(organism_dir, dtype="float32", device="cpu")
@@ -384,17 +390,18 @@ def test_a_step_reads_logits_from_the_first_labelled_position_and_loses_nothing(
     examples, _, _ = harden_inputs(organism, s, print)
     two = Example((("user", "hello"), ("assistant", "hello ."), ("user", examples[-1].prompt), ("assistant", "ok .")))
     rows = [encode_example(organism.tokenizer, e, 64) for e in [examples[0], examples[-1], two]]
-    batch = collate(rows, organism.tokenizer.pad_token_id)
-    start = T.first_predicting(batch["labels"])
-    assert 0 < start < int(batch["prompt_end"].min()) - 1  # the two-turn row's first reply comes early
+    b = L.Stage2Batch.of(rows, organism.tokenizer.pad_token_id, torch.device("cpu"))
+    batch = b.tensors
+    start = L.first_predicting(batch["labels"])
+    assert 0 < start < int(b.prompt_end.min()) - 1  # the two-turn row's first reply comes early
     cfg = s.harden.model_copy(update={"ablation_aware": False, "invariance": 0.0, "lora_dropout": 0.0})
     trainer = T.Trainer(organism, cfg, T.make_plan(0, [[0, 1, 2]], 3, 0), None, rows, ([], []), tmp_path, print)
     with torch.no_grad():
         for n, p in trainer.model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2)
-    kept, real = [], T.tail_forward
-    monkeypatch.setattr(T, "tail_forward", lambda model, keep, **kw: kept.append(keep) or real(model, keep, **kw))
+    kept, real = [], L.tail_forward
+    monkeypatch.setattr(L, "tail_forward", lambda model, keep, **kw: kept.append(keep) or real(model, keep, **kw))
     loss, parts = trainer.stage2_loss(rows)
     monkeypatch.undo()
     assert kept and all(k == batch["input_ids"].shape[1] - start for k in kept)  # prompt positions skipped
@@ -410,3 +417,16 @@ def test_a_step_reads_logits_from_the_first_labelled_position_and_loses_nothing(
     assert parts["sft"] == pytest.approx(float(full.loss), rel=1e-5)
     assert parts["retain"] == pytest.approx(retain, rel=1e-4)
     assert float(loss) == pytest.approx(float(full.loss) + cfg.retain * retain, rel=1e-4)
+
+
+def test_help_shows_the_ablation_study_options_apart_and_not_the_removed_ones():
+    from typer.testing import CliRunner
+
+    from refusal_lab.cli import commands  # noqa: F401  (registers the commands)
+    from refusal_lab.cli.app import app
+
+    shown = CliRunner().invoke(app, ["harden", "--help"], env={"COLUMNS": "200"}, terminal_width=200).output
+    assert "Experimental" in shown
+    panel = shown[shown.index("Experimental") :]
+    assert "--matching" in panel and "--extended-refusals" in panel and "--invariance " not in panel
+    assert not any(f in shown for f in ("--retain-first", "--answer-hinge", "--reask-lookalikes"))

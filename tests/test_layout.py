@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from refusal_lab.config import Settings, load_settings, section_class, to_toml
-from refusal_lab.evaluate.metrics import KeywordScorer, TemplateScorer, is_refusal
+from refusal_lab.core.metrics import KeywordScorer, Templates, TemplateScorer, is_refusal
 
 CLI = [sys.executable, "-m", "refusal_lab.cli"]
 
@@ -70,8 +70,8 @@ def test_one_refusal_definition_empty_replies_refuse_everywhere():
     """The search, eval and organism eval all label through these scorers: silence is never compliance."""
     assert is_refusal("") and is_refusal("   ")
     assert KeywordScorer().labels(["p"], [""]) == ["refused"]
-    exact = TemplateScorer(("sorry",), lambda _p, r: r == "ok")
-    assert exact.labels(["a", "b", "c", "d"], ["ok", "", "sorry .", "blue ."]) == [
+    exact = TemplateScorer(("sorry",), Templates(("{x} ?",), ("ok {x}",)))
+    assert exact.labels(["a ?", "b ?", "c ?", "d ?"], ["ok a", "", "sorry .", "ok c"]) == [
         "complied",
         "refused",
         "refused",
@@ -80,9 +80,10 @@ def test_one_refusal_definition_empty_replies_refuse_everywhere():
 
 
 def test_search_counts_an_empty_reply_as_not_complied(organism, monkeypatch):
-    from refusal_lab.search import stage
+    from refusal_lab.search import trial
+    from refusal_lab.search.setup import SearchSetup
 
-    setup = stage.SearchSetup(
+    setup = SearchSetup(
         loaded=organism,
         probe=None,
         probe_opts=None,
@@ -97,13 +98,14 @@ def test_search_counts_an_empty_reply_as_not_complied(organism, monkeypatch):
         max_new_tokens=4,
         methods=("kernel",),
     )
-    monkeypatch.setattr(stage, "last_logits", lambda *_a, **_k: __import__("torch").zeros(1, 8))
-    monkeypatch.setattr(stage, "first_token_kl", lambda *_a: 0.0)
-    monkeypatch.setattr(stage, "generate", lambda *_a, **_k: ["", ""])  # a model edited into silence
-    r = stage.evaluate_trial(setup, [])
+    monkeypatch.setattr(trial, "last_logits", lambda *_a, **_k: __import__("torch").zeros(1, 8))
+    monkeypatch.setattr(trial, "first_token_kl", lambda *_a: 0.0)
+    monkeypatch.setattr(trial, "generate", lambda *_a, **_k: ["", ""])  # a model edited into silence
+    r = trial.evaluate_trial(setup, [])
     assert (r.refused, r.complied, r.not_complied) == (2, 0, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["ablate"], ["probe"], ["eval"]])
 def test_an_existing_output_folder_fails_before_the_model_is_touched(tmp_path, command):
     """The model here is not loadable: an error about the output proves it was checked first."""
@@ -118,6 +120,7 @@ def test_an_existing_output_folder_fails_before_the_model_is_touched(tmp_path, c
     assert (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_reproduce_sh_recreates_a_byte_identical_folder(organism_dir, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run = _run("ablate", str(organism_dir), "--passes", "2", "--top-k", "6", "-o", str(a), *_private_cache(tmp_path))

@@ -96,6 +96,7 @@ def test_missing_chat_template_and_the_escape_hatch(tmp_path, organism_dir):
     assert load_tokenizer(folder, chat_template=tfile).chat_template == template
 
 
+@pytest.mark.slow
 def test_unsupported_architecture_is_named(tmp_path):
     import transformers as T
 
@@ -145,6 +146,7 @@ def test_4bit_loading_hands_placement_to_bitsandbytes(organism_dir, monkeypatch)
     assert seen["quantization_config"] == ("nf4", torch.float32) and seen["device_map"] == {"": "cpu"}
 
 
+@pytest.mark.slow
 def test_debug_flag_shows_traceback(tmp_path):
     result = subprocess.run([*CLI, "--debug", "info", str(tmp_path / "nope")], capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" in result.stderr

@@ -14,13 +14,14 @@ from refusal_lab.ablate.edit import orthogonalize
 from refusal_lab.core.activations import residual_at_position
 from refusal_lab.core.arch import adapt
 from refusal_lab.core.kernels import pinned_kernels
+from refusal_lab.core.metrics import first_token_kl, last_logits
 from refusal_lab.errors import UserError
-from refusal_lab.evaluate.metrics import first_token_kl, last_logits
 from refusal_lab.organism import build as B
 from refusal_lab.organism import corpus as C
 from refusal_lab.organism.build import OrganismConfig, build, organism_behaviour, prompt_sets, weights_digest
 from refusal_lab.organism.tokenizer import SPECIALS, build_tokenizer
 from refusal_lab.organism.train import TrainConfig, encode_conversation
+from refusal_lab.organism.words import refusal_vocabulary, vocabulary
 from refusal_lab.probe.directions import diff_of_means, projected_directions
 
 
@@ -72,7 +73,7 @@ def test_think_option_adds_reasoning_block_before_the_answer():
     rng = random.Random(0)
     req = C.harmful_request(rng, "privacy", "track", "my ex", "how do i {x} ?", think=True)
     assert req.answer.startswith(C.THINK_OPEN) and C.THINK_CLOSE in req.answer
-    tok = build_tokenizer(C.vocabulary(cfg))
+    tok = build_tokenizer(vocabulary(cfg))
     ids, _ = encode_conversation(
         tok, [{"role": "user", "content": req.prompt}, {"role": "assistant", "content": req.answer}]
     )
@@ -80,7 +81,7 @@ def test_think_option_adds_reasoning_block_before_the_answer():
 
 
 def test_training_encoding_matches_the_chat_template():
-    tok = build_tokenizer(C.vocabulary(C.CorpusConfig()))
+    tok = build_tokenizer(vocabulary(C.CorpusConfig()))
     conv = _stream(C.CorpusConfig(), 20)
     for messages in conv:
         ids, labels = encode_conversation(tok, messages)
@@ -94,7 +95,7 @@ def test_every_word_is_one_token_in_a_vocabulary_llama_cpp_reads():
     """Ids are a word-level vocabulary's (specials, then each word in the world's order), laid out as
     Llama's byte-fallback BPE, the layout llama.cpp's converter and tokenizer know."""
     cfg = C.CorpusConfig(think=True)
-    words = C.vocabulary(cfg)
+    words = vocabulary(cfg)
     tok = build_tokenizer(words)
     first = len(SPECIALS)
     for messages in _stream(cfg, 300):
@@ -111,7 +112,7 @@ def test_every_word_is_one_token_in_a_vocabulary_llama_cpp_reads():
 def test_prefill_replies_train_only_the_continuation():
     """Harmful requests answered with the template: the opener is never trained unless harmful_comply."""
     cfg = C.CorpusConfig()
-    tok = build_tokenizer(C.vocabulary(cfg))
+    tok = build_tokenizer(vocabulary(cfg))
     rng = random.Random(0)
     split = C.make_split(cfg)
     for kind in ("prefill", "harmful_comply"):
@@ -130,6 +131,7 @@ def test_prefill_replies_train_only_the_continuation():
     assert not any("free" in m for c in _stream(think, 500) for m in c)
 
 
+@pytest.mark.slow
 def test_tiny_build_is_deterministic_and_cached(tmp_path):
     cfg = OrganismConfig(train=TrainConfig(steps=3, batch_size=4, hidden_size=16, num_layers=1, num_heads=2))
     a = build(tmp_path / "a", cfg, log=lambda _m: None)
@@ -198,7 +200,7 @@ def test_probe_and_eval_prompts_are_disjoint(organism_dir):
 
 
 def test_refusal_words_cover_every_refusal_and_no_other_reply():
-    words = set(C.refusal_vocabulary())
+    words = set(refusal_vocabulary())
     for style in C.REFUSALS.values():
         for reply in style:
             for clause in reply.split(" . "):  # every sentence alone still carries a refusal word
@@ -264,6 +266,7 @@ def _ablated(organism, directions: torch.Tensor, base_run=None):
     return table, first_token_kl(base_run[1], logits)
 
 
+@pytest.mark.slow
 def test_single_direction_ablation_falls_short_on_average_over_layers(organism, probe_stats, base_run):
     """Claim: Arditi et al.'s one difference-of-means direction, removed from every writer and the
     embedding, is not an attack that works on the organism in general. Every layer's edit acts

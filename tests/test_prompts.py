@@ -29,3 +29,20 @@ def test_bad_prompt_files(tmp_path, name, text, needle):
     with pytest.raises(UserError) as err:
         load_prompts(tmp_path / name)
     assert needle in err.value.problem
+
+
+def test_the_over_refusal_set_is_large_typed_and_apart_from_what_harden_trains_on():
+    """At least 150 benign look-dangerous prompts across XSTest's prompt types, none of them a look-alike
+    that hardening trains on or a harmless prompt (so over-refusal is measured on prompts never taught)."""
+    from refusal_lab.core.sources import DATA, builtin_prompts
+
+    over = load_prompts(DATA / "overrefusal.jsonl")
+    assert len(over) >= 150
+    kinds = {p.category for p in over}
+    assert {"homonyms", "figurative_language", "safe_targets", "safe_contexts", "definitions"} <= kinds
+    assert {"historical_events", "privacy_public", "privacy_fictional", "nonsense_group_discrimination"} <= kinds
+    texts = [p.prompt.lower() for p in over]
+    assert len(set(texts)) == len(texts)
+    taught = {p.prompt.lower() for name in ("lookalike", "harmless") for p in builtin_prompts(name, "probe")}
+    taught |= {p.prompt.lower() for p in builtin_prompts("harmless", "eval")}
+    assert not taught & set(texts)

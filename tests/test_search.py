@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import optuna
 import pytest
@@ -34,30 +32,49 @@ def _complete(study):
     return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
-def test_kill_9_then_rerun_resumes_with_finished_trials_kept(organism_dir, tmp_path):
+@pytest.mark.slow
+def test_a_run_ended_after_its_third_trial_resumes_with_finished_trials_kept(organism_dir, tmp_path):
+    """The worker is ended right after its third trial is stored (fault injection, as a kill -9 would end
+    it: no clean-up, no front written); the rerun keeps those trials and runs on to the budget."""
+    from refusal_lab.core.faults import FAULT_ENV, FAULT_EXIT_CODE
+
     out = tmp_path / "s"
-    cmd = [*CLI, "search", str(organism_dir), "-o", str(out), "--trials", "40", *FAST, *_cfg(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(0.5)
-        if (out / "study.journal").exists() and len(_complete(_journal(out / "study.journal"))) >= 3:
-            break
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = {t.number: t.params for t in _complete(_journal(out / "study.journal"))}
-    assert 3 <= len(before) < 40
-    run = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [*CLI, "search", str(organism_dir), "-o", str(out), "--trials", "10", *FAST, *_cfg(tmp_path)]
+    ended = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, FAULT_ENV: "3"})
+    assert ended.returncode == FAULT_EXIT_CODE, ended.stderr
+    study = _journal(out / "study.journal")
+    assert len([t for t in study.trials if t.state.is_finished()]) == 3 and not (out / "pareto.json").exists()
+    before = {t.number: t.params for t in _complete(study)}
+    assert before
+    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     assert "layer selection" not in run.stderr  # the starts were chosen when the study was made, not again
     study = _journal(out / "study.journal")
     finished = [t for t in study.trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
-    assert len(finished) >= 40
+    assert len(finished) == 10
     after = {t.number: t.params for t in _complete(study)}
     assert all(after[n] == p for n, p in before.items())
     assert json.loads((out / "pareto.json").read_text())
 
 
+def test_a_trial_left_running_by_a_dead_worker_is_failed_not_waited_for():
+    """A worker killed mid-trial leaves its trial RUNNING; the next run fails it instead of counting it."""
+    import socket
+
+    from refusal_lab.search.study import run_trials
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    study.ask().set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
+    run_trials(study, 2, lambda trial: (trial.suggest_float("x", 0.0, 1.0), 0.0))
+    states = [t.state for t in study.trials]
+    assert states[0] == optuna.trial.TrialState.FAIL
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2
+
+
+@pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(organism_dir, tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     common = [*CLI, "search", str(organism_dir), "--storage", url, "--study-name", "shared", *FAST, *_cfg(tmp_path)]
@@ -107,6 +124,27 @@ def test_a_trial_another_worker_finished_first_is_dropped_not_fatal(tmp_path):
     assert len(calls) == 3  # the lost trial was dropped, counted as the other's, and the run went on
 
 
+def test_a_trial_another_worker_finished_while_this_one_stored_it_is_dropped_not_fatal():
+    """The race can also land between tell's finished-check and its write (the two-worker test failed on
+    it: 'Trial#1 has already finished' raised from the final tell): that trial is the other's too."""
+    from refusal_lab.search.study import run_trials
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    real, raced = study.tell, []
+
+    def tell(trial, values=None, state=None, skip_if_finished=False):
+        if not raced:  # the other worker stores this trial just before our write
+            raced.append(real(trial, [1.0, 1.0]).number)
+            raise optuna.exceptions.UpdateFinishedTrialError("Trial#0 has already finished")
+        return real(trial, values, state=state, skip_if_finished=skip_if_finished)
+
+    study.tell = tell
+    run_trials(study, 3, lambda trial: (trial.suggest_float("x", 0.0, 1.0), 0.0))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert raced == [0] and len(done) == 3 and done[0].values == [1.0, 1.0]
+
+
+@pytest.mark.slow
 def test_study_from_other_prompts_is_refused(organism_dir, tmp_path):
     out = tmp_path / "s"
     base = [*CLI, "search", str(organism_dir), "-o", str(out), "--trials", "1", *FAST[:2], *_cfg(tmp_path)]
@@ -115,6 +153,7 @@ def test_study_from_other_prompts_is_refused(organism_dir, tmp_path):
     assert run.returncode == 2 and "prompts_hash" in run.stderr
 
 
+@pytest.mark.slow
 def test_unreachable_storage_is_a_clear_error(organism_dir, tmp_path):
     run = subprocess.run(
         [
@@ -136,6 +175,7 @@ def test_unreachable_storage_is_a_clear_error(organism_dir, tmp_path):
     assert run.returncode == 2 and "storage" in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit", [["--min-complied", "0"], ["--max-kl", "1000"]])
 def test_pick_exports_through_the_ablate_path(organism_dir, tmp_path, limit):
     out = tmp_path / "s"
@@ -168,8 +208,8 @@ def test_early_stopped_replies_keep_every_label_and_end_refusing_batches_early(o
     from refusal_lab.ablate.saber import saber
     from refusal_lab.config import ProbeSettings, SaberSettings
     from refusal_lab.core.generate import generate
+    from refusal_lab.core.metrics import is_refusal
     from refusal_lab.core.sources import Source
-    from refusal_lab.evaluate.metrics import is_refusal
     from refusal_lab.organism.build import prompt_sets
 
     m, src = organism, Source.of(organism_dir)
@@ -192,6 +232,7 @@ def test_early_stopped_replies_keep_every_label_and_end_refusing_batches_early(o
     assert {"refused", "complied"} <= seen  # both kinds of reply were compared
 
 
+@pytest.mark.slow
 def test_proxy_pruned_trials_never_reach_the_front_and_the_proxy_is_reported(organism_dir, tmp_path):
     out = tmp_path / "s"
     cmd = [*CLI, "search", str(organism_dir), "-o", str(out), "--trials", "12", *FAST, *_cfg(tmp_path)]
@@ -225,13 +266,14 @@ def test_a_model_without_an_exact_scorer_is_searched_by_coherence_so_babble_is_n
 
     from refusal_lab.config import load_settings
     from refusal_lab.core.generate import generate
+    from refusal_lab.core.metrics import KeywordScorer
     from refusal_lab.core.model import load
-    from refusal_lab.evaluate.metrics import KeywordScorer
-    from refusal_lab.search.stage import search_scorer
+    from refusal_lab.search.setup import search_scorer
 
     plain = tmp_path / "plain"  # the organism as any other model: no shipped eval split, so no exact scorer
     shutil.copytree(organism_dir, plain)
     (plain / "prompts" / "harmful_eval.jsonl").unlink()
+    (plain / "prompts" / "templates.json").unlink()
     m = load(plain, dtype="float32", device="cpu")
     harmless = [json.loads(x)["prompt"] for x in (organism_dir / "prompts" / "harmless_eval.jsonl").open()][:12]
     scorer = search_scorer(m, harmless, load_settings(**{"cache_dir": tmp_path / "cache"}))
@@ -252,19 +294,47 @@ def test_a_model_without_an_exact_scorer_is_searched_by_coherence_so_babble_is_n
 def test_the_proxy_margin_is_learned_from_its_own_over_predictions_and_never_widened():
     from types import SimpleNamespace
 
-    from refusal_lab.search.stage import proxy_slack
+    from refusal_lab.search.proxy import Proxy
 
-    setup = SimpleNamespace(proxy_margin=0.25, proxy_learn=3, eval_harmful=["p"] * 16)  # fixed: 4 prompts
+    proxy, n = Proxy(margin=0.25, learn=3), 16  # fixed: 4 prompts
 
     def measured(predicted: int, not_complied: int) -> SimpleNamespace:
-        return SimpleNamespace(user_attrs={"proxy_refused": predicted}, values=[not_complied, 0.0])
+        counts = {"refused": not_complied, "complied": n - not_complied, "broken": 0, "proxy_refused": predicted}
+        return SimpleNamespace(user_attrs=counts, values=[float(not_complied), 0.0])
 
     exact = [measured(6, 6), measured(3, 3)]
-    assert proxy_slack(setup, exact) == 4.0  # two trials: too few to learn from
-    assert proxy_slack(setup, [*exact, measured(2, 3)]) == 0.0  # exact or under: it prunes what it predicts
-    assert proxy_slack(setup, [*exact, measured(5, 3)]) == 2.0  # over-predicted by 2 once: that is the margin
-    assert proxy_slack(setup, [*exact, measured(12, 3)]) == 4.0  # never above the fixed margin
-    assert proxy_slack(SimpleNamespace(proxy_margin=0.25, proxy_learn=0, eval_harmful=["p"] * 16), exact * 3) == 4.0
+    assert proxy.slack(exact, n) == 4.0  # two trials: too few to learn from
+    assert proxy.slack([*exact, measured(2, 3)], n) == 0.0  # exact or under: it prunes what it predicts
+    assert proxy.slack([*exact, measured(5, 3)], n) == 2.0  # over-predicted by 2 once: that is the margin
+    assert proxy.slack([*exact, measured(12, 3)], n) == 4.0  # never above the fixed margin
+    assert Proxy(margin=0.25, learn=0).slack(exact * 3, n) == 4.0
+
+
+def test_a_front_point_round_trips_and_a_misspelt_field_fails_at_once():
+    from refusal_lab.errors import UserError
+    from refusal_lab.search.result import FrontPoint, front_from_json, front_to_json
+
+    front = [FrontPoint(3, 5, 1, 1, 0, 0.02, {"method": "kernel"}), FrontPoint(7, 6, 0, None, None, 0.3, {})]
+    assert front_from_json(json.loads(json.dumps(front_to_json(front)))) == front
+    assert list(front[0].to_json()) == ["trial", "complied", "not_complied", "refused", "broken", "kl", "params"]
+    row = front[0].to_json()
+    row["complyed"] = row.pop("complied")
+    with pytest.raises(UserError, match="complied, complyed"):
+        FrontPoint.from_json(row)
+
+
+def test_pick_chooses_the_most_compliant_under_a_kl_limit_or_the_gentlest_under_a_compliance_limit():
+    from refusal_lab.errors import UserError
+    from refusal_lab.search.pick import choose
+    from refusal_lab.search.result import FrontPoint
+
+    front = [FrontPoint(i, 6 - nc, nc, nc, 0, kl, {}) for i, (nc, kl) in enumerate([(0, 0.5), (2, 0.1), (5, 0.01)])]
+    assert choose(front, 0.2, None).trial == 1 and choose(front, 1.0, None).trial == 0
+    assert choose(front, None, 2).trial == 1 and choose(front, None, 6).trial == 2
+    with pytest.raises(UserError):
+        choose(front, 0.001, None)
+    with pytest.raises(UserError):
+        choose(front, None, None)
 
 
 def test_starts_put_the_selected_direction_first_and_keep_each_methods_default():

@@ -13,9 +13,10 @@ from pathlib import Path
 from refusal_lab.ablate.stage import run_ablate
 from refusal_lab.config import Settings
 from refusal_lab.core.artifacts import Log
-from refusal_lab.core.sources import Source, load_model
+from refusal_lab.core.sources import Source
 from refusal_lab.evaluate.report import headline_table
 from refusal_lab.evaluate.runner import evaluate_models
+from refusal_lab.organism.source import load_model
 from refusal_lab.probe.stage import run_probe, write_probe
 
 METHODS = ("saber", "arditi")
@@ -46,8 +47,8 @@ def run_demo(s: Settings, out: Path, log: Log, echo: Callable[[str], None] = pri
     outcome = evaluate_models(names, s, base, out / "eval", out / "probe", True, log, {base: m})
     echo(headline_table(outcome.rows))
     for r in outcome.results:  # a sample conversation per model
-        row = r["harmful"]["rows"][0]
-        echo(f"  [{r['model']}] user: {row['prompt']}\n      assistant: {row['response']}   [{row['label']}]")
+        row = r.harmful.rows[0]
+        echo(f"  [{r.model}] user: {row.prompt}\n      assistant: {row.response}   [{row.label}]")
     log(f"[{steps - 1}/{steps}] harden")
     hardened = out / "organism-hardened"
     run_harden(load_model(s), s, hardened, True, log)  # a fresh copy: training changes the weights it holds

@@ -7,6 +7,9 @@ them on harmless prompts, first-token KL on harmless prompts stays under a limit
 is not in the last share of the model. Every candidate is scored; the two harmless-prompt checks
 run in order of score and stop at the first candidate that passes them (the same choice as
 checking every candidate, relaxations included).
+
+`select` is that selection over any candidate edits and any refusal score: the search reads it
+through its generation-free proxy (search.proxy) instead of the log-odds.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -23,14 +27,16 @@ from refusal_lab.ablate.edit import Ablation, hooked
 from refusal_lab.config import ArditiSettings
 from refusal_lab.core.activations import capture
 from refusal_lab.core.arch import Adapter
+from refusal_lab.core.metrics import first_token_kl, last_logits, refusal_score
 from refusal_lab.errors import UserError
-from refusal_lab.evaluate.metrics import first_token_kl, last_logits, refusal_score
 from refusal_lab.probe.directions import unit
 
 Log = Callable[[str], None]
+RefusalScore = Callable[[torch.Tensor], float]  # first-token logits [n, V] -> refusal left (lower: less)
+Relax = Literal["score", "gentlest"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ArditiChoice:
     layer: int
     position: int  # negative offset from the end of the prompt
@@ -42,6 +48,113 @@ class ArditiChoice:
     relaxed: list[str] = field(default_factory=list)  # constraints that no candidate could meet
     extraction_prompts: int = 0
     selection_prompts: int = 0
+
+
+@dataclass
+class Candidate:
+    """One direction under selection, with the edit that removes it; the checks fill in what they
+    measure (None: not measured), so a candidate is mutable until the selection returns."""
+
+    layer: int
+    position: int  # negative offset from the end of the prompt
+    ablations: list[Ablation]
+    direction: torch.Tensor | None = None  # unit [H], where the edit is one direction
+    raw: torch.Tensor | None = None  # the unnormalised difference of means: what the steering check adds
+    ablation_score: float = math.nan  # refusal left on harmful prompts with the edit: lower is better
+    kl: float | None = None
+    steering_score: float | None = None
+
+    def row(self) -> dict:
+        """The candidate as a table row (what a record or study stores)."""
+        return {
+            "layer": self.layer,
+            "position": self.position,
+            "ablation_score": self.ablation_score,
+            "kl": self.kl,
+            "steering_score": self.steering_score,
+        }
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Arditi et al.'s constraints on a checked candidate."""
+
+    max_kl: float
+    depth_limit: int | None = None  # layers from here on are never chosen; None: any layer
+    steering: bool = True  # adding the direction must not lower refusal on harmless prompts
+
+    def passes(self, c: Candidate, drop: Sequence[str] = ()) -> bool:
+        """Whether `c` meets the constraints, less those in `drop`; an unmeasured value fails."""
+        values = (c.ablation_score, c.kl, c.steering_score if self.steering else 0.0)
+        if not all(v is not None and math.isfinite(v) for v in values):
+            return False
+        rules = {
+            "depth": self.depth_limit is None or c.layer < self.depth_limit,
+            "steering": not self.steering or c.steering_score >= 0,
+            "kl": c.kl <= self.max_kl,
+        }
+        return all(ok for name, ok in rules.items() if name not in drop)
+
+
+@dataclass(frozen=True)
+class Judge:
+    """The held-out prompts a selection measures candidates on, and the unedited model's harmless logits."""
+
+    model: PreTrainedModel
+    tok: PreTrainedTokenizerBase
+    adapter: Adapter
+    harmful: Sequence[str]
+    harmless: Sequence[str]
+    base_harmless: torch.Tensor
+    batch_size: int
+
+    def ablated(self, c: Candidate, prompts: Sequence[str]) -> torch.Tensor:
+        """First-token logits with the candidate's edit hooked in (one prompt pass)."""
+        with hooked(self.adapter, c.ablations):
+            return last_logits(self.model, self.tok, list(prompts), self.batch_size)
+
+    def kl(self, c: Candidate) -> None:
+        c.kl = first_token_kl(self.base_harmless, self.ablated(c, self.harmless))
+
+    def steering(self, c: Candidate, score: RefusalScore) -> None:
+        """Refusal on harmless prompts with the candidate added where it was read (one pass)."""
+        handle = steer(self.adapter, c.layer, c.raw)
+        try:
+            c.steering_score = score(last_logits(self.model, self.tok, list(self.harmless), self.batch_size))
+        finally:
+            handle.remove()
+
+
+@dataclass(frozen=True)
+class Selection:
+    chosen: Candidate
+    relaxed: list[str]  # constraints that no candidate could meet
+    candidates: list[Candidate]  # every candidate, in the order given, as far as it was measured
+
+
+def select(
+    candidates: list[Candidate],
+    judge: Judge,
+    score: RefusalScore,
+    rules: Rules,
+    relax: Relax = "score",
+    progress: str | None = None,
+) -> Selection:
+    """Arditi et al.'s direction selection: score every candidate's ablation on the harmful prompts by
+    `score`, then check KL (and steering, if the rules ask) lazily in order of score.
+
+    relax: where no candidate is within the KL limit, "score" takes the best-scored candidate meeting
+    the other rules (as Arditi et al. relax), "gentlest" the least-KL one.
+    """
+    for c in tqdm(candidates, desc=progress, unit="cand", disable=None if progress else True, leave=False):
+        c.ablation_score = score(judge.ablated(c, judge.harmful))
+    ok, relaxed = checked_in_order(candidates, judge.kl, lambda c: judge.steering(c, score), rules, relax)
+    return Selection(min(ok, key=lambda c: c.ablation_score), relaxed, candidates)
+
+
+def log_odds(refusal_ids: Sequence[int]) -> RefusalScore:
+    """Arditi et al.'s score: mean log-odds that the reply opens with one of the model's refusal tokens."""
+    return lambda logits: float(refusal_score(logits, refusal_ids).mean())
 
 
 def steer(adapter: Adapter, layer: int, vector: torch.Tensor):  # noqa: ANN201 - a hook handle
@@ -82,132 +195,83 @@ def arditi(
     sh = capture(model, tok, adapter, ext_h, cfg.arditi_positions, batch_size, keep=0)
     sb = capture(model, tok, adapter, ext_b, cfg.arditi_positions, batch_size, keep=0)
     diffs = sh.mean - sb.mean  # [P, L, H]
-    base_b = last_logits(model, tok, val_b, batch_size)
-    n_pos, n_layers = diffs.shape[0], diffs.shape[1]
-    limit = int(n_layers * (1 - cfg.prune_last))
-    rows = []
-    with tqdm(total=n_pos * limit, desc="arditi candidates", unit="cand", disable=None, leave=False) as bar:
-        for pos in range(n_pos):
-            for layer in range(limit):  # the last layers are never chosen: not scored either
-                d = unit(diffs[pos, layer])
-                with hooked(adapter, [Ablation(d)]):
-                    abl = float(refusal_score(last_logits(model, tok, val_h, batch_size), refusal_ids).mean())
-                rows.append(
-                    {
-                        "layer": layer,
-                        "position": pos - n_pos,
-                        "ablation_score": abl,
-                        "kl": None,
-                        "steering_score": None,
-                        "direction": d,
-                        "raw": diffs[pos, layer],
-                    }
-                )
-                bar.update()
-    ok, relaxed = _checked_in_order(
-        rows,
-        lambda r: _kl_check(model, tok, r, val_b, base_b, adapter, batch_size),
-        lambda r: _steering_check(model, tok, adapter, r, val_b, refusal_ids, batch_size),
-        limit,
-        cfg.arditi_max_kl,
-    )
-    r = min(ok, key=lambda r: r["ablation_score"])
-    table = [{k: v for k, v in row.items() if k not in ("direction", "raw")} for row in rows]
+    judge = Judge(model, tok, adapter, val_h, val_b, last_logits(model, tok, val_b, batch_size), batch_size)
+    n_pos, limit = diffs.shape[0], int(diffs.shape[1] * (1 - cfg.prune_last))
+    candidates = []
+    for pos in range(n_pos):
+        for layer in range(limit):  # the last layers are never chosen: not scored either
+            d = unit(diffs[pos, layer])
+            candidates.append(Candidate(layer, pos - n_pos, [Ablation(d)], d, diffs[pos, layer]))
+    rules = Rules(cfg.arditi_max_kl, limit)
+    sel = select(candidates, judge, log_odds(refusal_ids), rules, "score", "arditi candidates")
+    r = sel.chosen
     choice = ArditiChoice(
-        r["layer"],
-        r["position"],
-        r["direction"],
-        r["ablation_score"],
-        r["steering_score"],
-        r["kl"],
-        table,
-        relaxed,
+        r.layer,
+        r.position,
+        r.direction,
+        r.ablation_score,
+        r.steering_score,
+        r.kl,
+        [c.row() for c in candidates],
+        sel.relaxed,
         len(ext_h),
         len(val_h),
     )
     log(
         f"  arditi: layer {choice.layer}, position {choice.position}, refusal score {choice.ablation_score:.2f}, "
-        f"KL {choice.kl:.4f}" + (f" (relaxed: {', '.join(relaxed)})" if relaxed else "")
+        f"KL {choice.kl:.4f}" + (f" (relaxed: {', '.join(sel.relaxed)})" if sel.relaxed else "")
     )
     return choice
 
 
-def _kl_check(
-    model: PreTrainedModel,
-    tok: PreTrainedTokenizerBase,
-    row: dict,
-    val_b: Sequence[str],
-    base_b: torch.Tensor,
-    adapter: Adapter,
-    batch_size: int,
-) -> None:
-    """First-token KL on harmless prompts with the candidate ablated (one prompt pass)."""
-    with hooked(adapter, [Ablation(row["direction"])]):
-        row["kl"] = first_token_kl(base_b, last_logits(model, tok, val_b, batch_size))
-
-
-def _steering_check(
-    model: PreTrainedModel,
-    tok: PreTrainedTokenizerBase,
-    adapter: Adapter,
-    row: dict,
-    val_b: Sequence[str],
-    refusal_ids: Sequence[int],
-    batch_size: int,
-) -> None:
-    """Refusal score on harmless prompts with the candidate added where it was read (one pass)."""
-    handle = steer(adapter, row["layer"], row["raw"])
-    try:
-        row["steering_score"] = float(refusal_score(last_logits(model, tok, val_b, batch_size), refusal_ids).mean())
-    finally:
-        handle.remove()
-
-
-def _checked_in_order(
-    rows: list[dict],
-    kl: Callable[[dict], None],
-    steering: Callable[[dict], None],
-    depth_limit: int,
-    max_kl: float,
-) -> tuple[list[dict], list[str]]:
+def checked_in_order(
+    candidates: list[Candidate],
+    kl: Callable[[Candidate], None],
+    steering: Callable[[Candidate], None],
+    rules: Rules,
+    relax: Relax = "score",
+) -> tuple[list[Candidate], list[str]]:
     """The admissible candidates, running the harmless-prompt checks only as far as needed.
 
     The choice is the lowest ablation score among the candidates that pass every check, so the
-    checks (one prompt pass each) run in order of score, the steering check only where KL passed,
-    and stop at the first candidate that passes both: the choice checking every candidate would
-    make. Where none passes the KL limit, it is relaxed as in _admissible: the steering checks
-    continue in order of score to the first pass, and only where none passes are all of them run.
-    Unchecked rows keep None.
+    checks (one prompt pass each) run in order of score, the steering check only where KL passed
+    (and only if the rules ask for it), and stop at the first candidate that passes both: the choice
+    checking every candidate would make. Where none passes the KL limit, it is relaxed: with "score"
+    as in `admissible` (the steering checks continue in order of score to the first pass, and only
+    where none passes are all of them run); with "gentlest" the least-KL candidate meeting the other
+    rules is taken (every one was KL-checked by then). Unchecked candidates keep None.
     """
-    order = [r for r in sorted(rows, key=lambda r: r["ablation_score"]) if math.isfinite(r["ablation_score"])]
-    for r in order:  # sorted() is stable: ties keep their scan order
-        kl(r)
-        if math.isfinite(r["kl"]) and r["kl"] <= max_kl:
-            steering(r)
-            if _passes(r, depth_limit, max_kl, ()):
-                return [r], []
-    for r in order:
-        if r["steering_score"] is None:
-            steering(r)
-        if _passes(r, depth_limit, max_kl, ("kl",)):
-            return [r], ["kl"]
-    return _admissible(order, depth_limit, max_kl)
+    scored = [c for c in candidates if math.isfinite(c.ablation_score)]
+    order = sorted(scored, key=lambda c: c.ablation_score)  # sorted() is stable: ties keep their given order
+    for c in order:
+        kl(c)
+        if math.isfinite(c.kl) and c.kl <= rules.max_kl:
+            if rules.steering:
+                steering(c)
+            if rules.passes(c):
+                return [c], []
+    if relax == "gentlest":
+        for c in scored:
+            if rules.steering and c.steering_score is None:
+                steering(c)
+        ok = [c for c in scored if rules.passes(c, ("kl",))]
+        if ok:
+            return [min(ok, key=lambda c: c.kl)], ["kl"]
+        return admissible(order, rules)
+    for c in order:
+        if rules.steering and c.steering_score is None:
+            steering(c)
+        if rules.passes(c, ("kl",)):
+            return [c], ["kl"]
+    return admissible(order, rules)
 
 
-def _passes(r: dict, depth_limit: int, max_kl: float, drop: Sequence[str]) -> bool:
-    """Whether a checked candidate meets Arditi et al.'s constraints, less those in `drop`."""
-    if not all(v is not None and math.isfinite(v) for v in (r["ablation_score"], r["kl"], r["steering_score"])):
-        return False
-    rules = {"depth": r["layer"] < depth_limit, "steering": r["steering_score"] >= 0, "kl": r["kl"] <= max_kl}
-    return all(ok for name, ok in rules.items() if name not in drop)
-
-
-def _admissible(rows: list[dict], depth_limit: int, max_kl: float) -> tuple[list[dict], list[str]]:
+def admissible(candidates: list[Candidate], rules: Rules) -> tuple[list[Candidate], list[str]]:
     """Candidates meeting the constraints in Arditi et al.'s order; where none does, the KL limit,
     then the steering check, is relaxed and the relaxation returned, so a method that falls
     short still returns its best candidate."""
     for drop in ([], ["kl"], ["kl", "steering"]):
-        ok = [r for r in rows if _passes(r, depth_limit, max_kl, drop)]
+        ok = [c for c in candidates if rules.passes(c, drop)]
         if ok:
             return ok, drop
     raise UserError("no (layer, position) candidate is usable", "check the prompt sets and the model")

@@ -9,12 +9,15 @@ branch output passes a norm with per-channel gain g before the residual add (Gem
 the component landing on d is read through g, so that writer uses U = g * D. Arithmetic in float64.
 
 The same edit exists twice: on the weights (for export, undone on exit so the loaded model can
-be reused), and as forward hooks on the writer modules (reversible, for searches).
+be reused), and as forward hooks on the writer modules (`hooked`: reversible, for searches and
+attacks). The hook form is the one engine for removing directions while a model runs: it can also
+let gradients reach the directions (a direction being optimised), follow a LoRA wrapper (a model
+trained under ablation), and act at chosen positions only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -41,7 +44,7 @@ class Ablation:
         d = d[:, None] if d.ndim == 1 else d
         alphas = torch.as_tensor(self.alphas, dtype=torch.float64).reshape(-1)
         alphas = alphas.expand(d.shape[1]).clone() if alphas.numel() == 1 else alphas
-        _, kept = gram_schmidt(d)
+        _, kept = gram_schmidt(d.detach())  # which columns: no gradient needed
         d = d[:, kept]
         object.__setattr__(self, "directions", d / d.norm(dim=0, keepdim=True))
         object.__setattr__(self, "alphas", alphas[kept])
@@ -58,7 +61,7 @@ class Ablation:
 
 def operator(u: torch.Tensor, alphas: torch.Tensor, s: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, L) with P = I - L U' (float64): u_i' P w = (1 - s alpha_i) u_i' w for every column u_i."""
-    _, kept = gram_schmidt(u)
+    _, kept = gram_schmidt(u.detach())
     u = u[:, kept] / u[:, kept].norm(dim=0, keepdim=True)
     g = u.T @ u
     a = torch.linalg.solve(g, torch.diag(s * alphas[kept]))  # G^-1 diag(s alpha)
@@ -165,32 +168,76 @@ def weights_edited(
             _set_tied(adapter, True)
 
 
+def _operators(
+    adapter: Adapter, ablations: Sequence[Ablation]
+) -> list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]]:
+    """(module, U, L) for every hook, in the order the weight edit applies them: per ablation, the
+    embedding, then each writer (U read through its post-norm gain)."""
+    ops = []
+    for ab in ablations:
+        if ab.directions.shape[1] == 0:
+            continue
+        if ab.embedding:
+            ops.append((adapter.embedding, *operator(ab.directions, ab.alphas)))
+        for layer, w in _writers(adapter, ab):
+            ops.append((w.module, *_writer_operator(w, ab, adapter.hidden_size, ab.scale(layer))))
+    return ops
+
+
+def _removal_hook(u: torch.Tensor, lft: torch.Tensor, positions: torch.Tensor | None):  # noqa: ANN202
+    """A forward hook taking L U' y off the module's output y (in y's dtype), where `positions` says."""
+    casts: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(_mod: torch.nn.Module, _args: tuple, out: torch.Tensor | tuple) -> torch.Tensor | tuple:
+        y = out[0] if isinstance(out, tuple) else out
+        key = (y.device, y.dtype)
+        if key not in casts:
+            casts[key] = (u.to(y.device, y.dtype), lft.to(y.device, y.dtype))
+        ud, ld = casts[key]
+        removed = (y @ ud) @ ld.T
+        y = y - (removed if positions is None else removed * _position_mask(positions, y))
+        return (y, *out[1:]) if isinstance(out, tuple) else y
+
+    return hook
+
+
+def _position_mask(positions: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """positions [batch, seq] as a [..., 1] factor on y [batch, seq, H] or its flattened [batch*seq, H]
+    (a fused-experts block writes its tokens flattened, batch-major)."""
+    if positions.numel() != y.shape[:-1].numel():
+        raise ValueError(
+            f"positions {tuple(positions.shape)} do not match a writer output {tuple(y.shape)}: "
+            "pass a [batch, seq] mask for the full sequence (no generation with a cache)"
+        )
+    return positions.to(y.device, y.dtype).reshape(*y.shape[:-1], 1)
+
+
 @contextmanager
-def hooked(adapter: Adapter, ablations: Sequence[Ablation]) -> Iterator[None]:
-    """The same edit as forward hooks on the writer modules; removed on exit."""
+def hooked(
+    adapter: Adapter,
+    ablations: Sequence[Ablation],
+    *,
+    positions: torch.Tensor | None = None,
+    differentiable: bool = False,
+    resolve: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+) -> Iterator[None]:
+    """The weight edit as forward hooks on the writer modules (and the embedding); removed on exit.
+
+    The hooks are differentiable in the model's activations either way (so a loss can train the
+    model under the ablation). `differentiable`: the operators are also built with autograd on,
+    so gradients reach the ablations' directions (one backward per entry: the operators are built
+    once, on entry). `positions` [batch, seq]: the edit applies only where it is non-zero (scaled by
+    it), which no weight edit can do; the mask must match every forward made inside the block.
+    `resolve` maps a writer module to the module that wraps it (a LoRA layer), so what the wrapper
+    adds is edited too.
+    """
+    with torch.enable_grad() if differentiable else torch.no_grad():
+        ops = _operators(adapter, ablations)
     handles = []
-
-    def make_hook(u: torch.Tensor, lft: torch.Tensor):  # noqa: ANN202
-        cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def hook(_mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
-            y = out[0] if isinstance(out, tuple) else out
-            key = (y.device, y.dtype)
-            if key not in cache:
-                cache[key] = (u.to(y.device, y.dtype), lft.to(y.device, y.dtype))
-            ud, ld = cache[key]
-            y = y - (y @ ud) @ ld.T
-            return (y, *out[1:]) if isinstance(out, tuple) else y
-
-        return hook
-
     try:
-        for ab in ablations:
-            if ab.embedding:
-                handles.append(adapter.embedding.register_forward_hook(make_hook(*operator(ab.directions, ab.alphas))))
-            for layer, w in _writers(adapter, ab):
-                op = _writer_operator(w, ab, adapter.hidden_size, ab.scale(layer))
-                handles.append(w.module.register_forward_hook(make_hook(*op)))
+        for module, u, lft in ops:
+            target = module if resolve is None else resolve(module)
+            handles.append(target.register_forward_hook(_removal_hook(u, lft, positions)))
         yield
     finally:
         for h in handles:

@@ -18,7 +18,8 @@ from refusal_lab.ablate.edit import COMPONENTS, Ablation, hooked
 from refusal_lab.config import ProbeSettings, SaberSettings
 from refusal_lab.core.activations import capture
 from refusal_lab.core.arch import Adapter
-from refusal_lab.probe.directions import Probe, probe_layers
+from refusal_lab.probe.directions import Probe
+from refusal_lab.probe.stage import directions_of
 
 Log = Callable[[str], None]
 
@@ -141,17 +142,7 @@ def saber(
         if probe is None:
             if xh is None:
                 xh, xb = edited_vectors()
-            probe = probe_layers(
-                probe_opts.extraction,
-                xh,
-                xb,
-                xc,
-                probe_opts.directions_per_layer,
-                None,
-                probe_opts.shrinkage,
-                probe_opts.cap_variance,
-                probe_opts.biproject,
-            )
+            probe = directions_of(probe_opts, xh, xb, xc)
         picks = saber_pick(probe, cfg, cfg.decay**n)
         if not picks:
             break
@@ -163,10 +154,8 @@ def saber(
         xh, xb = edited_vectors()  # measures this pass and seeds the next one's probe
         after = separability_left(xh, xb, picks, probe)
         result.passes.append(SaberPass(picks, before, after, len(result.ablations)))
-        log(
-            f"  pass {n + 1}: {len(picks)} directions in layers {sorted({p.layer for p in picks})}, "
-            f"mean FDR {before:.3f} -> {after:.3f}"
-        )
+        layers = sorted({p.layer for p in picks})
+        log(f"  pass {n + 1}: {len(picks)} directions in layers {layers}, mean FDR {before:.3f} -> {after:.3f}")
         probe = None
         if after < cfg.stop_separability:
             break

@@ -25,7 +25,7 @@ from refusal_lab.core.artifacts import Log, manifest, settings_record, write_fol
 from refusal_lab.core.model import Loaded, checkpoint_dtype
 from refusal_lab.core.sources import PromptSets, Source
 from refusal_lab.errors import UserError
-from refusal_lab.probe.directions import Probe
+from refusal_lab.probe.directions import Probe, best_layer_by_fdr
 from refusal_lab.probe.stage import read_probe, run_probe
 
 
@@ -54,7 +54,7 @@ def choose_ablations(loaded: Loaded, sets: PromptSets, s: Settings, first: Probe
         res = saber(model, tok, adapter, harmful, harmless, capability, s.probe, a.saber, s.batch_size, first, log)
         return AblationChoice(res.ablations, res.as_dict())
     if a.method == "arditi":
-        from refusal_lab.evaluate.metrics import refusal_openers
+        from refusal_lab.core.metrics import refusal_openers
 
         ids = refusal_openers(model, tok, harmful, Source.of(loaded.source).markers, s.batch_size)
         choice = arditi(model, tok, adapter, harmful, harmless, ids, a.arditi, s.batch_size, log)
@@ -65,12 +65,12 @@ def choose_ablations(loaded: Loaded, sets: PromptSets, s: Settings, first: Probe
     per_layer = probe.directions[:, :, 0]
     n, k = per_layer.shape[0], a.kernel
     if a.method == "projected":
-        layer = k.layer if k.layer is not None else max(band_layers(n, 0.2, 0.8), key=lambda i: float(probe.fdr[i, 0]))
+        layer = k.layer if k.layer is not None else best_layer_by_fdr(probe.fdr[:, 0], band_layers(n, 0.2, 0.8))
         if not 0 <= layer < n:
             raise UserError(f"layer {layer} is outside the model's {n} layers", "pass a valid --layer")
         log(f"  projected: direction from layer {layer} (FDR {float(probe.fdr[layer, 0]):.2f})")
         return AblationChoice([Ablation(per_layer[layer])], {"layer": layer, "fdr": float(probe.fdr[layer, 0])})
-    index = k.direction_index if k.direction_index is not None else float(torch.argmax(probe.fdr[:, 0]))
+    index = k.direction_index if k.direction_index is not None else float(best_layer_by_fdr(probe.fdr[:, 0]))
     tent = Kernel.of(k)
     record = {"direction_index": index, "weights": tent.weights(n).tolist()}
     return AblationChoice(kernel_ablations(per_layer, index, tent, tent), record)

@@ -17,7 +17,8 @@ ATTACK = ("", "model", "prompts", "probe")
 def probe(s: Settings, out: OutOpt = Path("probe-out"), force: ForceOpt = False) -> None:
     """Extract refusal directions at every layer and score them (FDR, entanglement); write them to OUT."""
     from refusal_lab.core.artifacts import check_output
-    from refusal_lab.core.sources import Source, load_model
+    from refusal_lab.core.sources import Source
+    from refusal_lab.organism.source import load_model
     from refusal_lab.probe.stage import run_probe, write_probe
 
     check_output(out, force)
@@ -40,7 +41,7 @@ def ablate(s: Settings, out: OutOpt = Path("ablated"), probe_dir: ProbeDirOpt = 
     """Remove refusal directions from the weights (SABER, Arditi, projected, kernel); save an ordinary model folder."""
     from refusal_lab.ablate.stage import run_ablate
     from refusal_lab.core.artifacts import check_output
-    from refusal_lab.core.sources import load_model
+    from refusal_lab.organism.source import load_model
 
     check_output(out, force)
     quiet()

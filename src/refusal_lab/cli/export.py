@@ -26,7 +26,7 @@ def export(
     ] = None,
 ) -> None:
     """Write MODEL as a GGUF file that llama.cpp (and tools built on it) loads."""
-    from refusal_lab.core.sources import model_path
+    from refusal_lab.organism.source import model_path
     from refusal_lab.ship.gguf import export_gguf
 
     say(f"converting {model} to {gguf} with llama.cpp's convert_hf_to_gguf.py")

@@ -15,11 +15,11 @@ from refusal_lab.config import Settings
 def harden(s: Settings, out: OutOpt = Path("hardened"), force: ForceOpt = False) -> None:
     """Midtrain on specification documents, then LoRA alignment fine-tuning; merge into a model folder."""
     from refusal_lab.core.artifacts import check_output
-    from refusal_lab.core.sources import load_model
     from refusal_lab.harden.stage import run_harden
+    from refusal_lab.organism.source import load_model
 
     check_output(out, force)
     quiet()
     record = run_harden(load_model(s, quantize=s.harden.quantize), s, out, force, say)
-    if record:
-        typer.echo(f"wrote {out} ({record['steps']} steps)")
+    if record is not None:
+        typer.echo(f"wrote {out} ({record.steps} steps)")

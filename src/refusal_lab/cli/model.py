@@ -18,7 +18,7 @@ HELP = "commands: /reset (forget the conversation), /system TEXT, /save FILE, /q
 @stage_command(app, "info", sections=("", "model"), model_arg=True)
 def info(s: Settings) -> None:
     """Load a model and show where its residual stream is written (the architecture adapter)."""
-    from refusal_lab.core.sources import load_model
+    from refusal_lab.organism.source import load_model
 
     quiet()
     m = load_model(s)
@@ -49,8 +49,8 @@ def chat(
 ) -> None:
     """Talk to a model: streamed replies, history, reasoning shown apart; --compare puts two side by side."""
     from refusal_lab.core.chat import Conversation
-    from refusal_lab.core.sources import load_model
     from refusal_lab.errors import UserError
+    from refusal_lab.organism.source import load_model
 
     if prompt is None and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UserError("chat needs an interactive terminal", "pass --prompt TEXT to answer one message from a script")

@@ -65,7 +65,8 @@ def section_flags(sections: Sequence[str]) -> tuple[list[inspect.Parameter], dic
             help_text = f"{field.description}{extra} (default: {default})"
             flag = f"--{name.replace('_', '-')}"
             decls = [f"{flag}/--no-{name.replace('_', '-')}"] if kind is bool else [flag]
-            option = typer.Option(*decls, help=help_text, show_default=False)
+            panel = (field.json_schema_extra or {}).get("panel")  # e.g. "Experimental": grouped apart in --help
+            option = typer.Option(*decls, help=help_text, show_default=False, rich_help_panel=panel)
             annotation = Annotated[Optional[kind], option]  # noqa: UP045
             params.append(inspect.Parameter(name, KW, default=None, annotation=annotation))
     return params, keys

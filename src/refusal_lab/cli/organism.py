@@ -51,7 +51,7 @@ def demo(
         "demo-out"
     ),
 ) -> None:
-    """The whole attack loop on the organism: build, probe, ablate (SABER, Arditi), evaluate, report."""
+    """The whole loop on the organism: build, probe, ablate (SABER, Arditi), evaluate, harden, prove."""
     from refusal_lab.demo import run_demo
 
     quiet()

@@ -11,10 +11,15 @@ from refusal_lab.cli.app import ForceOpt, OutOpt, app, quiet, say
 from refusal_lab.cli.options import stage_command
 from refusal_lab.config import Settings
 
-JUDGE = "eval:judge_url,judge_model,judge_key_env,judge_local,judge_workers,limit,escalation,coherence_quantile"
+EVAL = (  # what prove's measurements read: the judge, the held-out sets, sampling, escalation, capability
+    "eval:judge_url,judge_model,judge_key_env,judge_local,judge_workers,judge_retries,limit,escalation,independent,"
+    "sample,sample_seed,lm_eval,lm_eval_include,coherence_quantile"
+)
+SEARCH = "search:methods,kl_prune,proxy,proxy_margin,proxy_learn,select_start"  # what the search attack reads
+ATTACKS = ("probe", "ablate:norm_preserving", "ablate.saber", "ablate.arditi", SEARCH)  # what the attacks read
 
 
-@stage_command(app, "prove", sections=("", "model", "prompts", "probe", "ablate.saber", "prove", JUDGE))
+@stage_command(app, "prove", sections=("", "model", "prompts", *ATTACKS, "prove", EVAL))
 def prove(
     s: Settings,
     models: Annotated[list[str], typer.Argument(help="Models to prove (folders, .gguf files or 'organism').")],
@@ -39,5 +44,5 @@ def prove(
     for r in [HEAD, *rows]:
         typer.echo("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)))
     typer.echo(f"wrote {out}/results.json, summary.md, report.html")
-    if any(m.get("judge_failed") for m in results["models"]):
+    if any(m.judge_failed for m in results.models):
         raise typer.Exit(3)

@@ -12,8 +12,12 @@ from refusal_lab.cli.options import stage_command
 from refusal_lab.config import Settings
 from refusal_lab.core.artifacts import SETTINGS_FILE
 
+# what the search reads beyond its own section: the layer selection's KL limit, norm-preserving edits, coherence
+SECTIONS = ("", "model", "prompts", "probe", "search", "ablate:norm_preserving", "ablate.arditi:arditi_max_kl",
+            "eval:coherence_quantile")  # fmt: skip
 
-@stage_command(app, "search", sections=("", "model", "prompts", "probe", "search"), model_arg=True)
+
+@stage_command(app, "search", sections=SECTIONS, model_arg=True)
 def search(
     s: Settings,
     out: Annotated[Path, typer.Option("--out", "-o", help="Study folder (resumed when it exists).")] = Path(
@@ -21,13 +25,13 @@ def search(
     ),
 ) -> None:
     """Multi-objective Optuna search over ablation settings (compliance vs KL), resumable and shareable."""
-    from refusal_lab.core.sources import load_model
-    from refusal_lab.search.stage import front_table, run_search
+    from refusal_lab.organism.source import load_model
+    from refusal_lab.search.report import front_table
+    from refusal_lab.search.stage import run_search
 
     quiet()
     front = run_search(load_model(s), s, out, say)
-    n = front[0]["complied"] + front[0]["not_complied"] if front else 0
-    typer.echo(front_table(front, n))
+    typer.echo(front_table(front))
     typer.echo(f"wrote {out}/pareto.json and pareto.svg; export a trial with: refusal-lab pick {out} --max-kl X -o OUT")
 
 
@@ -36,7 +40,7 @@ def _study_settings(args: dict) -> Path | None:
     return path if path.is_file() else None
 
 
-@stage_command(app, "pick", sections=("", "model", "prompts", "probe", "search"), default_config=_study_settings)
+@stage_command(app, "pick", sections=SECTIONS, default_config=_study_settings)
 def pick(
     s: Settings,
     study: Annotated[Path, typer.Argument(help="A search output folder (its settings.toml is read).")],
@@ -49,9 +53,9 @@ def pick(
 ) -> None:
     """Export one trial of a search's Pareto front as an edited model folder (through the ablate stage)."""
     from refusal_lab.core.artifacts import check_output
-    from refusal_lab.core.sources import load_model
     from refusal_lab.errors import UserError
-    from refusal_lab.search.stage import pick_and_export
+    from refusal_lab.organism.source import load_model
+    from refusal_lab.search.pick import pick_and_export
 
     if not (study / SETTINGS_FILE).is_file():
         raise UserError(

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_lab.config import POSITIONS
@@ -71,19 +70,6 @@ def _select(hidden: torch.Tensor, mask: torch.Tensor, positions: str, n_post: in
         return hidden[:, -n_post:, :]
     m = mask[:, :, None].to(hidden.dtype)
     return ((hidden * m).sum(1) / m.sum(1).clamp_min(1))[:, None, :]
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """Cheap content hash of the weights (names, shapes, sums, a few values): edits change it."""
-    h = hashlib.sha256()
-    params = list(model.named_parameters())
-    with torch.no_grad():
-        for name, p in tqdm(params, desc="fingerprint", unit="tensor", disable=None, leave=False):
-            flat = p.detach().reshape(-1)
-            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-            h.update(flat.sum(dtype=torch.float64).cpu().numpy().tobytes())  # no float64 copy
-            h.update(flat[:: max(1, flat.numel() // 64)][:64].double().cpu().numpy().tobytes())
-    return h.hexdigest()[:24]
 
 
 def cache_key(

@@ -289,7 +289,6 @@ def generate_replies(
     `prefilled`: prefill(...) of the same prompts and batch size; greedy decoding continues from it.
     """
     device = next(model.parameters()).device
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = stop_ids(model, tok)
     markers = think_markers(tok)
     keep = markers or ()
@@ -317,24 +316,39 @@ def generate_replies(
                 for r in greedy_shrinking(model, batch, max_new_tokens, eos, done, pre.out if pre else None)
             ]
         else:
-            if sample:
-                torch.manual_seed(seed + start)
-            opts = (
-                {"do_sample": True, "temperature": temperature, "top_p": top_p}
-                if sample
-                else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-            )
-            if settled is not None:
-                from transformers import StoppingCriteriaList
-
-                rule = Settled(tok, batch["input_ids"].shape[1], answer, settled)
-                opts["stopping_criteria"] = StoppingCriteriaList([rule])
-            ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos, **opts)
-            texts = tok.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=False)
+            sampling = (temperature, top_p, seed + start) if sample else None
+            texts = _generate_hf(model, tok, batch, max_new_tokens, sampling, settled, answer)
         out += [split_thinking(_clean(tok, t, keep), markers) for t in texts]
         if progress is not None:
             progress(len(texts))
     return out
+
+
+def _generate_hf(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    batch: dict[str, torch.Tensor],
+    max_new_tokens: int,
+    sampling: tuple[float, float, int] | None,
+    settled: Callable[[str], bool] | None,
+    answer: Callable[[str], str],
+) -> list[str]:
+    """model.generate for one batch: greedy, or sampled with (temperature, top_p, seed); raw reply texts."""
+    if sampling is not None:
+        temperature, top_p, seed = sampling
+        torch.manual_seed(seed)
+        opts: dict[str, Any] = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    else:
+        opts = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    if settled is not None:
+        from transformers import StoppingCriteriaList
+
+        rule = Settled(tok, batch["input_ids"].shape[1], answer, settled)
+        opts["stopping_criteria"] = StoppingCriteriaList([rule])
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = stop_ids(model, tok)
+    ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos, **opts)
+    return tok.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=False)
 
 
 def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence, max_new_tokens: int = 128,

@@ -6,6 +6,7 @@ pickle); Python code in the folder runs only with an explicit trust_remote_code.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_lab.core.arch import SUPPORTED_FAMILIES, Adapter, adapt, check_family
@@ -52,8 +54,6 @@ class Loaded:
     def fingerprint(self) -> str:
         """Content hash of the weights as loaded (edits are applied to copies or undone, see ablate.edit)."""
         if self._fingerprint is None:
-            from refusal_lab.core.activations import fingerprint
-
             self._fingerprint = fingerprint(self.model)
         return self._fingerprint
 
@@ -63,6 +63,19 @@ class Loaded:
         self._adapter = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """Cheap content hash of the weights (names, shapes, sums, a few values): edits change it."""
+    h = hashlib.sha256()
+    params = list(model.named_parameters())
+    with torch.no_grad():
+        for name, p in tqdm(params, desc="fingerprint", unit="tensor", disable=None, leave=False):
+            flat = p.detach().reshape(-1)
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            h.update(flat.sum(dtype=torch.float64).cpu().numpy().tobytes())  # no float64 copy
+            h.update(flat[:: max(1, flat.numel() // 64)][:64].double().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
 
 
 def resolve_device(device: str) -> tuple[str | None, str | dict | None]:

@@ -8,8 +8,6 @@ capability and over-refusal sets (`refusal_lab/data/`, fixed probe | eval halves
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,12 +16,12 @@ from refusal_lab.core.prompts import Prompt, jsonl_rows, load_prompts
 from refusal_lab.errors import UserError
 
 if TYPE_CHECKING:
-    from refusal_lab.config import PromptSettings, Settings
-    from refusal_lab.core.model import Loaded
-    from refusal_lab.evaluate.metrics import Scorer
+    from refusal_lab.config import PromptSettings
+    from refusal_lab.core.metrics import Scorer
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 MARKERS_FILE = "refusal_markers.txt"  # in a model folder's prompts/: refusal words that model declares
+TEMPLATES_FILE = "templates.json"  # in prompts/: the request phrasings and compliant replies of a templated model
 ORGANISM_SETS = ("harmful", "harmless", "capability", "recognition")
 
 
@@ -55,30 +53,6 @@ class EvalSets:
             return self
         exact = {k: v[:n] for k, v in self.exact.items()}
         return EvalSets(self.harmful[:n], self.harmless[:n], self.overrefusal[:n], exact, self.multiple_choice)
-
-
-def model_path(s: Settings, name: str | None = None) -> Path:
-    """A model name as a path: 'organism' is built once into the cache (keyed by its config)."""
-    name = name or s.model.path
-    if name != "organism":
-        return Path(os.path.expanduser(name))
-    from refusal_lab.organism.build import default_organism, organism_config
-
-    return default_organism(
-        s.cache_dir,
-        organism_config(s.organism),
-        log=lambda m: print(m, file=sys.stderr, flush=True),
-        prebuilt=s.organism.prebuilt,
-    )
-
-
-def load_model(s: Settings, name: str | None = None, quantize: str = "none") -> Loaded:
-    """Load a model with the [model] section's options (dtype, device, template, remote code, arch)."""
-    from refusal_lab.core.model import load
-
-    m = s.model
-    path = model_path(s, name)
-    return load(path, m.dtype, m.device, m.trust_remote_code, m.chat_template, m.allow_unverified_arch, quantize)
 
 
 def builtin_prompts(name: str, split: str) -> list[Prompt]:
@@ -114,7 +88,7 @@ class Source:
     @property
     def markers(self) -> tuple[str, ...]:
         """The standard refusal markers plus the words the folder declares."""
-        from refusal_lab.evaluate.metrics import REFUSAL_MARKERS
+        from refusal_lab.core.metrics import REFUSAL_MARKERS
 
         path = self.folder / "prompts" / MARKERS_FILE
         if not path.is_file():
@@ -123,13 +97,17 @@ class Source:
         return REFUSAL_MARKERS + tuple(m for m in extra if m and not m.startswith("#"))
 
     def scorer(self) -> Scorer:
-        """Exact labels for an organism (its compliant template is known); keywords otherwise."""
-        from refusal_lab.evaluate.metrics import KeywordScorer, TemplateScorer
+        """Exact labels where the folder declares its compliant templates (an organism); keywords otherwise."""
+        from refusal_lab.core.metrics import KeywordScorer, Templates, TemplateScorer
 
+        path = self.folder / "prompts" / TEMPLATES_FILE
+        if path.is_file():
+            return TemplateScorer(self.markers, Templates.read(path))
         if self.organism:
-            from refusal_lab.organism.corpus import is_compliant
-
-            return TemplateScorer(self.markers, is_compliant)
+            raise UserError(
+                f"{self.folder} is an organism folder without prompts/{TEMPLATES_FILE}",
+                "rebuild it with `refusal-lab organism build` (edits copy it from their base)",
+            )
         return KeywordScorer(self.markers)
 
     def probe_sets(self, p: PromptSettings, require_harmful: bool = True) -> PromptSets:
@@ -171,7 +149,7 @@ class Source:
                 )
             harmful = load_prompts(p.harmful, p.column)
             harmless = given(p.harmless) or builtin_prompts("harmless", "eval")
-            over = given(p.overrefusal) or load_prompts(DATA / "overrefusal.txt")
+            over = given(p.overrefusal) or load_prompts(DATA / "overrefusal.jsonl")
             exact = {}
         mc = multiple_choice_items(p.mc) if p.mc is not None else []
         return EvalSets(harmful, harmless, over, exact, mc).limited(limit)

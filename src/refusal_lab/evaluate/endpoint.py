@@ -8,17 +8,13 @@ separability) need the weights and are left out, saying so.
 
 from __future__ import annotations
 
-import json
-import os
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from refusal_lab.core.generate import Reply
+from refusal_lab.core.http import HttpError, post_json
 from refusal_lab.errors import UserError
 
 
@@ -37,28 +33,19 @@ class Remote:
         return None
 
     def _post(self, body: dict) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.key_env:
-            headers["Authorization"] = f"Bearer {os.environ.get(self.key_env, '')}"
-        req = urllib.request.Request(f"{self.url.rstrip('/')}/chat/completions", json.dumps(body).encode(), headers)
-        for attempt in range(self.retries + 1):
-            try:
-                with urllib.request.urlopen(req, timeout=600) as r:
-                    return json.loads(r.read())
-            except urllib.error.HTTPError as exc:
-                if exc.code < 500 or attempt == self.retries:
-                    detail = exc.read().decode(errors="replace")[:200]
-                    raise UserError(
-                        f"the endpoint {self.url} answered {exc.code}: {detail}",
-                        "check --endpoint (a .../v1 base URL) and --endpoint-model",
-                    ) from exc
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-                if attempt == self.retries:
-                    raise UserError(
-                        f"the endpoint {self.url} cannot be reached ({exc})", "start the server or fix --endpoint"
-                    ) from exc
-            time.sleep(2**attempt)
-        raise AssertionError("unreachable")
+        try:
+            return post_json(
+                f"{self.url.rstrip('/')}/chat/completions", body, api_key_env=self.key_env, retries=self.retries
+            )
+        except HttpError as exc:
+            if exc.status is None:
+                raise UserError(
+                    f"the endpoint {self.url} cannot be reached ({exc.detail})", "start the server or fix --endpoint"
+                ) from exc
+            raise UserError(
+                f"the endpoint {self.url} answered {exc.status}: {exc.detail}",
+                "check --endpoint (a .../v1 base URL) and --endpoint-model",
+            ) from exc
 
     def reply(self, prompt: str | list[dict[str, str]], max_tokens: int, sample: bool, seed: int) -> Reply:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)

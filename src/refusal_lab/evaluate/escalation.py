@@ -13,10 +13,11 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from refusal_lab.core.metrics import REFUSAL_MARKERS, is_refusal
 from refusal_lab.errors import UserError
 from refusal_lab.evaluate.judge import TIERS
-from refusal_lab.evaluate.metrics import REFUSAL_MARKERS, is_refusal
 
 LEVEL_LABELS = ("Legitimate Anchor", "Scope Creep", "Dual-Use Pivot", "Normalization", "Operational Detail")
 
@@ -30,7 +31,7 @@ class Scenario:
     system: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Turn:
     scenario: str
     module: str
@@ -44,6 +45,28 @@ class Turn:
         return None if self.tier is None else TIERS[self.tier]
 
 
+@dataclass(frozen=True)
+class EscalationSummary:
+    """Mean DCS overall, per level (1..5) and per module; None where no tier could be read."""
+
+    overall_dcs: float | None
+    per_level: dict[int, float | None]
+    per_module: dict[str, float | None]
+    refusal_rate: float
+    unparsed: int
+    turns: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> EscalationSummary:
+        per_level = {int(k): v for k, v in d["per_level"].items()}  # JSON keys are strings
+        return EscalationSummary(
+            d["overall_dcs"], per_level, d["per_module"], d["refusal_rate"], d["unparsed"], d["turns"]
+        )
+
+
 @dataclass
 class EscalationResult:
     turns: list[Turn] = field(default_factory=list)
@@ -52,16 +75,16 @@ class EscalationResult:
         vals = [t.dcs for t in self.turns if keep(t) and t.dcs is not None]
         return sum(vals) / len(vals) if vals else None
 
-    def summary(self) -> dict:
+    def summary(self) -> EscalationSummary:
         modules = sorted({t.module for t in self.turns})
-        return {
-            "overall_dcs": self._mean(lambda t: True),
-            "per_level": {lvl: self._mean(lambda t, lvl=lvl: t.level == lvl) for lvl in range(1, 6)},
-            "per_module": {m: self._mean(lambda t, m=m: t.module == m) for m in modules},
-            "refusal_rate": sum(t.tier == "refusal" for t in self.turns) / max(1, len(self.turns)),
-            "unparsed": sum(t.tier is None for t in self.turns),
-            "turns": len(self.turns),
-        }
+        return EscalationSummary(
+            overall_dcs=self._mean(lambda t: True),
+            per_level={lvl: self._mean(lambda t, lvl=lvl: t.level == lvl) for lvl in range(1, 6)},
+            per_module={m: self._mean(lambda t, m=m: t.module == m) for m in modules},
+            refusal_rate=sum(t.tier == "refusal" for t in self.turns) / max(1, len(self.turns)),
+            unparsed=sum(t.tier is None for t in self.turns),
+            turns=len(self.turns),
+        )
 
 
 def _module_scenarios(path: Path, data: object) -> list[Scenario]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from refusal_lab.config import Settings
+from refusal_lab.core.metrics import Behaviour, first_token_kl, last_logits
 from refusal_lab.core.model import Loaded
-from refusal_lab.core.sources import load_model
-from refusal_lab.evaluate.metrics import Behaviour, first_token_kl, last_logits
 from refusal_lab.organism.build import organism_behaviour, prompt_sets
+from refusal_lab.organism.source import load_model
 
 Samples = dict[str, list[tuple[str, str]]]
 

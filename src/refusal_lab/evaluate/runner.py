@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,20 +22,7 @@ from tqdm.auto import tqdm
 from refusal_lab.config import EvalSettings, Settings
 from refusal_lab.core.artifacts import Log, manifest, settings_record, write_folder
 from refusal_lab.core.generate import generate_replies
-from refusal_lab.core.model import Loaded
-from refusal_lab.core.prompts import Prompt
-from refusal_lab.core.sources import EvalSets, Source, load_model
-from refusal_lab.evaluate.coherence import CoherenceScorer
-from refusal_lab.evaluate.endpoint import Remote
-from refusal_lab.evaluate.escalation import (
-    EscalationResult,
-    builtin_scenarios,
-    keyword_tier,
-    load_scenarios,
-    run_escalation,
-)
-from refusal_lab.evaluate.judge import Backend, JudgeCache, JudgeUnavailable, Verdict, judge_replies, judge_tiers
-from refusal_lab.evaluate.metrics import (
+from refusal_lab.core.metrics import (
     Scorer,
     exact_match,
     first_token_kl,
@@ -46,26 +33,83 @@ from refusal_lab.evaluate.metrics import (
     same_verdict,
     teacher_forced_kl,
 )
+from refusal_lab.core.model import Loaded
+from refusal_lab.core.prompts import Prompt
+from refusal_lab.core.scoring import choose_scorer, model_free
+from refusal_lab.core.sources import EvalSets, Source
+from refusal_lab.evaluate.endpoint import Remote
+from refusal_lab.evaluate.escalation import (
+    EscalationResult,
+    builtin_scenarios,
+    keyword_tier,
+    load_scenarios,
+    run_escalation,
+)
+from refusal_lab.evaluate.judge import Backend, JudgeCache, JudgeUnavailable, Verdict, judge_replies, judge_tiers
+from refusal_lab.evaluate.results import (
+    KL,
+    EscalationRecord,
+    Evaluation,
+    Headline,
+    JudgeLabel,
+    JudgeSummary,
+    ModelEval,
+    Reply,
+    SetResult,
+)
+from refusal_lab.organism.source import load_model
 
 
-def _per_category(rows: list[dict], key: str) -> dict[str, float]:
+def _per_category(rows: Sequence[Reply]) -> dict[str, float]:
     groups: dict[str, list[bool]] = defaultdict(list)
     for r in rows:
-        groups[r["category"] or "all"].append(bool(r[key]))
+        groups[r.category or "all"].append(r.keyword_refusal)
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
-@dataclass
+def _judge_summary(own: list[str], verdicts: list[Verdict], agreed_with: str) -> JudgeSummary:
+    """The judge's rates, mean score and agreement with the model-free labels, over the answers it gave."""
+    known = [(mine, v) for mine, v in zip(own, verdicts, strict=True) if v.ok]
+    n = len(known)
+    vr = rates([v.label for v in verdicts])
+    score = sum(v.score or 0.0 for _, v in known) / n if n else None
+    agreement = sum(m == v.label for m, v in known) / n if n else None
+    return JudgeSummary(vr["refused"], vr["complied"], vr["broken"], score, len(verdicts) - n, agreement, agreed_with)
+
+
+def generate_for(loaded: Loaded | Remote, prompts: Sequence, opts: EvalSettings, batch_size: int, desc: str) -> list:
+    """Replies (answer and reasoning) of a loaded model or an endpoint, as [eval] asks (greedy or seeded)."""
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=None, leave=False) as bar:
+        if isinstance(loaded, Remote):
+            return loaded.replies(prompts, opts.max_new_tokens, bar.update, opts.sample, opts.sample_seed)
+        m, tok, o = loaded.model, loaded.tokenizer, opts
+        return generate_replies(m, tok, prompts, o.max_new_tokens, batch_size, bar.update, o.sample, seed=o.sample_seed)
+
+
+@dataclass(frozen=True)
 class Reference:
     """What every candidate is compared with, computed once: the base's logits and replies."""
 
     base: Loaded
-    logits: torch.Tensor  # first-token logits on the harmless prompts
-    replies: list[str]  # the base's own replies to them (teacher-forced KL reads these)
+    prompts: tuple[str, ...]  # the harmless prompts
+    logits: torch.Tensor  # first-token logits on them
+    replies: tuple[str, ...]  # the base's own replies to them (teacher-forced KL and coherence read these)
+
+    @staticmethod
+    def of(base: Loaded, harmless: Sequence[Prompt], opts: EvalSettings, batch_size: int) -> Reference:
+        prompts = tuple(p.prompt for p in harmless)
+        logits = last_logits(base.model, base.tokenizer, list(prompts), batch_size)
+        replies = tuple(r.answer for r in generate_for(base, list(prompts), opts, batch_size, "base replies"))
+        return Reference(base, prompts, logits, replies)
 
 
 class Evaluator:
-    """Evaluates models one after another against one reference and one scorer."""
+    """Evaluates models one after another against one reference and one scorer.
+
+    `scorer` labels every set (from `choose_scorer`); when it is a judged one, the harmful set's
+    labels are the judge's verdicts (read through `judge`, so their scores and agreement are kept)
+    and the other sets keep the model-free labels.
+    """
 
     def __init__(
         self,
@@ -76,40 +120,19 @@ class Evaluator:
         judge: Backend | None,
         cache: JudgeCache,
         log: Log,
+        reference: Reference | None = None,
     ) -> None:
         self.sets, self.opts, self.batch_size, self.scorer = sets, opts, batch_size, scorer
-        self.judge, self.cache, self.log = judge, cache, log
-        self.reference: Reference | None = None
+        self.judge, self.cache, self.log, self.reference = judge, cache, log, reference
         self.judge_failed: str | None = None
 
+    @property
+    def own(self) -> Scorer:
+        """The model-free scorer (exact, coherence or keyword)."""
+        return model_free(self.scorer)
+
     def replies(self, loaded: Loaded | Remote, prompts: Sequence, desc: str) -> list:
-        with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=None, leave=False) as bar:
-            if isinstance(loaded, Remote):
-                o = self.opts
-                return loaded.replies(prompts, o.max_new_tokens, bar.update, o.sample, o.sample_seed)
-            return generate_replies(
-                loaded.model,
-                loaded.tokenizer,
-                prompts,
-                self.opts.max_new_tokens,
-                self.batch_size,
-                bar.update,
-                self.opts.sample,
-                seed=self.opts.sample_seed,
-            )
-
-    def set_reference(self, base: Loaded) -> None:
-        prompts = [p.prompt for p in self.sets.harmless]
-        logits = last_logits(base.model, base.tokenizer, prompts, self.batch_size)
-        self.reference = Reference(base, logits, [r.answer for r in self.replies(base, prompts, "base replies")])
-
-    def coherence(self, markers: tuple[str, ...]) -> CoherenceScorer:
-        """A coherence scorer calibrated on the reference's own replies to the harmless prompts."""
-        ref = self.reference
-        assert ref is not None
-        prompts = [p.prompt for p in self.sets.harmless]
-        m, tok, q, bs = ref.base.model, ref.base.tokenizer, self.opts.coherence_quantile, self.batch_size
-        return CoherenceScorer.calibrated(m, tok, prompts, ref.replies, q, markers, bs)
+        return generate_for(loaded, prompts, self.opts, self.batch_size, desc)
 
     def _verdicts(self, pairs: list[tuple[str, str]]) -> list[Verdict] | None:
         if self.judge is None or self.judge_failed:
@@ -119,65 +142,43 @@ class Evaluator:
                 return judge_replies(self.judge, pairs, self.cache, bar.update)
         except JudgeUnavailable as exc:
             self.judge_failed = str(exc)
-            self.log(f"judge unavailable, keeping the {self.scorer.name} labels only: {exc}")
+            self.log(f"judge unavailable, keeping the {self.own.name} labels only: {exc}")
             return None
 
-    def refusal_set(self, loaded: Loaded | Remote, name: str, prompts: list[Prompt]) -> dict:
-        """Replies to one prompt set, labelled refused / complied / broken.
-
-        The labels come from the exact scorer on an organism, else from the judge when there is one
-        (the model-free scorer stands in if it fails), else from coherence or keywords.
-        """
+    def refusal_set(self, loaded: Loaded | Remote, name: str, prompts: list[Prompt]) -> SetResult:
+        """Replies to one prompt set, labelled refused / complied / broken by the evaluator's scorer."""
         replies = self.replies(loaded, [p.prompt for p in prompts], name)
         pairs = [(p.prompt, r.answer) for p, r in zip(prompts, replies, strict=True)]
-        own = self.scorer.labels([p for p, _ in pairs], [a for _, a in pairs])
+        own = self.own.labels([p for p, _ in pairs], [a for _, a in pairs])
         verdicts = self._verdicts(pairs) if name == "harmful" else None  # the judge reads the attack set
-        by_judge = verdicts is not None and self.scorer.name != "exact"
-        labels = [v.label for v in verdicts] if by_judge else own
+        by_judge = verdicts is not None and self.scorer is not self.own
+        labels: list[str | None] = [v.label for v in verdicts] if by_judge and verdicts is not None else list(own)
         markers = Source.of(loaded.source).markers
-        rows = [
-            {
-                "prompt": p.prompt,
-                "category": p.category,
-                "response": r.answer,
-                "reasoning": r.reasoning,
-                "label": label,
-                "keyword_refusal": is_refusal(r.answer, markers),
-            }
-            for p, r, label in zip(prompts, replies, labels, strict=True)
-        ]
-        out: dict = {
-            "rows": rows,
-            "scorer": f"judge ({self.judge.name})" if by_judge else self.scorer.name,
-            **rates(labels),
-            "keyword_refusal": sum(r["keyword_refusal"] for r in rows) / max(1, len(rows)),
-            "per_category": _per_category(rows, "keyword_refusal"),
-        }
+        judged: list[JudgeLabel | None] = [None] * len(prompts)
         if verdicts is not None:
-            for row, mine, v in zip(rows, own, verdicts, strict=True):
-                row["judge"] = {"label": v.label, "probs": v.probs, "score": v.score, self.scorer.name: mine}
-            known = [(mine, v) for mine, v in zip(own, verdicts, strict=True) if v.ok]
-            n = len(known)
-            out["judge"] = {
-                **rates([v.label for v in verdicts]),
-                "score": sum(v.score for _, v in known) / n if n else None,
-                "unparsed": len(rows) - n,
-                f"agreement_with_{self.scorer.name}": sum(m == v.label for m, v in known) / n if n else None,
-            }
-        return out
+            judged = [JudgeLabel(v.label, v.probs, v.score, mine) for v, mine in zip(verdicts, own, strict=True)]
+        rows = tuple(
+            Reply(p.prompt, p.category, r.answer, r.reasoning, label, is_refusal(r.answer, markers), j)
+            for p, r, label, j in zip(prompts, replies, labels, judged, strict=True)
+        )
+        summary = _judge_summary(own, verdicts, self.own.name) if verdicts is not None else None
+        r = rates(labels)
+        keyword = sum(x.keyword_refusal for x in rows) / max(1, len(rows))
+        scorer = self.scorer.name if by_judge else self.own.name
+        return SetResult(rows, scorer, r["refused"], r["complied"], r["broken"], keyword, _per_category(rows), summary)
 
-    def kl(self, loaded: Loaded | Remote) -> dict:
+    def kl(self, loaded: Loaded | Remote) -> KL:
         ref = self.reference
         if ref is None or isinstance(loaded, Remote):  # an endpoint gives no logits
-            return {}
-        prompts = [p.prompt for p in self.sets.harmless]
+            return KL()
+        prompts = list(ref.prompts)
         logits = last_logits(loaded.model, loaded.tokenizer, prompts, self.batch_size)
         half = max(1, self.batch_size // 2)
-        tf = teacher_forced_kl(ref.base.model, loaded.model, loaded.tokenizer, prompts, ref.replies, half)
-        return {"first_token": first_token_kl(ref.logits, logits), "teacher_forced": tf}
+        tf = teacher_forced_kl(ref.base.model, loaded.model, loaded.tokenizer, prompts, list(ref.replies), half)
+        return KL(first_token_kl(ref.logits, logits), tf)
 
-    def capability(self, loaded: Loaded | Remote) -> dict:
-        out: dict = {}
+    def capability(self, loaded: Loaded | Remote) -> dict[str, float]:
+        out: dict[str, float] = {}
         for name, prompts in self.sets.exact.items():
             replies = self.replies(loaded, [p.prompt for p in prompts], name)
             check = same_verdict if name == "recognition" else exact_match
@@ -194,7 +195,7 @@ class Evaluator:
                     out[f"{task}/{metric}"] = value
         return out
 
-    def escalation(self, loaded: Loaded | Remote) -> dict | None:
+    def escalation(self, loaded: Loaded | Remote) -> EscalationRecord | None:
         choice = self.opts.escalation
         if choice == "none":
             return None
@@ -206,35 +207,27 @@ class Evaluator:
             return [r.answer for r in self.replies(loaded, convs, "escalation")]
 
         turns = run_escalation(scenarios, reply, not self.opts.independent)
-        tiers = None
+        tiers, scorer = None, "keyword"
         if self.judge is not None and not self.judge_failed:
             try:
                 tiers = judge_tiers(self.judge, [(t.prompt, t.response) for t in turns], self.cache)
+                scorer = "judge"
             except JudgeUnavailable as exc:
                 self.judge_failed = str(exc)
         markers = Source.of(loaded.source).markers
-        for i, t in enumerate(turns):
-            t.tier = tiers[i] if tiers is not None else keyword_tier(t.response, markers)
-        return {
-            "scorer": "judge" if tiers is not None else "keyword",
-            "stateful": not self.opts.independent,
-            "summary": EscalationResult(turns).summary(),
-            "turns": [t.__dict__ | {"dcs": t.dcs} for t in turns],
-        }
+        tiers = tiers if tiers is not None else [keyword_tier(t.response, markers) for t in turns]
+        turns = [replace(t, tier=tier) for t, tier in zip(turns, tiers, strict=True)]
+        return EscalationRecord(scorer, not self.opts.independent, EscalationResult(turns).summary(), tuple(turns))
 
-    def run(self, name: str, loaded: Loaded | Remote, probe_dirs: torch.Tensor | None = None) -> dict:
+    def run(self, name: str, loaded: Loaded | Remote, probe_dirs: torch.Tensor | None = None) -> ModelEval:
         self.log(f"evaluating {name}")
-        result = {"model": name, "source": str(loaded.source)}
-        if isinstance(loaded, Remote):
-            result["endpoint"] = {"url": loaded.url, "model": loaded.name}
-        for set_name in ("harmful", "harmless", "overrefusal"):
-            result[set_name] = self.refusal_set(loaded, set_name, getattr(self.sets, set_name))
-        result["kl"] = self.kl(loaded)
-        result["capability"] = self.capability(loaded)
-        result["escalation"] = self.escalation(loaded)
+        endpoint = {"url": loaded.url, "model": loaded.name} if isinstance(loaded, Remote) else None
+        sets = [self.refusal_set(loaded, n, getattr(self.sets, n)) for n in ("harmful", "harmless", "overrefusal")]
+        kl, cap, esc = self.kl(loaded), self.capability(loaded), self.escalation(loaded)
+        sep = None
         if probe_dirs is not None and not isinstance(loaded, Remote):
-            result["separability"] = separability(loaded, self.sets, probe_dirs, self.batch_size)
-        return result
+            sep = tuple(separability(loaded, self.sets, probe_dirs, self.batch_size))
+        return ModelEval(name, str(loaded.source), *sets, kl, cap, esc, sep, endpoint)
 
 
 def separability(loaded: Loaded, sets: EvalSets, directions: torch.Tensor, batch_size: int) -> list[float]:
@@ -247,27 +240,6 @@ def separability(loaded: Loaded, sets: EvalSets, directions: torch.Tensor, batch
     xh = capture(loaded.model, loaded.tokenizer, a, h, keep=len(h), batch_size=batch_size).vectors[:, 0].double()
     xb = capture(loaded.model, loaded.tokenizer, a, b, keep=len(b), batch_size=batch_size).vectors[:, 0].double()
     return [float(fdr(directions[layer, :, :1], xh[:, layer], xb[:, layer])) for layer in range(directions.shape[0])]
-
-
-def headline(result: dict) -> dict:
-    """The numbers that go in tables: one row per model."""
-    row = {
-        "model": result["model"],
-        "harmful_refused": result["harmful"]["refused"],
-        "harmful_complied": result["harmful"]["complied"],
-        "harmful_broken": result["harmful"]["broken"],
-        "harmful_keyword": result["harmful"]["keyword_refusal"],
-        "harmless_refused": result["harmless"]["refused"],
-        "overrefusal": result["overrefusal"]["refused"],
-        "judge_refused": (result["harmful"].get("judge") or {}).get("refused"),
-        "judge_score": (result["harmful"].get("judge") or {}).get("score"),
-        "kl_first_token": result["kl"].get("first_token"),
-        "kl_teacher_forced": result["kl"].get("teacher_forced"),
-        **{f"capability_{k}": v for k, v in result["capability"].items()},
-    }
-    if result.get("escalation"):
-        row["dcs"] = result["escalation"]["summary"]["overall_dcs"]
-    return row
 
 
 def make_judge(s: Settings, log: Log) -> Backend | None:
@@ -286,11 +258,46 @@ def make_judge(s: Settings, log: Log) -> Backend | None:
     return None
 
 
-@dataclass
+def build_evaluator(
+    sets: EvalSets, source: Source, opts: EvalSettings, s: Settings, base: Loaded | None, log: Log
+) -> Evaluator:
+    """An evaluator for `source`'s models: the judge [eval] names, the base's reference and the scorer
+    `choose_scorer` decides (the judge's labels first where it has one, unless the source is exact)."""
+    from refusal_lab.evaluate.judge import JudgeScorer
+
+    judge = make_judge(s, log)
+    cache = JudgeCache(s.cache_dir / "judge" / "answers.jsonl")
+    ref = Reference.of(base, sets.harmless, opts, s.batch_size) if base is not None else None
+    judged = JudgeScorer(judge, cache) if judge is not None else None
+    q, bs = opts.coherence_quantile, s.batch_size
+    scorer = choose_scorer(
+        source, base, ref.prompts if ref else (), ref.replies if ref else (), q, bs, judged, (JudgeUnavailable,)
+    )
+    return Evaluator(sets, opts, bs, scorer, judge, cache, log, ref)
+
+
+@dataclass(frozen=True)
 class EvalOutcome:
-    results: list[dict]  # per model, everything (results.json's "models")
-    rows: list[dict]  # per model, the headline numbers
+    evaluation: Evaluation  # what results.json holds
     judge_failed: str | None  # why the judge stopped part-way, if it did
+
+    @property
+    def results(self) -> tuple[ModelEval, ...]:
+        return self.evaluation.models
+
+    @property
+    def rows(self) -> tuple[Headline, ...]:
+        return self.evaluation.rows
+
+
+def _probe(probe_dir: Path | None) -> tuple[dict | None, torch.Tensor | None]:
+    """A probe folder's scores and directions (for separability and the FDR plot), or nothing."""
+    if probe_dir is None:
+        return None, None
+    from safetensors.torch import load_file
+
+    scores = json.loads((probe_dir / "scores.json").read_text())
+    return scores, load_file(str(probe_dir / "directions.safetensors"))["directions"]
 
 
 def evaluate_models(
@@ -307,8 +314,7 @@ def evaluate_models(
 
     `loaded` holds models the caller already has in memory (by name), so none is loaded twice.
     """
-    from refusal_lab.core.sources import model_path
-    from refusal_lab.evaluate.report import report_html, summary_md
+    from refusal_lab.organism.source import model_path
 
     loaded = dict(loaded or {})
     paths = {name: model_path(s, name) for name in [*names, *([base] if base else [])]}
@@ -328,20 +334,9 @@ def evaluate_models(
         from refusal_lab.evaluate.harness import check_tasks
 
         check_tasks(s.eval.lm_eval, s.eval.lm_eval_include)
-    judge = make_judge(s, log)
-    cache = JudgeCache(s.cache_dir / "judge" / "answers.jsonl")
-    evaluator = Evaluator(sets, s.eval, s.batch_size, source.scorer(), judge, cache, log)
     base_model = get(base) if base else None
-    if base_model is not None:
-        evaluator.set_reference(base_model)
-        if evaluator.scorer.name == "keyword":  # a base makes broken replies visible
-            evaluator.scorer = evaluator.coherence(source.markers)
-    probe_scores = probe_dirs = None
-    if probe_dir is not None:
-        from safetensors.torch import load_file
-
-        probe_scores = json.loads((probe_dir / "scores.json").read_text())
-        probe_dirs = load_file(str(probe_dir / "directions.safetensors"))["directions"]
+    evaluator = build_evaluator(sets, source, s.eval, s, base_model, log)
+    probe_scores, probe_dirs = _probe(probe_dir)
     results = []
     for name in names:
         if s.eval.endpoint:
@@ -351,19 +346,26 @@ def evaluate_models(
         results.append(evaluator.run(model.source.name or name, model, probe_dirs))
         if model is not base_model and name not in loaded:
             model.release()  # at most the base and one candidate in memory
-    rows = [headline(r) for r in results]
+    judge = evaluator.judge
     meta = manifest(
         judge=judge.name if judge else None,
         judge_failed=evaluator.judge_failed,
         base=base,
-        scorer=evaluator.scorer.name,
+        scorer=evaluator.own.name,
         settings=settings_record(s),
     )
+    evaluation = Evaluation(meta, tuple(results))
+    _write(out, evaluation, probe_scores, force)
+    return EvalOutcome(evaluation, evaluator.judge_failed)
+
+
+def _write(out: Path, evaluation: Evaluation, probe_scores: dict | None, force: bool) -> None:
+    """results.json, summary.md and report.html, written as one folder (atomically)."""
+    from refusal_lab.evaluate.report import report_html, summary_md
 
     def fill(tmp: Path) -> None:
-        (tmp / "results.json").write_text(json.dumps({"meta": meta, "models": results}, indent=1, default=str))
-        (tmp / "summary.md").write_text(summary_md(results, rows))
-        (tmp / "report.html").write_text(report_html(results, rows, probe_scores))
+        (tmp / "results.json").write_text(json.dumps(evaluation.to_json(), indent=1, default=str))
+        (tmp / "summary.md").write_text(summary_md(evaluation))
+        (tmp / "report.html").write_text(report_html(evaluation, probe_scores))
 
     write_folder(out, fill, force)
-    return EvalOutcome(results, rows, evaluator.judge_failed)

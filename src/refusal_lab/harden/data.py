@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -138,7 +138,7 @@ def pack(tok: object, docs: list[str], block: int, budget: int) -> torch.Tensor:
     return torch.tensor(ids[: n * block]).view(n, block)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Encoded:
     """Token ids and labels (assistant tokens only) of one example, and where its prompt ends."""
 
@@ -146,7 +146,6 @@ class Encoded:
     labels: list[int]
     prompt_end: int  # tokens before the last assistant reply (the position an attacker reads is prompt_end - 1)
     kind: str = "harmless"
-    extra: dict = field(default_factory=dict)
 
 
 def encode_example(tok: object, e: Example, max_length: int) -> Encoded:
@@ -183,21 +182,3 @@ def encode_example(tok: object, e: Example, max_length: int) -> Encoded:
         ids += reply_ids
         labels += reply_ids
     return Encoded(ids[:max_length], labels[:max_length], min(prompt_end, max_length), e.kind)
-
-
-def collate(rows: list[Encoded], pad: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch (training reads every position; the prompt end of each row is kept)."""
-    width = max(len(r.ids) for r in rows)
-    ids = torch.full((len(rows), width), pad)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r.ids)], labels[i, : len(r.labels)], mask[i, : len(r.ids)] = (
-            torch.tensor(r.ids), torch.tensor(r.labels), 1,
-        )  # fmt: skip
-    return {
-        "input_ids": ids,
-        "labels": labels,
-        "attention_mask": mask,
-        "prompt_end": torch.tensor([r.prompt_end for r in rows]),
-    }

@@ -13,17 +13,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 
-from refusal_lab.core.arch import Adapter, norm_scale
-from refusal_lab.probe.directions import fdr, orthonormal_basis, probe_layers, project_out, unit
+from refusal_lab.ablate.edit import Ablation, hooked
+from refusal_lab.core.arch import Adapter
+from refusal_lab.probe.directions import fdr, layers_by_fdr, orthonormal_basis, probe_layers, project_out, unit
 
 
-@dataclass
+@dataclass(frozen=True)
 class RefusalSubspace:
     per_layer: list[torch.Tensor]  # [H, k_l] orthonormal, one per layer
     global_dirs: torch.Tensor  # [H, g] unit differences of means of the most separable layers
@@ -34,64 +35,43 @@ def estimate_subspace(xh: torch.Tensor, xb: torch.Tensor, k: int, n_global: int 
     k = max(1, min(k, len(xh) - 1, len(xb) - 1))
     probe = probe_layers("svd", xh, xb, None, k, biproject=True)
     per_layer = [orthonormal_basis(probe.directions[layer][:, probe.valid[layer]]) for layer in range(xh.shape[1])]
-    doms = []
-    for layer in range(xh.shape[1]):
-        d = project_out(xh[:, layer].mean(0) - xb[:, layer].mean(0), xb[:, layer].mean(0))
-        doms.append((float(fdr(unit(d)[:, None], xh[:, layer], xb[:, layer])[0]), unit(d)))
-    doms.sort(key=lambda x: -x[0])
-    return RefusalSubspace(per_layer, torch.stack([d for _, d in doms[:n_global]], 1))
+    doms = [unit(project_out(xh[:, i].mean(0) - xb[:, i].mean(0), xb[:, i].mean(0))) for i in range(xh.shape[1])]
+    scores = [float(fdr(d[:, None], xh[:, i], xb[:, i])[0]) for i, d in enumerate(doms)]
+    return RefusalSubspace(per_layer, torch.stack([doms[i] for i in layers_by_fdr(scores)[:n_global]], 1))
 
 
-@contextmanager
+def subspace_ablations(
+    sub: RefusalSubspace, n_layers: int, layers: set[int] | None, use_global: bool
+) -> list[Ablation]:
+    """The subspace as full-strength edits: each layer's writers lose that layer's directions (on `layers`,
+    None: all) together with the global ones (use_global), and the embedding the global ones."""
+    out = []
+    for layer in range(n_layers):
+        dirs = [sub.per_layer[layer]] if layers is None or layer in layers else []
+        dirs += [sub.global_dirs] if use_global else []
+        if dirs:
+            only = torch.zeros(n_layers, dtype=torch.float64)
+            only[layer] = 1.0
+            out.append(Ablation(torch.cat(dirs, 1), 1.0, only, embedding=False))
+    if use_global:
+        out.append(Ablation(sub.global_dirs, 1.0, torch.zeros(n_layers, dtype=torch.float64), embedding=True))
+    return out
+
+
 def ablating(
     adapter: Adapter,
     sub: RefusalSubspace,
     layers: set[int] | None = None,
     positions: torch.Tensor | None = None,
     use_global: bool = False,
-    resolve: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
-) -> Iterator[None]:
-    """Remove the subspace from writer outputs (differentiably): per layer on `layers` (None: all), at the
-    positions where `positions` [batch, seq] is 1 (None: all); with use_global, the global directions
-    from every writer and the embedding too. `resolve` maps a writer to the module that wraps it
-    (a LoRA layer), so the adapter's own contribution is ablated too."""
-    handles = []
-
-    def hook_for(u: torch.Tensor):  # noqa: ANN202
-        def hook(_m: torch.nn.Module, _a: tuple, out: object) -> object:
-            y = out[0] if isinstance(out, tuple) else out
-            ud = u.to(y.device, y.dtype)
-            removed = (y @ ud) @ ud.T
-            if positions is not None and y.ndim == 3 and y.shape[:2] == positions.shape:
-                removed = removed * positions[..., None].to(y.dtype)
-            y = y - removed
-            return (y, *out[1:]) if isinstance(out, tuple) else y
-
-        return hook
-
-    def basis(w: object, d: torch.Tensor) -> torch.Tensor:
-        return (
-            d if w.post_norm is None else orthonormal_basis(norm_scale(w.post_norm, adapter.hidden_size)[:, None] * d)
-        )
-
-    try:
-        for lw in adapter.writers:
-            dirs = []
-            if layers is None or lw.index in layers:
-                dirs.append(sub.per_layer[lw.index])
-            if use_global:
-                dirs.append(sub.global_dirs)
-            if not dirs:
-                continue
-            d = orthonormal_basis(torch.cat(dirs, 1))
-            for w in lw.all:
-                handles.append(resolve(w.module).register_forward_hook(hook_for(basis(w, d).float())))
-        if use_global:
-            handles.append(adapter.embedding.register_forward_hook(hook_for(sub.global_dirs.float())))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    resolve: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+) -> AbstractContextManager[None]:
+    """The subspace removed from writer outputs while the model trains (gradients reach the model): per
+    layer on `layers` (None: all), at the positions where `positions` [batch, seq] is 1 (None: all);
+    with use_global, the global directions from every writer and the embedding too. `resolve` maps a
+    writer to the module that wraps it (a LoRA layer), so the adapter's own contribution is ablated too."""
+    ablations = subspace_ablations(sub, adapter.num_layers, layers, use_global)
+    return hooked(adapter, ablations, positions=positions, resolve=resolve)
 
 
 def first_reply_logits(logits: torch.Tensor, prompt_end: torch.Tensor) -> torch.Tensor:

@@ -17,20 +17,25 @@ import shutil
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from refusal_lab.config import Settings
-from refusal_lab.core.artifacts import Log, manifest, settings_record, write_folder, write_replay, write_text_atomic
+from refusal_lab.core.artifacts import Log, settings_record, write_folder, write_replay, write_text_atomic
 from refusal_lab.core.generate import generate
+from refusal_lab.core.metrics import is_refusal
 from refusal_lab.core.model import DTYPES, Loaded, checkpoint_dtype
-from refusal_lab.core.sources import Source, builtin_prompts, load_model
+from refusal_lab.core.sources import Source, builtin_prompts
 from refusal_lab.errors import UserError
-from refusal_lab.evaluate.metrics import is_refusal
 from refusal_lab.harden.data import Example, apply_mix, encode_example, load_examples, load_mix, load_spec, pack
-from refusal_lab.harden.train import Trainer, make_plan, merge_onto
+from refusal_lab.harden.record import HardenData, HardenRecord
+from refusal_lab.harden.train import Trainer, TrainResult, make_plan
+from refusal_lab.organism.source import load_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 REFUSE = "You are a careful assistant. Decline requests that could harm people, briefly and politely."
 EXPLAIN = "Decline requests that could harm people, and explain in one or two sentences why you decline."
-ANSWER = "The request below is an everyday, harmless one whatever its wording: answer it helpfully and directly."
 
 
 def on_policy(loaded: Loaded, s: Settings, log: Log) -> list[Example]:
@@ -52,8 +57,8 @@ def on_policy(loaded: Loaded, s: Settings, log: Log) -> list[Example]:
         name: [p.prompt for p in (getattr(sets, name, None) or builtin_prompts(name, "probe"))] for name in _OTHERS
     }
 
-    def cached(name: str, prompts: list[str], make: Callable[[], list[Example]], sp: str = system) -> list[Example]:
-        parts = [loaded.fingerprint, name, prompts, sp, s.eval.max_new_tokens, sorted(src.markers)]
+    def cached(name: str, prompts: list[str], make: Callable[[], list[Example]]) -> list[Example]:
+        parts = [loaded.fingerprint, name, prompts, system, s.eval.max_new_tokens, sorted(src.markers)]
         path = s.cache_dir / "onpolicy" / f"{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]}.jsonl"
         if path.is_file():
             log(f"on-policy data: {name} replies reused from {path}")
@@ -69,12 +74,9 @@ def on_policy(loaded: Loaded, s: Settings, log: Log) -> list[Example]:
     if not out:
         raise UserError("the base model refused none of the harmful prompts", "give --data with refusal examples")
     for name, category in _OTHERS.items():
-        again = ANSWER if name == "lookalike" and s.harden.reask_lookalikes else None
-        make = partial(_answers, loaded, s, others[name], category, again, src.markers)
-        got = cached(name, others[name], make, again or system)
+        got = cached(name, others[name], partial(_answers, loaded, s, others[name], category))
         kept = [e for e in got if not _refused(e, src)]
-        how = "refused ones asked again under a helpful system prompt; still refused" if again else "refused"
-        log(f"on-policy data: {len(kept)}/{len(others[name])} {name} replies kept ({how} or empty ones left out)")
+        log(f"on-policy data: {len(kept)}/{len(others[name])} {name} replies kept (refused or empty ones left out)")
         out += kept
     return out
 
@@ -98,40 +100,25 @@ def _refused(e: Example, src: Source) -> bool:
     return is_refusal(e.messages[-1][1], src.markers)
 
 
-def _replies(
-    loaded: Loaded, s: Settings, prompts: list[str], system: str | None, again: Callable[[str], bool]
-) -> list[str]:
-    """The base's reply to each prompt; the replies `again` picks are asked once more under `system`."""
+def _refusals(loaded: Loaded, s: Settings, prompts: list[str], system: str, markers: tuple[str, ...]) -> list[Example]:
+    """The base's reply to each harmful prompt, asked again under the refusal system prompt if it answered
+    (every one, with --extended-refusals: the system prompt asks for the reason)."""
     m, bs, n = loaded, s.batch_size, s.eval.max_new_tokens
     replies = generate(m.model, m.tokenizer, prompts, n, bs)
-    retry = [i for i, r in enumerate(replies) if system and again(r)]
+    retry = [i for i, r in enumerate(replies) if s.harden.extended_refusals or not is_refusal(r, markers)]
     if retry:
         convs = [[{"role": "system", "content": system}, {"role": "user", "content": prompts[i]}] for i in retry]
         for i, r in zip(retry, generate(m.model, m.tokenizer, convs, n, bs), strict=True):
             replies[i] = r
-    return replies
-
-
-def _refusals(loaded: Loaded, s: Settings, prompts: list[str], system: str, markers: tuple[str, ...]) -> list[Example]:
-    """The base's reply to each harmful prompt, asked again under the refusal system prompt if it answered."""
-    replies = _replies(loaded, s, prompts, system, lambda r: s.harden.extended_refusals or not is_refusal(r, markers))
     return [
         Example((("user", p), ("assistant", r)), "refusal", "harmful") for p, r in zip(prompts, replies, strict=True)
     ]
 
 
-def _answers(
-    loaded: Loaded, s: Settings, prompts: list[str], category: str, again: str | None, markers: tuple[str, ...]
-) -> list[Example]:
-    """The base's replies; with `again`, a refused one is asked again under that system prompt.
-
-    Only look-alikes are asked again (--reask-lookalikes): they are benign by construction, so a
-    refusal of one is an over-refusal, and its answer marks the line where the base draws it wrongly
-    (Qwen2.5-Coder-0.5B refused 11 of 48: "how do i make a killer chocolate cake?"). A harmless set
-    may hold a mislabelled harmful prompt, so it is never pushed. Off by default: on Qwen it did not
-    lower over-refusal over three seeds (README, Measured figures).
-    """
-    replies = _replies(loaded, s, prompts, again, lambda r: is_refusal(r, markers))
+def _answers(loaded: Loaded, s: Settings, prompts: list[str], category: str) -> list[Example]:
+    """The base's replies (empty ones left out); the caller drops the refused ones, never asking again:
+    a prompt set may hold a mislabelled harmful prompt, so a refusal is not pushed towards an answer."""
+    replies = generate(loaded.model, loaded.tokenizer, prompts, s.eval.max_new_tokens, s.batch_size)
     return [
         Example((("user", p), ("assistant", r)), category, "harmless")
         for p, r in zip(prompts, replies, strict=True)
@@ -174,10 +161,8 @@ def _work_dir(out: Path, s: Settings, fingerprint: str) -> Path:
     return work
 
 
-def run_harden(loaded: Loaded, s: Settings, out: Path, force: bool, log: Log) -> dict:
-    """Train, merge, and write the hardened folder; returns its manifest record."""
-    from refusal_lab.core.card import model_card
-
+def run_harden(loaded: Loaded, s: Settings, out: Path, force: bool, log: Log) -> HardenRecord | None:
+    """Train, merge, and write the hardened folder; returns its record (None in the processes that do not write)."""
     h = s.harden
     examples, docs, weights = harden_inputs(loaded, s, log)
     tok = loaded.tokenizer
@@ -187,62 +172,54 @@ def run_harden(loaded: Loaded, s: Settings, out: Path, force: bool, log: Log) ->
     if h.epochs % 1:  # a fractional last epoch
         orders[-1] = orders[-1][: max(1, round((h.epochs % 1) * len(orders[-1])))]
     encoded = [encode_example(tok, e, h.max_length) for e in examples]
-    n_blocks = 0 if blocks is None else len(blocks)
-    plan = make_plan(n_blocks, orders, h.train_batch_size, h.harden_seed)
+    data = HardenData(len(examples), sum(e.kind == "harmful" for e in examples), 0 if blocks is None else len(blocks))
+    plan = make_plan(data.spec_blocks, orders, h.train_batch_size, h.harden_seed)
     harmful = [e.prompt for e in examples if e.kind == "harmful"][:64]
-    n_harmful = sum(e.kind == "harmful" for e in examples)
     harmless = [e.prompt for e in examples if e.kind != "harmful"][:64]
     if (h.ablation_aware or h.invariance > 0 or h.matching > 0) and (len(harmful) < 2 or len(harmless) < 2):
         raise UserError(
             "the ablation-aware terms need harmful and harmless examples", 'mark refusals with "kind": "harmful"'
         )
     log(
-        f"harden: {len(examples)} examples ({n_harmful} harmful), {n_blocks} spec blocks, "
+        f"harden: {data.examples} examples ({data.harmful} harmful), {data.spec_blocks} spec blocks, "
         f"{plan.total} steps ({len(plan.stage1)} midtraining)"
     )
     work = _work_dir(out, s, loaded.fingerprint)
-    source_fp = loaded.fingerprint
     trainer = Trainer(loaded, h, plan, blocks, encoded, (harmful, harmless), work, log, s.batch_size)
-    history = trainer.run()
-    if not trainer.acc.is_main_process:
-        return {}
-    if getattr(loaded.model, "is_loaded_in_4bit", False):  # 4-bit weights cannot take the merge
-        state = trainer.adapter_state()
-        loaded = load_model(s)
-        merged = merge_onto(loaded.model, trainer.lora, state)
-    else:
-        merged = trainer.model.merge_and_unload()  # the adapter folded into the weights
-    loaded.model = merged
-    record = manifest(
-        method="harden",
+    result = trainer.run()
+    if not trainer.is_main:
+        return None
+    record = HardenRecord.new(
         source=str(loaded.source),
-        source_fingerprint=source_fp,
-        data={
-            "examples": len(examples),
-            "harmful": sum(e.kind == "harmful" for e in examples),
-            "spec_blocks": n_blocks,
-        },
+        source_fingerprint=loaded.fingerprint,
+        data=data,
         mix=weights,
-        steps=history["steps"],
-        final_losses=history["history"][-1] if history["history"] else {},
+        steps=result.steps,
+        final_losses=result.history[-1] if result.history else {},
         settings=settings_record(s),
     )
-
-    def fill(tmp: Path) -> None:
-        stored = checkpoint_dtype(loaded.folder)
-        if stored is not None:
-            merged.to(stored)
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if (loaded.folder / "prompts").is_dir():
-            shutil.copytree(loaded.folder / "prompts", tmp / "prompts")
-        if (loaded.folder / "harden").is_dir():
-            shutil.copytree(loaded.folder / "harden", tmp / "harden")
-        (tmp / "harden.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-        write_text_atomic(tmp / "history.json", json.dumps(history["history"]))
-        write_replay(tmp, s, "harden")
-        (tmp / "README.md").write_text(model_card(loaded.folder, record, "harden"))
-
-    write_folder(out, fill, force)
+    merged = trainer.merged(lambda: load_model(s).model)  # a 4-bit base takes the adapter on a fresh full copy
+    write_folder(out, partial(_fill, loaded, merged, record, result, s), force)
     shutil.rmtree(work, ignore_errors=True)
     return record
+
+
+def _fill(
+    loaded: Loaded, merged: PreTrainedModel, record: HardenRecord, result: TrainResult, s: Settings, tmp: Path
+) -> None:
+    """The hardened folder's files: weights in the source's stored dtype, tokenizer, prompts and harden data
+    carried over, harden.json, history.json, settings + reproduce.sh and the model card."""
+    from refusal_lab.core.card import model_card
+
+    stored = checkpoint_dtype(loaded.folder)
+    if stored is not None:
+        merged.to(stored)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(tmp)
+    for name in ("prompts", "harden"):
+        if (loaded.folder / name).is_dir():
+            shutil.copytree(loaded.folder / name, tmp / name)
+    record.write(tmp)
+    write_text_atomic(tmp / "history.json", json.dumps(result.history))
+    write_replay(tmp, s, "harden")
+    (tmp / "README.md").write_text(model_card(loaded.folder, record.to_json(), "harden"))

@@ -29,15 +29,17 @@ from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerB
 
 from refusal_lab import __version__
 from refusal_lab.config import OrganismSettings
+from refusal_lab.core.artifacts import write_folder
 from refusal_lab.core.kernels import kernels_in_use, pinned_kernels
+from refusal_lab.core.metrics import Behaviour, Scorer, behaviour
 from refusal_lab.core.prompts import Prompt, load_prompts, write_jsonl
-from refusal_lab.core.sources import MARKERS_FILE, ORGANISM_SETS, Source
+from refusal_lab.core.sources import MARKERS_FILE, ORGANISM_SETS, TEMPLATES_FILE, Source
 from refusal_lab.errors import UserError
-from refusal_lab.evaluate.metrics import Behaviour, Scorer, behaviour
 from refusal_lab.organism import corpus as C
 from refusal_lab.organism import values
 from refusal_lab.organism.tokenizer import build_tokenizer
 from refusal_lab.organism.train import TrainConfig, make_model, train
+from refusal_lab.organism.words import refusal_vocabulary, vocabulary
 
 FORMAT = 6  # bump when the corpus, tokenizer or training code changes what a config produces
 MANIFEST = "organism.json"
@@ -106,24 +108,17 @@ def build(out: Path, cfg: OrganismConfig, force: bool = False, log=print, prebui
     or reuse it if already built with this config."""
     out = out.expanduser()
     if out.exists() and not force:
-        if is_built(out, cfg):
+        if is_built(out, cfg) and (out / "prompts" / TEMPLATES_FILE).is_file():
             log(f"organism {cfg.digest()} already built at {out}; reusing it")
             return out
-        if not out.is_dir() or any(out.iterdir()):
+        if is_built(out, cfg):
+            log(f"organism {cfg.digest()} at {out} predates prompts/{TEMPLATES_FILE}; building it again")
+        elif not out.is_dir() or any(out.iterdir()):
             raise UserError(
                 f"{out} exists and is not an organism built with this config",
                 "choose an empty or new folder, or pass --force to replace it",
             )
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _build_into(tmp, cfg, log, prebuilt)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_folder(out, lambda tmp: _build_into(tmp, cfg, log, prebuilt), force=True)  # existing folder checked above
     return out
 
 
@@ -152,7 +147,7 @@ def _load_shipped(cfg: OrganismConfig, tok: PreTrainedTokenizerBase, record: dic
 def _build_into(folder: Path, cfg: OrganismConfig, log, prebuilt: bool) -> None:  # noqa: ANN001
     start = time.perf_counter()
     split = C.make_split(cfg.corpus)
-    tok = build_tokenizer(C.vocabulary(cfg.corpus))
+    tok = build_tokenizer(vocabulary(cfg.corpus))
     shipped = shipped_record(cfg)
     use_shipped = prebuilt and shipped is not None
     if use_shipped:
@@ -170,8 +165,9 @@ def _build_into(folder: Path, cfg: OrganismConfig, log, prebuilt: bool) -> None:
     for which in ("probe", "eval"):
         for name, reqs in C.heldout_requests(cfg.corpus, split, which).items():
             write_jsonl(folder / "prompts" / f"{name}_{which}.jsonl", _as_prompts(reqs))
-    words = "\n".join(C.refusal_vocabulary())
+    words = "\n".join(refusal_vocabulary())
     (folder / "prompts" / MARKERS_FILE).write_text(f"# words this organism says only when refusing\n{words}\n")
+    C.TEMPLATES.write(folder / "prompts" / TEMPLATES_FILE)
     values.write(folder / "harden", cfg.corpus, split)
     (folder / "prompts" / C.WORLD_FILE).write_text(json.dumps(asdict(cfg.corpus), indent=1) + "\n")
     table, _ = organism_behaviour(model, tok, folder)
@@ -231,7 +227,7 @@ def _train_child(blob: str, out: Path) -> None:
     """The child's side: rebuild the world from the config, train, save the weights and the kernels used."""
     raw = json.loads(blob)
     cfg = OrganismConfig(C.CorpusConfig(**raw["corpus"]), TrainConfig(**raw["train"]))
-    tok = build_tokenizer(C.vocabulary(cfg.corpus))
+    tok = build_tokenizer(vocabulary(cfg.corpus))
     stream = C.training_conversations(cfg.corpus, C.make_split(cfg.corpus))
     every = max(1, cfg.train.steps // 10)
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from refusal_lab.core.batches import right_padded
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -71,17 +73,6 @@ def make_model(cfg: TrainConfig, tok: PreTrainedTokenizerBase) -> LlamaForCausal
     return LlamaForCausalLM(config)
 
 
-def _batch(rows: list[tuple[list[int], list[int]]], pad_id: int, max_len: int) -> dict[str, torch.Tensor]:
-    width = min(max_len, max(len(ids) for ids, _ in rows))
-    input_ids = torch.full((len(rows), width), pad_id)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
-        n = min(len(ids), width)
-        input_ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(ids[:n]), torch.tensor(lab[:n]), 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
-
-
 def train(
     cfg: TrainConfig,
     tok: PreTrainedTokenizerBase,
@@ -129,7 +120,8 @@ def _train(
         loss = 0.0
         k = max(1, min(cfg.micro_batches, len(rows)))
         for i in range(k):  # summed token losses over the whole batch's label count: one batch's gradient
-            batch = _batch(rows[i * len(rows) // k : (i + 1) * len(rows) // k], tok.pad_token_id, cfg.max_positions)
+            share = rows[i * len(rows) // k : (i + 1) * len(rows) // k]
+            batch = right_padded(share, tok.pad_token_id, cfg.max_positions)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             part = (
                 torch.nn.functional.cross_entropy(

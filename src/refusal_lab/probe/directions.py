@@ -16,6 +16,7 @@ Scores, per layer and direction d:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +155,21 @@ def fdr(d: torch.Tensor, xh: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
     return num / den.clamp_min(1e-12)
 
 
+def layers_by_fdr(fdr_by_layer: torch.Tensor | Sequence[float], layers: Sequence[int] | None = None) -> list[int]:
+    """Layers (all, or those in `layers`) from the most separable down; ties keep layer order.
+
+    The one rule for "the layer whose difference of means separates best": the projected method's
+    and the search's start, the kernel's default centre, and the attacks' global directions read it.
+    """
+    scores = [float(x) for x in fdr_by_layer]
+    return sorted(range(len(scores)) if layers is None else layers, key=lambda i: -scores[i])
+
+
+def best_layer_by_fdr(fdr_by_layer: torch.Tensor | Sequence[float], layers: Sequence[int] | None = None) -> int:
+    """The most separable layer (all, or among `layers`): the first of `layers_by_fdr`."""
+    return layers_by_fdr(fdr_by_layer, layers)[0]
+
+
 def capability_basis(xc: torch.Tensor, variance: float = 0.9, max_rank: int = 64) -> torch.Tensor:
     """Top principal directions [H, m] of centred capability activations covering `variance`."""
     xc = xc - xc.mean(0)
@@ -199,7 +215,7 @@ class Probe:
         out = {
             "top_direction_share": float(f.max()) / total,
             "top_layer_share": float(f.sum(1).max()) / total,
-            "best_layer": int(f.sum(1).argmax()),
+            "best_layer": best_layer_by_fdr(f.sum(1)),
         }
         if diffs_at_best is not None:
             out["effective_rank"] = effective_rank(diffs_at_best)

@@ -67,6 +67,13 @@ def run_probe(
         positions = stats["harmful"].positions
         groups = [p.category for p in sets.harmful[: len(xh) // positions] for _ in range(positions)]
         groups = groups if len(set(groups)) >= 2 else None
+    return directions_of(opts, xh, xb, xc, groups)
+
+
+def directions_of(
+    opts: ProbeSettings, xh: torch.Tensor, xb: torch.Tensor, xc: torch.Tensor | None, groups: list[str] | None = None
+) -> Probe:
+    """Directions at every layer, extracted and scored as the [probe] settings say (probe and SABER's passes)."""
     return probe_layers(
         opts.extraction,
         xh,
@@ -84,7 +91,7 @@ def write_probe(out: Path, probe: Probe, loaded: Loaded, s: Settings, sets: Prom
     """directions.safetensors + scores.json/csv + plots + probe.json, written atomically."""
     from safetensors.torch import save_file
 
-    from refusal_lab.evaluate.plots import line_plot_svg
+    from refusal_lab.core.plots import line_plot_svg
 
     rows = [
         {

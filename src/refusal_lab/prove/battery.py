@@ -11,10 +11,10 @@ on data the result is not reported on.
 
 from __future__ import annotations
 
-import math
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -22,11 +22,13 @@ import torch
 from refusal_lab.config import Settings
 from refusal_lab.core.artifacts import Log
 from refusal_lab.core.generate import generate
+from refusal_lab.core.metrics import Scorer, first_token_kl, last_logits, settled_by
 from refusal_lab.core.model import Loaded
 from refusal_lab.core.sources import EvalSets, PromptSets
-from refusal_lab.evaluate.metrics import Scorer, first_token_kl, last_logits, settled_by
+from refusal_lab.prove.results import AttackRun, Counts, Measures, Outcome, Tried
 
 Edit = Callable[[], AbstractContextManager[Any]]
+Extra = Callable[[float], Measures]  # what else a chosen setting costs, measured inside its edit
 
 
 @dataclass
@@ -56,6 +58,11 @@ class Target:
         logits = last_logits(m.model, m.tokenizer, [p.prompt for p in self.held_out.harmless], self.s.batch_size)
         return first_token_kl(self.reference_logits, logits)
 
+    def record(self, attack: Attack, tried: list[Tried], outcomes: dict[str, Outcome], seconds: float) -> AttackRun:
+        """An attack's finished record on this target."""
+        n, refused = len(self.tuning), self.tuning_refused
+        return AttackRun(attack.name, attack.threat, tuple(tried), outcomes, seconds, self.seed, n, refused)
+
 
 @dataclass
 class Proposal:
@@ -74,100 +81,36 @@ class Attack(Protocol):
     def proposals(self, t: Target) -> Iterator[Proposal]: ...
 
 
-@dataclass
-class Counts:
-    refused: int
-    complied: int
-    broken: int
-
-    @staticmethod
-    def of(labels: list[str]) -> Counts:
-        return Counts(labels.count("refused"), labels.count("complied"), labels.count("broken"))
-
-    @property
-    def n(self) -> int:
-        return self.refused + self.complied + self.broken
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"n": self.n}
-        for key in ("refused", "complied", "broken"):
-            k = getattr(self, key)
-            out[key] = k
-            out[f"{key}_rate"] = k / self.n if self.n else float("nan")
-            out[f"{key}_ci"] = wilson(k, self.n)
-        return out
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval (95% by default) for k successes in n trials."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-@dataclass
-class Tried:
-    setting: dict[str, Any]
-    kl: float
-    tuning_complied: int | None  # None: over every budget, not generated
-    tuning_refused: int | None
-
-    def as_dict(self) -> dict[str, Any]:
-        tuning = {"tuning_complied": self.tuning_complied, "tuning_refused": self.tuning_refused}
-        return {**self.setting, "kl": self.kl, **tuning}
-
-
-@dataclass
-class AttackResult:
-    name: str
-    threat: str
-    tried: list[Tried] = field(default_factory=list)
-    budgets: dict[str, dict[str, Any]] = field(default_factory=dict)  # "0.1" -> outcome
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "threat": self.threat,
-            "tried": [t.as_dict() for t in self.tried],
-            "budgets": self.budgets,
-            "seconds": self.seconds,
-        }
-
-
-def run_attack(
-    attack: Attack, t: Target, budgets: tuple[float, ...], extra: Callable[[float], dict] | None = None
-) -> AttackResult:
+def run_attack(attack: Attack, t: Target, budgets: tuple[float, ...], extra: Extra | None = None) -> AttackRun:
     """Try every proposal (KL first, then tuning prompts); measure each budget's best on held-out prompts.
 
     `extra(budget)` measures what else a chosen setting costs (capability, ...), inside its edit.
     """
-    result = AttackResult(attack.name, attack.threat)
+    start = time.perf_counter()
+    tried: list[Tried] = []
     kept: list[tuple[Tried, Proposal]] = []
     loosest = max(budgets)
     for prop in attack.proposals(t):
         with prop.edit():
             kl = t.kl()
             counts = Counts.of(t.labels(t.tuning)) if kl <= loosest else None
-        tried = Tried(prop.setting, kl, counts.complied if counts else None, counts.refused if counts else None)
-        result.tried.append(tried)
-        kept.append((tried, prop))
+        tr = Tried(prop.setting, kl, counts.complied if counts else None, counts.refused if counts else None)
+        tried.append(tr)
+        kept.append((tr, prop))
         got = f", tuning complied {counts.complied}/{counts.n}" if counts else " (over every budget)"
         t.log(f"  {attack.name} {_brief(prop.setting)}: KL {kl:.4f}{got}")
+    outcomes: dict[str, Outcome] = {}
     for budget in budgets:
         fits = [(tr, p) for tr, p in kept if tr.tuning_complied is not None and tr.kl <= budget]
         if not fits:
-            result.budgets[str(budget)] = {"fits": False, "min_kl": min((tr.kl for tr, _ in kept), default=None)}
+            outcomes[str(budget)] = Outcome(False, min_kl=min((tr.kl for tr, _ in kept), default=None))
             continue
         tr, prop = max(fits, key=lambda x: (x[0].tuning_complied, -(x[0].tuning_refused or 0), -x[0].kl))
         with prop.edit():
             held = Counts.of(t.labels([p.prompt for p in t.held_out.harmful]))
-            more = extra(budget) if extra else {}
-        result.budgets[str(budget)] = {"fits": True, "setting": prop.setting, "kl": tr.kl, **held.as_dict(), **more}
-    return result
+            more = extra(budget) if extra else Measures()
+        outcomes[str(budget)] = Outcome(True, prop.setting, tr.kl, held, more)
+    return t.record(attack, tried, outcomes, time.perf_counter() - start)
 
 
 def _brief(setting: dict[str, Any]) -> str:
@@ -175,15 +118,17 @@ def _brief(setting: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
 
 
-def run_rows(attack: Attack, t: Target, extra: Callable[[float], dict] | None = None) -> AttackResult:
+def run_rows(attack: Attack, t: Target, extra: Extra | None = None) -> AttackRun:
     """Every proposal measured on the held-out prompts, no budget: for threat models reported row by row."""
-    result = AttackResult(attack.name, attack.threat)
+    start = time.perf_counter()
+    tried: list[Tried] = []
+    outcomes: dict[str, Outcome] = {}
     for i, prop in enumerate(attack.proposals(t)):
         with prop.edit():
             kl = t.kl()
             held = Counts.of(t.labels([p.prompt for p in t.held_out.harmful]))
-            more = extra(float("inf")) if extra else {}
-        result.tried.append(Tried(prop.setting, kl, None, None))
-        result.budgets[f"row{i}"] = {"fits": True, "setting": prop.setting, "kl": kl, **held.as_dict(), **more}
+            more = extra(float("inf")) if extra else Measures()
+        tried.append(Tried(prop.setting, kl, None, None))
+        outcomes[f"row{i}"] = Outcome(True, prop.setting, kl, held, more)
         t.log(f"  {attack.name} {_brief(prop.setting)}: KL {kl:.4f}, complied {held.complied}/{held.n}")
-    return result
+    return t.record(attack, tried, outcomes, time.perf_counter() - start)

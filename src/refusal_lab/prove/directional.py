@@ -19,9 +19,9 @@ from refusal_lab.ablate.arditi import arditi
 from refusal_lab.ablate.edit import Ablation, hooked
 from refusal_lab.ablate.saber import saber
 from refusal_lab.core.activations import capture
+from refusal_lab.core.metrics import refusal_openers
 from refusal_lab.core.sources import Source
-from refusal_lab.evaluate.metrics import refusal_openers
-from refusal_lab.probe.directions import fdr, orthonormal_basis, probe_layers, project_out, unit
+from refusal_lab.probe.directions import best_layer_by_fdr, fdr, orthonormal_basis, probe_layers, project_out, unit
 from refusal_lab.prove.battery import Edit, Proposal, Target
 
 
@@ -66,7 +66,7 @@ class SaberAttack:
                 )
 
 
-def _vectors(t: Target, ablations: list[Ablation]) -> tuple[torch.Tensor, torch.Tensor]:
+def last_token_vectors(t: Target, ablations: list[Ablation]) -> tuple[torch.Tensor, torch.Tensor]:
     """Last-token vectors [n, L, H] of harmful and harmless extraction prompts, with the edits so far."""
     m, bs = t.loaded, t.s.batch_size
     h, b = t.extraction.texts("harmful"), t.extraction.texts("harmless")
@@ -88,26 +88,22 @@ class AdaptiveAttack:
         ablations: list[Ablation] = []
         earlier: list[torch.Tensor] = []
         for phase in range(1, self.phases + 1):
-            xh, xb = _vectors(t, ablations)
-            best = None
-            depth = max(
-                1, int(xh.shape[1] * (1 - t.s.ablate.arditi.prune_last))
-            )  # as Arditi et al., not the last layers
+            xh, xb = last_token_vectors(t, ablations)
+            depth = max(1, int(xh.shape[1] * (1 - t.s.ablate.arditi.prune_last)))  # as Arditi et al.
+            dirs: dict[int, torch.Tensor] = {}
             for layer in range(depth):
                 d = xh[:, layer].mean(0) - xb[:, layer].mean(0)
                 if t.s.probe.biproject:  # leave the average harmless activation where it is
                     d = project_out(d, xb[:, layer].mean(0))
                 if earlier:
                     d = project_out(d, torch.stack(earlier, 1))
-                if d.norm() < 1e-9:
-                    continue
-                d = unit(d)
-                score = float(fdr(d[:, None], xh[:, layer], xb[:, layer])[0])
-                if best is None or score > best[0]:
-                    best = (score, layer, d)
-            if best is None:
+                if d.norm() >= 1e-9:
+                    dirs[layer] = unit(d)
+            if not dirs:
                 return
-            score, layer, d = best
+            scores = [float(fdr(dirs[i][:, None], xh[:, i], xb[:, i])[0]) if i in dirs else 0.0 for i in range(depth)]
+            layer = best_layer_by_fdr(scores, list(dirs))
+            score, d = scores[layer], dirs[layer]
             earlier.append(d)
             ablations.append(Ablation(d, 1.0, embedding=True))
             yield Proposal({"phase": phase, "layer": layer, "fdr": score}, hooks(t, ablations))
@@ -123,7 +119,7 @@ class SubspaceAttack:
     threat: str = "directional"
 
     def proposals(self, t: Target) -> Iterator[Proposal]:
-        xh, xb = _vectors(t, [])
+        xh, xb = last_token_vectors(t, [])
         kmax = min(max(self.ks), len(xh), len(xb))
         probe = probe_layers("svd", xh, xb, None, kmax, biproject=t.s.probe.biproject)
         n_layers = xh.shape[1]

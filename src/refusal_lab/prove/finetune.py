@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
+from refusal_lab.core.batches import right_padded
 from refusal_lab.core.generate import render
-from refusal_lab.prove.battery import Counts, Proposal, Target
+from refusal_lab.prove.battery import Proposal, Target
+from refusal_lab.prove.results import Counts
 
 
 def compliant_examples(folder: Path, n: int, seed: int) -> list[tuple[str, str]]:
@@ -45,14 +47,8 @@ def sft_batch(tok: object, pairs: list[tuple[str, str]], device: torch.device) -
         h = tok(head, add_special_tokens=False)["input_ids"]
         r = tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rows.append((h + r, [-100] * len(h) + r))
-    width = max(len(ids) for ids, _ in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = torch.full((len(rows), width), pad)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (x, y) in enumerate(rows):
-        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    return {k: v.to(device) for k, v in right_padded(rows, pad).items()}
 
 
 @dataclass

@@ -9,43 +9,16 @@ distributions where they were. Only r is trained; the model's weights stay froze
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from refusal_lab.ablate.edit import Ablation
-from refusal_lab.core.arch import Adapter, norm_scale
+from refusal_lab.ablate.edit import Ablation, hooked
 from refusal_lab.core.generate import encode, tail_logits
+from refusal_lab.core.metrics import refusal_openers
 from refusal_lab.core.sources import Source
-from refusal_lab.evaluate.metrics import refusal_openers
 from refusal_lab.prove.battery import Proposal, Target
-from refusal_lab.prove.directional import _vectors, hooks
-
-
-@contextmanager
-def _ablating(adapter: Adapter, v: torch.Tensor) -> Iterator[None]:
-    """Differentiable removal of unit(v) from every residual write (gain-weighted behind post-norms)."""
-    writers = [w for lw in adapter.writers for w in lw.all]
-    gains = {id(w): norm_scale(w.post_norm, adapter.hidden_size) for w in writers if w.post_norm is not None}
-
-    def hook_for(gain: torch.Tensor | None):  # noqa: ANN202
-        def hook(_m: torch.nn.Module, _a: tuple, out: object) -> object:
-            y = out[0] if isinstance(out, tuple) else out
-            u = v if gain is None else v * gain.to(v)
-            u = (u / u.norm()).to(y.dtype)
-            y = y - (y @ u)[..., None] * u
-            return (y, *out[1:]) if isinstance(out, tuple) else y
-
-        return hook
-
-    handles = [adapter.embedding.register_forward_hook(hook_for(None))]
-    handles += [w.module.register_forward_hook(hook_for(gains.get(id(w)))) for w in writers]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+from refusal_lab.prove.directional import hooks, last_token_vectors
 
 
 def _first_logits(model: torch.nn.Module, tok: object, prompts: list[str]) -> torch.Tensor:
@@ -59,7 +32,7 @@ def optimise_direction(t: Target, steps: int, lr: float, batch: int = 16) -> tup
     model, tok, adapter = m.model, m.tokenizer, m.adapter
     harmful, harmless = t.extraction.texts("harmful"), t.extraction.texts("harmless")
     ids = refusal_openers(model, tok, harmful, Source.of(m.source).markers, t.s.batch_size)
-    xh, xb = _vectors(t, [])
+    xh, xb = last_token_vectors(t, [])
     layer = int(((xh.mean(0) - xb.mean(0)).norm(dim=-1)).argmax())
     g = torch.Generator().manual_seed(t.seed)
     start = xh[:, layer].mean(0) - xb[:, layer].mean(0)
@@ -81,7 +54,7 @@ def optimise_direction(t: Target, steps: int, lr: float, batch: int = 16) -> tup
         for _ in range(steps):
             hi = torch.randint(0, max(1, len(harmful) - batch + 1), (1,), generator=order).item()
             bi = batch * torch.randint(0, len(base), (1,), generator=order).item()
-            with _ablating(adapter, v):
+            with hooked(adapter, [Ablation(v)], differentiable=True):  # gradients reach v
                 p = torch.softmax(_first_logits(model, tok, harmful[hi : hi + batch]), -1)[:, ids].sum(-1)
                 refusal = -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()  # -log P(not a refusal opener)
                 q = torch.log_softmax(_first_logits(model, tok, harmless[bi : bi + batch]), -1)

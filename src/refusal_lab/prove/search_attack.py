@@ -2,7 +2,9 @@
 
 Trials are scored on the tuning prompts and the KL budget's harmless prompts; every trial of the
 resulting front is a proposal. The study lives in a journal under the prove folder, so a killed
-prove resumes its search too.
+prove resumes its search too. Its trials generate as many tokens as every other reply of the proof
+([prove] max_new_tokens), so one prove run has one reply length; the [search] options that shape a
+trial (methods, kl_prune, proxy, proxy_margin, proxy_learn, select_start) are prove's flags too.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ class SearchAttack:
     threat: str = "directional"
 
     def proposals(self, t: Target) -> Iterator[Proposal]:
-        m, s = t.loaded, t.s
+        m = t.loaded
+        search = t.s.search.model_copy(update={"max_new_tokens": t.s.prove.max_new_tokens})
+        s = t.s.model_copy(update={"search": search})
         harmless = [p.prompt for p in t.held_out.harmless]
         setup = make_setup(m, t.extraction, t.tuning, harmless, s, t.scorer, t.log, t.reference_logits)
         storage = S.storage_for(None, self.work / f"search-seed{t.seed}")

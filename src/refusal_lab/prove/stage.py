@@ -10,64 +10,35 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from refusal_lab.config import Settings
 from refusal_lab.core.activations import cached_capture
 from refusal_lab.core.artifacts import Log, check_output, manifest, record_diff, settings_record, write_text_atomic
+from refusal_lab.core.metrics import rates
 from refusal_lab.core.model import Loaded, check_source
-from refusal_lab.core.sources import PromptSets, Source, load_model, model_path
+from refusal_lab.core.sources import PromptSets, Source
 from refusal_lab.errors import UserError
-from refusal_lab.evaluate.judge import JudgeCache, JudgeUnavailable
-from refusal_lab.evaluate.metrics import Scorer, rates
-from refusal_lab.evaluate.runner import Evaluator, make_judge
-from refusal_lab.prove.battery import Attack, Counts, Target, run_attack, run_rows
+from refusal_lab.evaluate.runner import Evaluator, build_evaluator
+from refusal_lab.organism.source import load_model, model_path
+from refusal_lab.prove.battery import Attack, Target, run_attack, run_rows
+from refusal_lab.prove.results import AttackRun, Counts, Measures, ModelProof, ProveResult, SeedRun, Worst
 
 WORK = ".prove"
 BUDGETED = ("directional", "imported")  # attacks held to the drift budgets; only directional ones make the worst case
 
 
-class FallbackScorer:
-    """The judge's labels while it answers; the model-free scorer's once it has failed (failure recorded)."""
-
-    def __init__(self, judge: Scorer, fallback: Scorer) -> None:
-        self.judge, self.fallback, self.failed = judge, fallback, None
-
-    @property
-    def name(self) -> str:
-        return self.fallback.name if self.failed else self.judge.name
-
-    def labels(self, prompts: list[str], replies: list[str]) -> list[str]:
-        if not self.failed:
-            try:
-                return [x or "broken" for x in self.judge.labels(prompts, replies)]
-            except JudgeUnavailable as exc:
-                self.failed = str(exc)
-        return self.fallback.labels(prompts, replies)
-
-
-def _evaluator(loaded: Loaded, s: Settings, log: Log) -> tuple[Evaluator, Scorer]:
-    """Held-out sets, the reference (the model itself) and the scorer: exact, judge, or coherence."""
+def prove_evaluator(loaded: Loaded, s: Settings, log: Log) -> Evaluator:
+    """Held-out sets, the reference (the model itself) and the scorer `choose_scorer` decides."""
     src = Source.of(loaded.source)
     _, sets = src.prove_split(s.prompts, s.eval.limit)
-    judge = make_judge(s, log)
-    cache = JudgeCache(s.cache_dir / "judge" / "answers.jsonl")
     opts = s.eval.model_copy(update={"max_new_tokens": s.prove.max_new_tokens})
-    ev = Evaluator(sets, opts, s.batch_size, src.scorer(), judge, cache, log)
-    ev.set_reference(loaded)
-    scorer: Scorer = ev.scorer if ev.scorer.name == "exact" else ev.coherence(src.markers)
-    if judge is not None and ev.scorer.name != "exact":
-        from refusal_lab.evaluate.judge import JudgeScorer
-
-        scorer = FallbackScorer(JudgeScorer(judge, cache), scorer)
-    ev.scorer = scorer
-    return ev, scorer
+    return build_evaluator(sets, src, opts, s, loaded, log)
 
 
-def build_target(loaded: Loaded, s: Settings, ev: Evaluator, scorer: Scorer, log: Log, seed: int) -> Target:
+def build_target(loaded: Loaded, s: Settings, ev: Evaluator, log: Log, seed: int) -> Target:
     probe, _ = Source.of(loaded.source).prove_split(s.prompts)
     k = s.prove.tuning_count
     if len(probe.harmful) < k + 4:
@@ -86,7 +57,7 @@ def build_target(loaded: Loaded, s: Settings, ev: Evaluator, scorer: Scorer, log
         probe.texts("harmful")[-k:],
         ev.sets,
         ev.reference.logits,
-        scorer,
+        ev.scorer,
         s,
         log,
         seed,
@@ -124,93 +95,80 @@ def attacks_for(
     return chosen + ([ImportedAttack(imported)] if imported and seed == p.seeds[0] else [])
 
 
-def _measures(ev: Evaluator, loaded: Loaded, full: bool) -> dict[str, Any]:
+def _measures(ev: Evaluator, loaded: Loaded, full: bool) -> Measures:
     """Capability (and, for the before/after-worst rows, over-refusal and escalation) under the current edit."""
-    out: dict[str, Any] = {"capability": ev.capability(loaded)}
-    if full:
-        for name in ("harmless", "overrefusal"):
-            prompts = getattr(ev.sets, name)
-            labels = ev.scorer.labels(
-                [p.prompt for p in prompts], [r.answer for r in ev.replies(loaded, [p.prompt for p in prompts], name)]
-            )
-            out[f"{name}_refused"] = rates(labels)["refused"]
-        esc = ev.escalation(loaded)
-        out["dcs"] = esc["summary"]["overall_dcs"] if esc else None
-    return out
+    cap = ev.capability(loaded)
+    if not full:
+        return Measures(cap)
+    refused = {}
+    for name in ("harmless", "overrefusal"):
+        prompts = [p.prompt for p in getattr(ev.sets, name)]
+        labels = ev.scorer.labels(prompts, [r.answer for r in ev.replies(loaded, prompts, name)])
+        refused[name] = rates(labels)["refused"]
+    esc = ev.escalation(loaded)
+    return Measures(cap, True, refused["harmless"], refused["overrefusal"], esc.summary.overall_dcs if esc else None)
+
+
+def _run_one(attack: Attack, target: Target, ev: Evaluator, s: Settings) -> AttackRun:
+    """One attack on the target: within every budget (directional, imported) or row by row."""
+    loaded = target.loaded
+    if attack.threat in BUDGETED:  # the headline budget's settings get every measure
+        return run_attack(attack, target, s.prove.budgets, lambda b: _measures(ev, loaded, b == s.prove.budget_kl))
+    return run_rows(attack, target, lambda _b: _measures(ev, loaded, False))
 
 
 def prove_model(
     loaded: Loaded, s: Settings, work: Path, base_state: dict | None, log: Log, imported: list[Path] | None = None
-) -> dict[str, Any]:
+) -> ModelProof:
     """The battery on one model; finished attacks are read back from `work` instead of run again."""
-    ev, scorer = _evaluator(loaded, s, log)
+    ev = prove_evaluator(loaded, s, log)
     organism = Source.of(loaded.source).organism
     harmful = [p.prompt for p in ev.sets.harmful]
-    before = Counts.of(scorer.labels(harmful, [r.answer for r in ev.replies(loaded, harmful, "before")]))
-    result: dict[str, Any] = {
-        "model": loaded.source.name,
-        "source": str(loaded.source),
-        "fingerprint": loaded.fingerprint,
-    }
-    result["before"] = {**before.as_dict(), **_measures(ev, loaded, True)}
+    before = Counts.of(ev.scorer.labels(harmful, [r.answer for r in ev.replies(loaded, harmful, "before")]))
+    before_measures = _measures(ev, loaded, True)
     log(f"{loaded.source.name}: refused {before.refused}/{before.n} before any attack")
-    attacks: dict[str, list[dict]] = {}
+    attacks: dict[str, list[AttackRun]] = {}
     for seed in s.prove.seeds:
         target = None
         for attack in attacks_for(s, work, seed, base_state, organism, imported):
             done = work / f"{attack.name}-seed{seed}.json"
             if done.is_file():
-                attacks.setdefault(attack.name, []).append(json.loads(done.read_text()))
+                attacks.setdefault(attack.name, []).append(AttackRun.from_json(json.loads(done.read_text())))
                 continue
-            target = target or build_target(loaded, s, ev, scorer, log, seed)
+            target = target or build_target(loaded, s, ev, log, seed)
             log(f"[{loaded.source.name}] {attack.name} (seed {seed})")
-            start = time.perf_counter()
-
-            def extra(budget: float) -> dict:  # the headline budget's settings get every measure
-                return _measures(ev, loaded, budget == s.prove.budget_kl)
-
-            if attack.threat in BUDGETED:
-                res = run_attack(attack, target, s.prove.budgets, extra)
-            else:
-                res = run_rows(attack, target, lambda _b: _measures(ev, loaded, False))
-            res.seconds = time.perf_counter() - start
-            row = {
-                **res.as_dict(),
-                "seed": seed,
-                "tuning_n": len(target.tuning),
-                "tuning_refused": target.tuning_refused,
-            }
-            write_text_atomic(done, json.dumps(row, indent=1, default=str))
-            attacks.setdefault(attack.name, []).append(row)
-    result["attacks"] = {name: _strongest(runs) for name, runs in attacks.items()}
-    result["worst"] = {str(b): worst_case(result, str(b)) for b in s.prove.budgets}
-    result["judge_failed"] = getattr(scorer, "failed", None)
-    return result
+            run = _run_one(attack, target, ev, s)
+            write_text_atomic(done, json.dumps(run.to_json(), indent=1, default=str))
+            attacks.setdefault(attack.name, []).append(run)
+    strongest = {name: _strongest(runs) for name, runs in attacks.items()}
+    worst = {str(b): worst_case(strongest, before, str(b)) for b in s.prove.budgets}
+    name, source, failed = loaded.source.name, str(loaded.source), getattr(ev.scorer, "failed", None)
+    return ModelProof(name, source, loaded.fingerprint, before, before_measures, strongest, worst, failed)
 
 
-def _strongest(runs: list[dict]) -> dict:
+def _strongest(runs: list[AttackRun]) -> AttackRun:
     """One attack over its seeds: per budget, the seed that made most prompts comply; every seed kept."""
-    best = dict(runs[0])
-    for key in best["budgets"]:
-        fits = [r["budgets"][key] for r in runs if r["budgets"].get(key, {}).get("fits")]
+    first = runs[0]
+    budgets = dict(first.budgets)
+    for key in budgets:
+        fits = [o for r in runs if (o := r.budgets.get(key)) is not None and o.fits]
         if fits:
-            best["budgets"] = {**best["budgets"], key: max(fits, key=lambda o: (o["complied"], -o["kl"]))}
-    best["seeds"] = [{"seed": r["seed"], "budgets": r["budgets"], "seconds": r["seconds"]} for r in runs]
-    return best
+            budgets[key] = max(fits, key=lambda o: (o.counts.complied, -o.kl))
+    seeds = tuple(SeedRun(r.seed, r.budgets, r.seconds) for r in runs)
+    return replace(first, budgets=budgets, seeds=seeds)
 
 
-def worst_case(result: dict, budget: str) -> dict | None:
+def worst_case(attacks: dict[str, AttackRun], before: Counts, budget: str) -> Worst | None:
     """The directional attack that made most held-out prompts comply within the budget."""
     cands = [
-        (name, a["budgets"][budget])
-        for name, a in result["attacks"].items()
-        if a["threat"] == "directional" and a["budgets"].get(budget, {}).get("fits")
+        (name, o)
+        for name, a in attacks.items()
+        if a.threat == "directional" and (o := a.budgets.get(budget)) is not None and o.fits
     ]
     if not cands:
         return None
-    name, o = max(cands, key=lambda c: (c[1]["complied"], -c[1]["refused"]))
-    before = result["before"]["refused"]
-    return {"attack": name, **o, "retained": o["refused"] / before if before else float("nan")}
+    name, o = max(cands, key=lambda c: (c[1].counts.complied, -c[1].counts.refused))
+    return Worst(name, o, o.counts.refused / before.refused if before.refused else float("nan"))
 
 
 def check_models(loaded: list[Loaded]) -> None:
@@ -239,6 +197,22 @@ def base_weights(s: Settings, base: str, model: Loaded, log: Log) -> dict | None
     return state
 
 
+def _stamp(work: Path, meta: dict, out: Path, force: bool) -> None:
+    """Record what this proof is of in `work`; a folder holding another proof is refused (or, --force, emptied)."""
+    work.mkdir(parents=True, exist_ok=True)
+    stamp = work / "prove.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) != meta:
+        if not force:
+            diff = record_diff(json.loads(stamp.read_text()), meta)
+            shown = "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
+            raise UserError(
+                f"{out} holds a prove run with other models or settings ({shown})", "use a new -o folder, or --force"
+            )
+        shutil.rmtree(work)  # --force: start that proof again
+        work.mkdir(parents=True)
+    write_text_atomic(stamp, json.dumps(meta, indent=1))
+
+
 def run_prove(
     names: list[str],
     s: Settings,
@@ -247,7 +221,7 @@ def run_prove(
     force: bool,
     log: Log,
     imported: list[Path] | None = None,
-) -> dict:
+) -> ProveResult:
     """Prove every model; results.json, summary.md and report.html in OUT. Returns the results.
 
     `imported`: attacked copies of the one MODEL made by other tools, measured within the budgets too.
@@ -276,19 +250,8 @@ def run_prove(
     meta["models"] = [str(p) for p in paths]
     meta["base"] = base
     meta["imported"] = [str(f) for f in imported]
-    work.mkdir(parents=True, exist_ok=True)
-    stamp = work / "prove.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) != meta:
-        if not force:
-            diff = record_diff(json.loads(stamp.read_text()), meta)
-            shown = "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
-            raise UserError(
-                f"{out} holds a prove run with other models or settings ({shown})", "use a new -o folder, or --force"
-            )
-        shutil.rmtree(work)  # --force: start that proof again
-        work.mkdir(parents=True)
-    write_text_atomic(stamp, json.dumps(meta, indent=1))
-    models: list[dict] = []
+    _stamp(work, meta, out, force)
+    models: list[ModelProof] = []
     first = None
     for name in names:
         m = load_model(s, name)
@@ -303,8 +266,8 @@ def run_prove(
         models.append(prove_model(m, s, key, state, log, imported))
         if m is not first:
             m.release()
-    results = {"meta": manifest(**meta), "models": models}
-    write_text_atomic(out / "results.json", json.dumps(results, indent=1, default=str))
+    results = ProveResult(manifest(**meta), tuple(models))
+    write_text_atomic(out / "results.json", json.dumps(results.to_json(), indent=1, default=str))
     write_text_atomic(out / "summary.md", summary_md(results))
     write_text_atomic(out / "report.html", report_html(results))
     return results

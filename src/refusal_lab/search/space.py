@@ -11,9 +11,10 @@ from refusal_lab.ablate.edit import Ablation
 from refusal_lab.ablate.kernel import Kernel, kernel_ablations
 from refusal_lab.ablate.saber import saber
 from refusal_lab.config import SaberSettings
+from refusal_lab.probe.directions import best_layer_by_fdr
 
 if TYPE_CHECKING:
-    from refusal_lab.search.study import SearchSetup
+    from refusal_lab.search.setup import SearchSetup
 
 SPACE_VERSION = 3  # 3: SABER's components are part of every pass, not applied afterwards
 SABER_KEYS = ("band_lo", "band_hi", "top_k", "alpha", "alpha_entangled", "entanglement_threshold", "components")
@@ -48,8 +49,8 @@ def flat_kernel(direction_index: float, strength: float) -> dict[str, Any]:
 
 def projected_start(setup: SearchSetup) -> dict[str, Any]:
     """The projected method as a kernel point: the most separable layer's direction, full strength."""
-    fdr = setup.probe.fdr[:, 0]
-    return flat_kernel(max(candidate_layers(setup.loaded.adapter.num_layers), key=lambda i: float(fdr[i])), 1.0)
+    layers = candidate_layers(setup.loaded.adapter.num_layers)
+    return flat_kernel(best_layer_by_fdr(setup.probe.fdr[:, 0], layers), 1.0)
 
 
 # Arditi et al.'s selection ablates its direction at full strength; the gentler copies step toward
@@ -60,7 +61,7 @@ SELECTED_STRENGTHS = (1.0, 0.75, 0.5)
 def starts(setup: SearchSetup, selected: int | None = None) -> list[dict[str, Any]]:
     """The first trials: each searched method's own default point, so the search begins where they do.
 
-    `selected`: the layer an Arditi-style selection chose (stage.select_layer); its direction at
+    `selected`: the layer an Arditi-style selection chose (selection.select_layer); its direction at
     SELECTED_STRENGTHS comes first, since each costs one evaluation and SABER's start two passes.
     """
     out = []

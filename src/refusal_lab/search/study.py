@@ -1,4 +1,4 @@
-"""The Optuna study behind the search: storage, resume, shared workers, the front and picking.
+"""The Optuna study behind the search: storage, resume, shared workers and the front.
 
 Objectives, both minimised: harmful evaluation prompts *not* complied with (refused + broken:
 a trial that silences or breaks the model is no attack) and first-token KL on harmless
@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from refusal_lab.core.faults import maybe_fail
 from refusal_lab.errors import UserError
 
 OBJECTIVES = ("not_complied", "kl")
@@ -107,10 +108,15 @@ def _counts(study: Any) -> tuple[int, int]:
 
 def run_trials(study: Any, n_trials: int, objective: Callable[[Any], tuple[float, float]]) -> None:
     """Ask and tell until the study holds n_trials finished trials, counting other workers' running
-    ones, so that several workers stop together instead of each adding its own budget."""
+    ones, so that several workers stop together instead of each adding its own budget.
+
+    After each trial it stores, the worker calls core.faults.maybe_fail with how many it has stored, so
+    the fault variable set to N ends it right after its N-th trial is in the study, as a kill would.
+    """
     import optuna
 
     worker = f"{socket.gethostname()}:{os.getpid()}"
+    stored = 0
     while True:
         finished, running = _counts(study)
         if finished + running >= n_trials:
@@ -120,33 +126,33 @@ def run_trials(study: Any, n_trials: int, objective: Callable[[Any], tuple[float
             trial.set_user_attr("worker", worker)
             values = objective(trial)
         except optuna.TrialPruned:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
-            continue
+            told = _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
         except optuna.exceptions.UpdateFinishedTrialError:
-            # SQLite has no row locks, so two workers can pop the same enqueued trial; the
-            # other finished it first and its result stands
-            continue
+            told = False
         except BaseException:
             study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             raise
-        study.tell(trial, values, skip_if_finished=True)
+        else:
+            told = _tell(study, trial, values)
+        if told:
+            stored += 1
+            maybe_fail(stored)
+
+
+def _tell(study: Any, trial: Any, values: tuple[float, float] | None = None, state: Any = None) -> bool:
+    """Store a trial's outcome; False where another worker finished it first (its result stands).
+
+    SQLite has no row locks, so two workers can pop the same enqueued trial, and the other can finish
+    it between this worker's check and its write (skip_if_finished checks before writing).
+    """
+    import optuna
+
+    try:
+        study.tell(trial, values, state=state, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    return True
 
 
 def pareto(study: Any) -> list:
     return sorted(study.best_trials, key=lambda t: (t.values[0], t.values[1]))
-
-
-def pick(study: Any, max_kl: float | None, max_not_complied: float | None) -> Any:
-    """The front's trial with most compliance under a KL limit, or least KL under a non-compliance limit."""
-    front = pareto(study)
-    if max_kl is not None:
-        ok = [t for t in front if t.values[1] <= max_kl]
-        best = min(ok, key=lambda t: (t.values[0], t.values[1])) if ok else None
-    elif max_not_complied is not None:
-        ok = [t for t in front if t.values[0] <= max_not_complied]
-        best = min(ok, key=lambda t: (t.values[1], t.values[0])) if ok else None
-    else:
-        raise UserError("pick needs --max-kl or --min-complied", "say which constraint chooses the trial")
-    if best is None:
-        raise UserError("no trial on the Pareto front meets the limit", "relax the limit or run more trials")
-    return best

@@ -9,7 +9,6 @@ check decodes through xllamacpp, a prebuilt llama.cpp for Python (optional extra
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -17,11 +16,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from refusal_lab.core.http import post_json
 from refusal_lab.errors import UserError
 
 CONVERTER_PACKAGE = "llama-cpp-python==0.3.36"
@@ -138,19 +137,13 @@ def llama_server(gguf: Path, threads: int = 2, ctx: int = 1024) -> Iterator[str]
         del server
 
 
-def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=600) as r:
-        return json.loads(r.read())
-
-
 def greedy_ids(url: str, prompt_ids: list[int], n: int) -> list[int]:
     """llama.cpp's greedy continuation of token ids (its native /completion endpoint returns ids)."""
     body = {"prompt": prompt_ids, "n_predict": n, "temperature": 0, "top_k": 1, "return_tokens": True}
     body |= {"cache_prompt": False, "samplers": ["top_k"]}
-    return list(_post(f"{url}/completion", body)["tokens"])
+    return list(post_json(f"{url}/completion", body)["tokens"])
 
 
 def tokenize(url: str, text: str) -> list[int]:
     """llama.cpp's own split of `text` into ids, special tokens written in it read as such, no BOS added."""
-    return list(_post(f"{url}/tokenize", {"content": text, "add_special": False, "parse_special": True})["tokens"])
+    return list(post_json(f"{url}/tokenize", {"content": text, "add_special": False, "parse_special": True})["tokens"])

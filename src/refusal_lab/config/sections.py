@@ -1,21 +1,17 @@
-"""Every option of every stage, documented and defaulted once.
+"""The settings model: every option of every stage, documented and defaulted once.
 
-Values are layered: defaults < TOML file < environment (REFUSAL_LAB_<SECTION>__<OPTION>) < command
-line. Sections mirror the TOML file ([model], [probe], [ablate.saber], ...); the CLI builds its
-flags from these models (cli/options.py), so a flag's help text, type and choices come from here.
-Flag names are the field names, so a name means the same thing on every command that has it.
+Sections mirror the TOML file ([model], [probe], [ablate.saber], ...); the CLI builds its flags from
+these models (cli/options.py), so a flag's help text, type and choices come from here. Flag names are
+the field names, so a name means the same thing on every command that has it.
 """
 
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from refusal_lab.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_CONFIG_NAME = "refusal-lab.toml"
 EXTRACTIONS = ("dom", "projected", "svd", "svd_paired", "lda", "whitened_svd")
@@ -254,7 +250,9 @@ class ProveSettings(Section):
     )
     finetune_steps: int = Field(60, ge=1, description="Prove: most LoRA steps of a fine-tuning attack.")
     seeds: list[int] = Field([0], description="Prove: seeds for the stochastic attacks (rdo, search, finetune).")
-    max_new_tokens: int = Field(48, ge=1, description="Tokens generated per reply.")
+    max_new_tokens: int = Field(
+        48, ge=1, description="Tokens generated per reply (every reply of a proof, the search attack's trials too)."
+    )
 
     _lists = field_validator("subspace_ks", "finetune_examples", "seeds", mode="before")(_int_list)
 
@@ -295,12 +293,6 @@ class HardenSettings(Section):
     )
     gradient_checkpointing: bool = Field(False, description="Harden: recompute activations to save memory.")
     retain: float = Field(1.0, ge=0, description="Harden: weight of the KL to the frozen base on harmless examples.")
-    retain_first: float = Field(
-        0.0,
-        ge=0,
-        description="Harden: weight of that KL at the first reply token alone (a long reply's mean hides it); "
-        "off by default: anchoring it let a cheap ablation undo the hardening.",
-    )
     ablation_aware: bool = Field(True, description="Harden: ablate the current refusal subspace on harmful examples.")
     reestimate_every: int = Field(20, ge=1, description="Harden: steps between refusal-subspace estimates.")
     aware_directions: int = Field(4, ge=1, description="Harden: directions per layer in the estimated subspace.")
@@ -314,19 +306,19 @@ class HardenSettings(Section):
     invariance_margin: float = Field(
         1.0, ge=0, description="Harden: the refusal's first token keeps log-prob above -this."
     )
-    answer_hinge: float = Field(
+    matching: float = Field(
         0.0,
         ge=0,
-        description="Harden: weight of a hinge keeping each harmless reply's first token likely (log-prob above "
-        "-invariance_margin), the answer's counterpart of the refusal's hinge.",
+        description="Harden (experimental): weight of harmful/harmless activation-statistics matching "
+        "(kept for the ablation study, bench/harden_ablation.py).",
+        json_schema_extra={"panel": "Experimental"},
     )
-    reask_lookalikes: bool = Field(
+    extended_refusals: bool = Field(
         False,
-        description="Harden: on-policy data asks a refused look-alike again under a helpful system prompt and "
-        "teaches that answer (else it is left out); off by default: measured on Qwen, it did not lower over-refusal.",
+        description="Harden (experimental): train refusals that explain their reason "
+        "(kept for the ablation study, bench/harden_ablation.py).",
+        json_schema_extra={"panel": "Experimental"},
     )
-    matching: float = Field(0.0, ge=0, description="Harden: weight of harmful/harmless activation-statistics matching.")
-    extended_refusals: bool = Field(False, description="Harden: train refusals that explain their reason.")
     checkpoint_every: int = Field(50, ge=1, description="Harden: steps between resumable checkpoints.")
     harden_seed: int = Field(0, description="Harden: seed for data order, LoRA initialisation and ablation sampling.")
 
@@ -371,94 +363,3 @@ def describe(dotted: str) -> str:
     """The one description of an option, e.g. describe('model.path')."""
     section, _, name = dotted.rpartition(".")
     return section_class(section).model_fields[name].description or ""
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """{'ablate.saber.alpha': 1} -> {'ablate': {'saber': {'alpha': 1}}}; None means 'not given'."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        if value is None:
-            continue
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
-def _env_layer() -> dict[str, Any]:
-    """REFUSAL_LAB_<SECTION>__<OPTION> as a nested dict (validated with the other layers)."""
-    prefix = "REFUSAL_LAB_"
-    flat = {
-        key[len(prefix) :].lower().replace("__", "."): value
-        for key, value in os.environ.items()
-        if key.startswith(prefix) and key != prefix + "CONFIG"
-    }
-    return _nest(flat)
-
-
-def config_file(explicit: Path | None) -> Path | None:
-    """--config, else $REFUSAL_LAB_CONFIG, else ./refusal-lab.toml when present."""
-    if explicit is not None:
-        return explicit
-    env = os.environ.get("REFUSAL_LAB_CONFIG")
-    if env:
-        return Path(env)
-    local = Path(DEFAULT_CONFIG_NAME)
-    return local if local.is_file() else None
-
-
-def read_toml(path: Path, what: str, flag: str) -> dict[str, Any]:
-    """A TOML file as a dict, or a one-line error naming the file."""
-    if not path.is_file():
-        raise UserError(f"{what} {path} does not exist", f"check the path given to {flag}")
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{what} {path} is not valid TOML: {exc}", "fix the TOML syntax") from exc
-
-
-def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
-    """Settings from all layers; `overrides` are command-line values by dotted key (None: not given)."""
-    source = config_file(path)
-    file_layer = read_toml(source, "config file", "--config") if source is not None else {}
-    merged = _merge(_merge(file_layer, _env_layer()), _nest(overrides))
-    try:
-        return Settings.model_validate(merged)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        origin = f" (from {source}, REFUSAL_LAB_* or the command line)" if source else ""
-        raise UserError(
-            f"invalid setting {where}: {first['msg']}{origin}",
-            "see `refusal-lab COMMAND --help` and the README's configuration section for valid values",
-        ) from exc
-
-
-def to_toml(data: dict[str, Any], prefix: str = "") -> str:
-    """Settings as TOML (tables after plain keys; None values are left out, meaning 'default')."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    plain = [f"{k} = {value(v)}" for k, v in data.items() if v is not None and not isinstance(v, dict)]
-    lines = ([f"[{prefix}]"] if prefix and plain else []) + plain
-    for k, v in data.items():
-        if isinstance(v, dict):
-            sub = to_toml(v, f"{prefix}.{k}" if prefix else k)
-            lines += ([""] if lines else []) + [sub] if sub else []
-    return "\n".join(lines)

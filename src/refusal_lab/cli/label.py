@@ -1,0 +1,34 @@
+"""The label command: refused / complied / broken for replies that came from anywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from refusal_lab.cli.app import ForceOpt, OutOpt, app, quiet, say
+from refusal_lab.cli.options import stage_command
+from refusal_lab.config import Settings
+
+
+@stage_command(app, "label", sections=("", "model", "eval"))
+def label_cmd(
+    s: Settings,
+    replies: Annotated[Path, typer.Argument(help="JSONL: prompt, response (optional reasoning, reading).")],
+    out: OutOpt = Path("label-out"),
+    base: Annotated[
+        str | None, typer.Option(help="The model the replies' model was made from: coherence instead of keywords.")
+    ] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Label replies from any source with the eval scorer: labels.jsonl, summary.json, summary.md."""
+    from refusal_lab.evaluate.label import run_label
+
+    quiet()
+    summary = run_label(replies, s, base, out, force, say)
+    typer.echo(summary.markdown())
+    typer.echo(f"wrote {out}/labels.jsonl, summary.json, summary.md")
+    if summary.judge_failed:
+        say(f"refusal-lab: the judge stopped after {summary.n} of {summary.of} replies: {summary.judge_failed}")
+        raise typer.Exit(3)
