@@ -163,7 +163,8 @@ def check(args: argparse.Namespace) -> None:
     ref = [json.loads(x) for x in REFERENCE.open(encoding="utf-8")]
     folders = models(args.model)
     by_key = {(r.dataset, r.row): r for r in requests(args.strongreject, args.harmbench)}
-    print(f"reference: {len(ref)} rows; generation: {settings}")
+    gen = {k: settings[k] for k in ("dtype", "max_new_tokens", "batch_size")}
+    print(f"reference: {len(ref)} rows; generation: {gen}, greedy")
     for tag in folders:
         rows = [r for r in ref if r["model"] == tag]
         if not rows:

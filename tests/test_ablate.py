@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from refusal_lab.ablate.arditi import arditi
 from refusal_lab.ablate.edit import Ablation, hooked
 from refusal_lab.ablate.saber import saber
+from refusal_lab.ablate.stage import AblationRecord
 from refusal_lab.config import ArditiSettings, ProbeSettings, PromptSettings, SaberSettings
 from refusal_lab.core import activations
 from refusal_lab.core.arch import adapt
@@ -227,6 +228,9 @@ def test_cli_probe_then_ablate_writes_loadable_folders(organism_dir, tmp_path):
     assert run.returncode == 0, run.stderr
     manifest = json.loads((out / "ablation.json").read_text())
     assert manifest["method"] == "saber" and manifest["source_fingerprint"] and manifest["chosen"]["passes"]
+    record = AblationRecord.read(out)  # the typed record reads what export wrote, field for field
+    assert record.method == "saber" and record.chosen == manifest["chosen"] and record.prompts["harmful"] > 0
+    assert record.to_json() == {k: manifest[k] for k in record.to_json()}
     assert "refusal-lab ablate" in (out / "reproduce.sh").read_text()
     model = AutoModelForCausalLM.from_pretrained(out)
     base = AutoModelForCausalLM.from_pretrained(organism_dir)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,10 +32,42 @@ from refusal_lab.probe.stage import read_probe, run_probe
 
 @dataclass
 class AblationChoice:
-    """A method's ablations and a JSON record of what it chose and why."""
+    """A method's ablations and a JSON record of what it chose and why (its shape is the method's own)."""
 
     ablations: list[Ablation]
     record: dict
+
+
+@dataclass(frozen=True)
+class AblationRecord:
+    """What an edited folder's ablation.json says about the edit (beside the manifest head and settings).
+
+    `chosen` is the method's own account (SABER's passes, Arditi's candidates, a search trial), kept as
+    JSON because each method explains itself differently; the fields around it are the same for all.
+    """
+
+    method: str
+    chosen: dict[str, Any]
+    probe: str | None = None
+    prompts: dict[str, int] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # a search trial's parameters
+    directions_file: str = "ablation.safetensors"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> AblationRecord:
+        names = {f.name for f in fields(AblationRecord)}
+        return AblationRecord(**{k: v for k, v in data.items() if k in names})
+
+    @staticmethod
+    def read(folder: Path) -> AblationRecord:
+        """The record of an edited folder (its ablation.json), or a one-line error."""
+        path = folder / "ablation.json"
+        if not path.is_file():
+            raise UserError(f"{folder} has no ablation.json", "pass a folder written by `refusal-lab ablate` or `pick`")
+        return AblationRecord.from_json(json.loads(path.read_text()))
 
 
 def _dom_probe(loaded: Loaded, sets: PromptSets, s: Settings, log: Log) -> Probe:
@@ -85,7 +118,7 @@ def export(
     loaded: Loaded,
     ablations: list[Ablation],
     out: Path,
-    record: dict,
+    record: AblationRecord,
     s: Settings,
     command: str,
     force: bool = False,
@@ -98,7 +131,7 @@ def export(
     src = loaded.folder
     if out.expanduser().resolve() == src.resolve():
         raise UserError("the output folder is the input model folder", "write the edited model to a new folder")
-    full = manifest(source=str(loaded.source), source_fingerprint=loaded.fingerprint, **record)
+    full = manifest(source=str(loaded.source), source_fingerprint=loaded.fingerprint, **record.to_json())
     full["settings"] = settings_record(s)
 
     def fill(tmp: Path) -> None:
@@ -121,7 +154,7 @@ def export(
     write_folder(out, fill, force)
 
 
-def run_ablate(loaded: Loaded, s: Settings, out: Path, probe_dir: Path | None, force: bool, log: Log) -> dict:
+def run_ablate(loaded: Loaded, s: Settings, out: Path, probe_dir: Path | None, force: bool, log: Log) -> AblationRecord:
     """Choose the ablation on the probe prompts, export the edited folder, return its manifest record."""
     first = None
     if probe_dir is not None:
@@ -132,13 +165,12 @@ def run_ablate(loaded: Loaded, s: Settings, out: Path, probe_dir: Path | None, f
         f"{len(sets.capability)} capability prompts"
     )
     choice = choose_ablations(loaded, sets, s, first, log)
-    record = {
-        "method": s.ablate.method,
-        "chosen": choice.record,
-        "probe": str(probe_dir) if probe_dir else None,
-        "directions_file": "ablation.safetensors",
-        "prompts": {k: len(getattr(sets, k)) for k in ("harmful", "harmless", "capability")},
-    }
+    record = AblationRecord(
+        s.ablate.method,
+        choice.record,
+        str(probe_dir) if probe_dir else None,
+        {k: len(getattr(sets, k)) for k in ("harmful", "harmless", "capability")},
+    )
     command = "ablate" + (f" --probe {probe_dir.resolve()}" if probe_dir else "")
     export(loaded, choice.ablations, out, record, s, command, force)
     return record

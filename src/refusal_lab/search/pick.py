@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from refusal_lab.ablate.stage import export
+from refusal_lab.ablate.stage import AblationRecord, export
 from refusal_lab.config import Settings
 from refusal_lab.core.artifacts import Log
 from refusal_lab.core.model import Loaded
@@ -39,7 +39,7 @@ def pick_and_export(
     target: Path,
     force: bool,
     log: Log,
-) -> dict:
+) -> AblationRecord:
     """Rebuild a front trial's edit and write it through the ablate stage's export; the export's record."""
     setup, study = open_search(loaded, s, out, log, trials=False)
     n = len(setup.eval_harmful)
@@ -47,12 +47,8 @@ def pick_and_export(
     point = choose(front, max_kl, None if min_complied is None else n - min_complied)
     log(f"picked trial {point.trial}: complied {point.complied}/{n}, KL {point.kl:.4f}, {point.params}")
     storage = s.search.storage or str(out / "study.journal")
-    record = {
-        "method": f"search:{point.params['method']}",
-        "options": point.params,
-        "chosen": {**point.to_json(), "study": s.search.study_name, "storage": storage},
-        "directions_file": "ablation.safetensors",
-    }
+    chosen = {**point.to_json(), "study": s.search.study_name, "storage": storage}
+    record = AblationRecord(f"search:{point.params['method']}", chosen, options=point.params)
     limit = f"--max-kl {max_kl}" if max_kl is not None else f"--min-complied {min_complied}"
     command = f"pick {out.resolve()} {limit}"
     export(loaded, ablations_for(point.params, setup), target, record, s, command, force)
