@@ -393,7 +393,7 @@ def test_export_keeps_the_checkpoint_dtype_and_leaves_the_loaded_model_as_it_was
     m = load(bf16, "float32", "cpu")  # computed in float32 on the CPU, as `auto` does
     fp = m.fingerprint
     r = torch.randn(m.adapter.hidden_size, dtype=torch.float64)
-    export(m, [Ablation(r)], tmp_path / "out", {"method": "test"}, Settings(), "ablate")
+    export(m, [Ablation(r)], tmp_path / "out", AblationRecord("test", {}), Settings(), "ablate")
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
     assert _json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
