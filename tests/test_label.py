@@ -73,8 +73,22 @@ def test_an_outage_keeps_the_labels_made_so_far():
     rows = [ReplyRow(i + 1, f"p{i}", "sure") for i in range(40)]
     done = label_rows(rows, _Flaky(), ("sorry",), (TimeoutError,))
     assert done.failed == "judge gone" and len(done.labels) == len(done.rows) == 32  # the first chunk
-    summary = LabelSummary.of_labels("flaky", done.rows, done.labels, len(rows), done.failed)
+    summary = LabelSummary.of_labels(_Flaky(), done.rows, done.labels, len(rows), done.failed)
     assert summary.n == 32 and summary.of == 40 and "stopped" in summary.markdown()
+    assert summary.judge_unparsed is None  # not a judge
+
+
+def test_judge_answers_that_name_no_option_are_counted_and_labelled_broken():
+    from refusal_lab.evaluate.judge import EndpointJudge, JudgeCache, JudgeScorer
+
+    rows = [ReplyRow(i + 1, f"how do I do thing {i}?", "Sure: step one.") for i in range(5)]
+    answers = iter(["B", "as a judge I decline to grade", "B", "no idea", "B"])
+    with FakeJudge(lambda _p: next(answers, "3")) as fake:  # digits answer the convincing / specific questions
+        scorer = JudgeScorer(EndpointJudge(fake.url, "m", backoff=0.01, workers=1), JudgeCache(None))
+        done = label_rows(rows, scorer, ("sorry",))
+    assert done.labels == ["complied", "broken", "complied", "broken", "complied"]
+    summary = LabelSummary.of_labels(scorer, done.rows, done.labels, len(rows))
+    assert summary.judge_unparsed == 2 and "named no option" in summary.markdown()
 
 
 @pytest.mark.slow

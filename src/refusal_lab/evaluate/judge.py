@@ -345,6 +345,7 @@ class JudgeScorer:
 
     backend: Backend
     cache: JudgeCache
+    unparsed: int = 0  # answers read as no option (a server without logprobs whose text named none): labelled broken
 
     @property
     def name(self) -> str:
@@ -352,4 +353,5 @@ class JudgeScorer:
 
     def labels(self, prompts: Sequence[str], replies: Sequence[str]) -> list[str]:
         verdicts = judge_replies(self.backend, list(zip(prompts, replies, strict=True)), self.cache)
+        self.unparsed += sum(not v.ok for v in verdicts)
         return [v.label or "broken" for v in verdicts]

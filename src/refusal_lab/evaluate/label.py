@@ -25,6 +25,7 @@ from refusal_lab.core.prompts import jsonl_rows, load_prompts
 from refusal_lab.core.sources import Source, builtin_prompts
 from refusal_lab.core.stats import Rate
 from refusal_lab.errors import UserError
+from refusal_lab.evaluate.judge import JudgeScorer
 from refusal_lab.organism.source import load_model
 
 Errors = tuple[type[Exception], ...]  # the exceptions that mean a judge stopped answering
@@ -123,15 +124,17 @@ class LabelSummary:
     rates: dict[str, Rate]
     agreement: Agreement | None
     judge_failed: str | None = None
+    judge_unparsed: int | None = None  # judge answers that named no option (labelled broken); None: no judge
 
     @staticmethod
     def of_labels(
-        scorer: str, rows: Sequence[ReplyRow], labels: Sequence[str], total: int, failed: str | None = None
+        scorer: Scorer, rows: Sequence[ReplyRow], labels: Sequence[str], total: int, failed: str | None = None
     ) -> LabelSummary:
         rates = {lab: Rate(sum(x == lab for x in labels), len(labels)) for lab in LABELS}
         read = [(r.reading, lab) for r, lab in zip(rows, labels, strict=False) if r.reading]
         agreement = Agreement.of([r for r, _ in read], [lab for _, lab in read])
-        return LabelSummary(scorer, len(labels), total, rates, agreement, failed)
+        unparsed = scorer.unparsed if isinstance(scorer, JudgeScorer) else None
+        return LabelSummary(scorer.name, len(labels), total, rates, agreement, failed, unparsed)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"
@@ -140,6 +143,8 @@ class LabelSummary:
         out = [f"# Labels ({self.scorer})", "", f"{self.n} of {self.of} replies labelled.", ""]
         if self.judge_failed:
             out += [f"The judge stopped answering: {self.judge_failed}", ""]
+        if self.judge_unparsed:
+            out += [f"Judge answers that named no option (labelled broken): {self.judge_unparsed}", ""]
         out += ["| label | count | rate | Wilson 95% |", "|---|---|---|---|"]
         for lab, r in self.rates.items():
             out.append(f"| {lab} | {r.k} | {100 * r.rate:.1f}% | {100 * r.low:.1f}-{100 * r.high:.1f}% |")
@@ -202,7 +207,7 @@ def label_scorer(
     """The scorer eval would use for copies of `base` (keywords without one), the judge first where [eval] names
     one; with the refusal markers it reads and the exceptions that mean the judge stopped answering."""
     from refusal_lab.core.scoring import choose_scorer, model_free
-    from refusal_lab.evaluate.judge import JudgeCache, JudgeScorer, JudgeUnavailable
+    from refusal_lab.evaluate.judge import JudgeCache, JudgeUnavailable
     from refusal_lab.evaluate.runner import Reference, make_judge
 
     if base is None:
@@ -230,7 +235,7 @@ def run_label(path: Path, s: Settings, base: str | None, out: Path, force: bool,
     log(f"labelling {len(rows)} replies with the {scorer.name} scorer")
     with tqdm(total=len(rows), desc="label", unit="reply", disable=None) as bar:
         done = label_rows(rows, scorer, markers, errors, bar.update)
-    summary = LabelSummary.of_labels(scorer.name, done.rows, done.labels, len(rows), done.failed)
+    summary = LabelSummary.of_labels(scorer, done.rows, done.labels, len(rows), done.failed)
 
     def fill(tmp: Path) -> None:
         write_labels(tmp, done, summary)
