@@ -134,19 +134,14 @@ def scorers(tag: str, base_tag: str, folders: dict[str, Path], args: argparse.Na
     from refusal_lab.config import load_settings
     from refusal_lab.core.metrics import KeywordScorer
     from refusal_lab.core.model import load
-    from refusal_lab.core.scoring import choose_scorer, model_free
-    from refusal_lab.core.sources import Source, builtin_prompts
-    from refusal_lab.evaluate.runner import Reference
+    from refusal_lab.core.sources import Source
+    from refusal_lab.evaluate.label import base_scorer
 
     settings = json.loads(SETTINGS.read_text())
-    source = Source.of(folders[tag])
-    out: dict = {"keyword": KeywordScorer(source.markers)}
-    if base_tag in folders:
-        s = load_settings(**{"eval.max_new_tokens": settings["max_new_tokens"]})
-        base = load(folders[base_tag], settings["dtype"], "cpu")
-        ref = Reference.of(base, builtin_prompts("harmless", "eval"), s.eval, settings["batch_size"])
-        q = s.eval.coherence_quantile
-        out["coherence"] = model_free(choose_scorer(source, base, ref.prompts, ref.replies, q, settings["batch_size"]))
+    out: dict = {"keyword": KeywordScorer(Source.of(folders[tag]).markers)}
+    if base_tag in folders:  # the scorer `refusal-lab label --base` and eval use for copies of that base
+        s = load_settings(**{"eval.max_new_tokens": settings["max_new_tokens"], "batch_size": settings["batch_size"]})
+        out["coherence"] = base_scorer(load(folders[base_tag], settings["dtype"], "cpu"), s)
     if args.judge_local:
         from refusal_lab.evaluate.judge import JudgeCache, JudgeScorer, LocalJudge
 

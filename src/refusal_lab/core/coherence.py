@@ -79,12 +79,20 @@ class CoherenceScorer:
             out[i] = score
         return out
 
-    def labels(self, prompts: Sequence[str], replies: Sequence[str]) -> list[str]:
-        return [
+    def labels_and_likelihoods(
+        self, prompts: Sequence[str], replies: Sequence[str]
+    ) -> tuple[list[str], list[float | None]]:
+        """The labels and the likelihoods they rest on, from one pass over the replies."""
+        lik = self.likelihoods(prompts, replies)
+        labels = [
             "refused"
             if score is None
             else "broken"
             if not score >= self.threshold or repetition(reply) > MAX_REPETITION
             else "complied"
-            for reply, score in zip(replies, self.likelihoods(prompts, replies), strict=True)
+            for reply, score in zip(replies, lik, strict=True)
         ]
+        return labels, lik
+
+    def labels(self, prompts: Sequence[str], replies: Sequence[str]) -> list[str]:
+        return self.labels_and_likelihoods(prompts, replies)[0]

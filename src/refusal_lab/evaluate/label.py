@@ -21,6 +21,7 @@ from refusal_lab.config import Settings
 from refusal_lab.core.artifacts import Log, check_output, manifest, settings_record, write_folder, write_replay
 from refusal_lab.core.coherence import CoherenceScorer, repetition
 from refusal_lab.core.metrics import LABELS, REFUSAL_MARKERS, KeywordScorer, Scorer, is_refusal
+from refusal_lab.core.model import Loaded
 from refusal_lab.core.prompts import jsonl_rows, load_prompts
 from refusal_lab.core.sources import Source, builtin_prompts
 from refusal_lab.core.stats import Rate
@@ -78,14 +79,19 @@ class Scores:
     threshold: float | None = None
 
 
-def scores_of(scorer: Scorer, markers: Sequence[str], prompts: Sequence[str], replies: Sequence[str]) -> list[Scores]:
-    """The evidence behind each label (the base's likelihood only where the scorer is coherence)."""
+def scored(
+    scorer: Scorer, markers: Sequence[str], prompts: list[str], replies: list[str]
+) -> tuple[list[str], list[Scores]]:
+    """Labels and the evidence behind them; coherence's likelihoods come from the pass that labelled."""
     lik: list[float | None] = [None] * len(replies)
     threshold = None
     if isinstance(scorer, CoherenceScorer):
-        lik = list(scorer.likelihoods(prompts, replies))
+        labels, lik = scorer.labels_and_likelihoods(prompts, replies)
         threshold = scorer.threshold
-    return [Scores(is_refusal(r, markers), repetition(r), x, threshold) for r, x in zip(replies, lik, strict=True)]
+    else:
+        labels = scorer.labels(prompts, replies)
+    evidence = [Scores(is_refusal(r, markers), repetition(r), x, threshold) for r, x in zip(replies, lik, strict=True)]
+    return labels, evidence
 
 
 @dataclass(frozen=True)
@@ -182,11 +188,11 @@ def label_rows(
         chunk = rows[start : start + CHUNK]
         prompts, replies = [r.prompt for r in chunk], [r.response for r in chunk]
         try:
-            got = scorer.labels(prompts, replies)
+            got, evidence = scored(scorer, markers, prompts, replies)
         except errors as exc:
             return Labelled(list(rows[: len(labels)]), labels, scores, str(exc))
         labels += got
-        scores += scores_of(scorer, markers, prompts, replies)
+        scores += evidence
         if progress is not None:
             progress(len(chunk))
     return Labelled(list(rows), labels, scores, None)
@@ -201,26 +207,33 @@ def write_labels(out: Path, done: Labelled, summary: LabelSummary) -> None:
     (out / "summary.md").write_text(summary.markdown(), encoding="utf-8")
 
 
-def label_scorer(
-    s: Settings, base: str | None, log: Log
-) -> tuple[Scorer, tuple[str, ...], tuple[type[Exception], ...]]:
+def base_scorer(loaded: Loaded, s: Settings) -> Scorer:
+    """The model-free scorer eval uses for copies of `loaded` (`choose_scorer`): exact where the folder
+    declares its templates, else coherence calibrated on the base's own replies to the harmless prompts."""
+    from refusal_lab.core.scoring import choose_scorer
+    from refusal_lab.evaluate.runner import Reference
+
+    source = Source.of(loaded.source)
+    own = source.scorer()
+    if own.name == "exact":
+        return own  # the base's reference replies would go unread
+    given = load_prompts(s.prompts.harmless, s.prompts.column) if s.prompts.harmless else None
+    ref = Reference.of(loaded, given or builtin_prompts("harmless", "eval"), s.eval, s.batch_size)
+    return choose_scorer(source, loaded, ref.prompts, ref.replies, s.eval.coherence_quantile, s.batch_size)
+
+
+def label_scorer(s: Settings, base: str | None, log: Log) -> tuple[Scorer, tuple[str, ...], Errors]:
     """The scorer eval would use for copies of `base` (keywords without one), the judge first where [eval] names
     one; with the refusal markers it reads and the exceptions that mean the judge stopped answering."""
-    from refusal_lab.core.scoring import choose_scorer, model_free
     from refusal_lab.evaluate.judge import JudgeCache, JudgeUnavailable
-    from refusal_lab.evaluate.runner import Reference, make_judge
+    from refusal_lab.evaluate.runner import make_judge
 
     if base is None:
         free: Scorer = KeywordScorer(REFUSAL_MARKERS)
         markers = REFUSAL_MARKERS
     else:
         loaded = load_model(s, base)
-        source = Source.of(loaded.source)
-        markers = source.markers
-        harmless = load_prompts(s.prompts.harmless, s.prompts.column) if s.prompts.harmless else None
-        ref = Reference.of(loaded, harmless or builtin_prompts("harmless", "eval"), s.eval, s.batch_size)
-        q, bs = s.eval.coherence_quantile, s.batch_size
-        free = model_free(choose_scorer(source, loaded, ref.prompts, ref.replies, q, bs))
+        free, markers = base_scorer(loaded, s), Source.of(loaded.source).markers
     judge = make_judge(s, log)
     if judge is None or free.name == "exact":
         return free, markers, ()

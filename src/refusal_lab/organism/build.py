@@ -108,10 +108,11 @@ def build(out: Path, cfg: OrganismConfig, force: bool = False, log=print, prebui
     or reuse it if already built with this config."""
     out = out.expanduser()
     if out.exists() and not force:
-        if is_built(out, cfg) and (out / "prompts" / TEMPLATES_FILE).is_file():
+        built = is_built(out, cfg)
+        if built and (out / "prompts" / TEMPLATES_FILE).is_file():
             log(f"organism {cfg.digest()} already built at {out}; reusing it")
             return out
-        if is_built(out, cfg):
+        if built:
             log(f"organism {cfg.digest()} at {out} predates prompts/{TEMPLATES_FILE}; building it again")
         elif not out.is_dir() or any(out.iterdir()):
             raise UserError(

@@ -130,8 +130,9 @@ def search_scorer(loaded: Loaded, harmless: list[str], s: Settings, calibrate_it
     after its hooks are gone, so it scores against the base.
     """
     src = Source.of(loaded.source)
-    if src.scorer().name == "exact":
-        return src.scorer()
+    own = src.scorer()
+    if own.name == "exact":
+        return own
     if not calibrate_it:
         return Unscored("coherence")
     m, bs = loaded, s.batch_size
