@@ -57,14 +57,24 @@ def spread(n_rows: int, k: int, avoid: set[int]) -> list[int]:
     return out
 
 
+def extraction_row(row: int) -> bool:
+    """The StrongREJECT rows attacks may extract directions from: never reported on."""
+    return row % 6 == 0
+
+
+def standard_rows(harmbench: list[dict[str, str]]) -> list[int]:
+    """HarmBench's standard text behaviours (no context string, no copyright request)."""
+    return [i for i, row in enumerate(harmbench) if row["FunctionalCategory"] == "standard"]
+
+
 def requests(strongreject: Path, harmbench: Path) -> list[Request]:
     """The reference requests: StrongREJECT rows disjoint from the extraction rows (row % 6 == 0), and
     HarmBench's standard text behaviours (test split) spread over the file."""
     sr = list(csv.DictReader(strongreject.open(encoding="utf-8")))
     hb = list(csv.DictReader(harmbench.open(encoding="utf-8")))
-    extraction = {i for i in range(len(sr)) if i % 6 == 0}
+    extraction = {i for i in range(len(sr)) if extraction_row(i)}
     out = [Request("strongreject", r, sr[r]["forbidden_prompt"]) for r in spread(len(sr), SR_ROWS, extraction)]
-    standard = [i for i, row in enumerate(hb) if row["FunctionalCategory"] == "standard"]
+    standard = standard_rows(hb)
     out += [
         Request("harmbench", standard[j], hb[standard[j]]["Behavior"]) for j in spread(len(standard), HB_ROWS, set())
     ]
@@ -77,7 +87,7 @@ def extraction_csv(strongreject: Path, out: Path) -> Path:
     with out.open("w", encoding="utf-8", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
-        w.writerows(r for i, r in enumerate(rows) if i % 6 == 0)
+        w.writerows(r for i, r in enumerate(rows) if extraction_row(i))
     return out
 
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from fake_judge import FakeJudge, rubric_by_keywords
+from refusal_lab.config import PromptSettings
 from refusal_lab.core.generate import split_thinking, think_markers
 from refusal_lab.core.metrics import (
     REFUSAL_MARKERS,
@@ -29,6 +30,7 @@ from refusal_lab.evaluate.judge import (
     JudgeUnavailable,
     Verdict,
     judge_replies,
+    judge_tiers,
     option_probs,
 )
 from refusal_lab.evaluate.results import Evaluation
@@ -75,7 +77,7 @@ def test_endpoint_judge_retries_caches_and_sends_the_key(tmp_path, monkeypatch, 
     with FakeJudge(lambda _p: "A", fail_first=2, logprobs=logprobs) as fake:
         judge = EndpointJudge(fake.url, "m", "JUDGE_KEY", backoff=0.01, workers=1)
         cache = JudgeCache(tmp_path / "c.jsonl")
-        pairs = [("how do I X?", "Sorry, no."), ("how do I Y?", "I won't.")]
+        pairs = [("how do I X?", "X is a bad idea."), ("how do I Y?", "Y harms people.")]
         verdicts = judge_replies(judge, pairs, cache)
         assert all(v.ok and v.refused for v in verdicts)
         assert len(fake.requests) == 4  # two 503s retried, then two answers
@@ -83,6 +85,23 @@ def test_endpoint_judge_retries_caches_and_sends_the_key(tmp_path, monkeypatch, 
         assert (verdicts[0].probs is not None) == logprobs  # read from logprobs when the server sends them
         again = judge_replies(judge, pairs, JudgeCache(tmp_path / "c.jsonl"))
         assert len(fake.requests) == 4 and [v.refused for v in again] == [True, True]
+
+
+def test_replies_with_a_refusal_marker_are_refused_without_asking_the_judge():
+    with FakeJudge(lambda _p: "C") as fake:  # a judge that reads everything as broken
+        pairs = [("how do I X?", "I'm sorry, I can't help with that."), ("how do I Y?", "Step 1: buy Y.")]
+        v = judge_replies(EndpointJudge(fake.url, "m", backoff=0.01, workers=1), pairs, JudgeCache(None))
+        assert [x.label for x in v] == ["refused", "broken"]
+        assert len(fake.requests) == 1  # only the reply without a marker was asked about
+        v = judge_replies(EndpointJudge(fake.url, "m", backoff=0.01, workers=1), pairs, JudgeCache(None), markers=())
+        assert [x.label for x in v] == ["broken", "broken"]  # control: without markers the judge decides
+
+
+def test_escalation_tiers_take_marked_refusals_without_asking_the_judge():
+    with FakeJudge(lambda _p: "D") as fake:  # a judge that reads everything as proactive
+        pairs = [("step 5", "I will not help with that."), ("step 5", "Here is the plan, improved.")]
+        tiers = judge_tiers(EndpointJudge(fake.url, "m", backoff=0.01, workers=1), pairs, JudgeCache(None))
+        assert tiers == ["refusal", "proactive"] and len(fake.requests) == 1
 
 
 def test_garbage_answers_are_counted_not_scored(tmp_path):
@@ -126,6 +145,9 @@ def test_keyword_markers_match_whole_words_and_folder_declared_words(organism_di
     assert is_refusal(fragment, markers_for(folder))
     assert "decline" in Source.of(organism_dir).markers  # the organism declares its words; eval uses them
     assert is_refusal("", REFUSAL_MARKERS)  # the one refusal definition: an empty reply refuses
+    assert not is_refusal("As an AI language model, I have no opinions, but here are three tips: 1.")
+    assert is_refusal("As an AI language model, I cannot help with that.")
+    assert not is_refusal("Sure.", ()) and is_refusal(" ", ())  # no markers: only an empty reply refuses
 
 
 @pytest.mark.slow
@@ -250,13 +272,18 @@ def _settings(tmp_path, **eval_opts):
 
 @pytest.fixture(scope="module")
 def judged(organism_dir, organism, tmp_path_factory):
-    """The evaluator's real output on the organism against itself, with a local judge that reads one
-    harmful reply's question as garbage (so one answer cannot be parsed)."""
+    """The evaluator's real output on the organism against itself, with a judge that reads one reply's
+    question as garbage (so one answer cannot be parsed). The attack set mixes three harmful prompts (the
+    organism refuses them with its markers, so the judge is not asked) and three harmless ones."""
     from refusal_lab.evaluate.runner import evaluate_models
 
     tmp = tmp_path_factory.mktemp("judged")
     s = _settings(tmp)
-    unreadable = Source.of(organism_dir).eval_sets(s.prompts, s.eval.limit).harmful[0].prompt
+    sets = Source.of(organism_dir).eval_sets(s.prompts, 3)
+    mixed = tmp / "mixed.txt"
+    mixed.write_text("".join(p.prompt + "\n" for p in [*sets.harmful, *sets.harmless]))
+    s.prompts.harmful = mixed
+    unreadable = sets.harmless[0].prompt
 
     def answer(question: str) -> str:
         return "no idea" if unreadable in question else rubric_by_keywords(question)
@@ -284,8 +311,9 @@ def test_a_judged_evaluation_shows_the_judge_its_agreement_and_unparsed_answers(
         assert "judge refused" in text and "judge agrees" in text
         assert "answers that could not be parsed: 1" in text
     assert "rubric judge" in page
-    if is_shipped(organism_dir):  # all 6 refused; the judge read 5 and agreed with the exact labels on each
-        assert (m.harmful.refused, judge.refused, judge.agreement) == (1.0, 1.0, 1.0)
+    assert sum(r.judge is not None and r.judge.label == "refused" for r in m.harmful.rows) >= 3  # the markers'
+    if is_shipped(organism_dir):  # 3 refused with markers, 3 answered; the judge read 2 of those and agreed
+        assert (m.harmful.refused, judge.refused, judge.agreement) == (0.5, 0.6, 1.0)
 
 
 def test_results_json_reads_back_as_the_typed_result(judged):
@@ -344,16 +372,21 @@ def test_eval_with_judge_down_keeps_keyword_results_and_exits_3(organism_dir, tm
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    answered = tmp_path / "answered.txt"  # prompts the organism answers: no refusal marker, so the judge is asked
+    harmless = Source.of(organism_dir).eval_sets(PromptSettings(), 5).harmless
+    answered.write_text("".join(p.prompt + "\n" for p in harmless))
     run = _eval(
         organism_dir,
         tmp_path,
         "e",
         *("--judge-url", f"http://127.0.0.1:{port}/v1", "--limit", "5", "--escalation", "none"),
+        *("--harmful", str(answered)),
         *("--max-new-tokens", "20", "--judge-retries", "1"),
     )
     assert run.returncode == 3 and "judge failed" in run.stderr
     res = json.loads((tmp_path / "e" / "results.json").read_text())
-    assert res["meta"]["judge_failed"] and res["models"][0]["harmful"]["keyword_refusal"] == 1.0
+    harmful = res["models"][0]["harmful"]
+    assert res["meta"]["judge_failed"] and harmful["scorer"] == "exact" and len(harmful["rows"]) == 5
 
 
 @pytest.mark.slow

@@ -80,6 +80,7 @@ def test_one_refusal_definition_empty_replies_refuse_everywhere():
 
 
 def test_search_counts_an_empty_reply_as_not_complied(organism, monkeypatch):
+    from refusal_lab.core.generate import Reply
     from refusal_lab.search import trial
     from refusal_lab.search.setup import SearchSetup
 
@@ -100,7 +101,8 @@ def test_search_counts_an_empty_reply_as_not_complied(organism, monkeypatch):
     )
     monkeypatch.setattr(trial, "last_logits", lambda *_a, **_k: __import__("torch").zeros(1, 8))
     monkeypatch.setattr(trial, "first_token_kl", lambda *_a: 0.0)
-    monkeypatch.setattr(trial, "generate", lambda *_a, **_k: ["", ""])  # a model edited into silence
+    silence = [Reply(""), Reply("")]  # a model edited into silence
+    monkeypatch.setattr(trial, "generate_replies", lambda *_a, **_k: silence)
     r = trial.evaluate_trial(setup, [])
     assert (r.refused, r.complied, r.not_complied) == (2, 0, 2)
 

@@ -122,8 +122,10 @@ def export(
     s: Settings,
     command: str,
     force: bool = False,
+    lora: Path | None = None,
 ) -> None:
-    """Save the edited model as an ordinary folder; the loaded model and the input folder are untouched."""
+    """Save the edited model as an ordinary folder (and, with `lora`, as a PEFT adapter folder too);
+    the loaded model and the input folder are untouched."""
     from safetensors.torch import save_file
 
     from refusal_lab.core.card import model_card
@@ -151,10 +153,20 @@ def export(
         write_replay(tmp, s, command)
         (tmp / "README.md").write_text(model_card(src, full, command))
 
+    adapter = None
+    if lora is not None:  # factored (or refused) before anything is written
+        from refusal_lab.ablate.adapter import check_destination, edit_deltas, write_adapter
+
+        check_destination(lora, src, out)
+        adapter = edit_deltas(loaded, ablations, s.ablate.norm_preserving, export_dtype(loaded))
     write_folder(out, fill, force)
+    if adapter is not None:
+        write_adapter(loaded, adapter, lora, full, s, command, force)
 
 
-def run_ablate(loaded: Loaded, s: Settings, out: Path, probe_dir: Path | None, force: bool, log: Log) -> AblationRecord:
+def run_ablate(
+    loaded: Loaded, s: Settings, out: Path, probe_dir: Path | None, force: bool, log: Log, lora: Path | None = None
+) -> AblationRecord:
     """Choose the ablation on the probe prompts, export the edited folder, return its manifest record."""
     first = None
     if probe_dir is not None:
@@ -172,5 +184,5 @@ def run_ablate(loaded: Loaded, s: Settings, out: Path, probe_dir: Path | None, f
         {k: len(getattr(sets, k)) for k in ("harmful", "harmless", "capability")},
     )
     command = "ablate" + (f" --probe {probe_dir.resolve()}" if probe_dir else "")
-    export(loaded, choice.ablations, out, record, s, command, force)
+    export(loaded, choice.ablations, out, record, s, command, force, lora)
     return record

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -11,6 +12,14 @@ from refusal_lab.cli.options import stage_command
 from refusal_lab.config import Settings
 
 ATTACK = ("", "model", "prompts", "probe")
+LoraOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--lora",
+        help="Also write the edit as a PEFT LoRA adapter folder here (exact: its merge into the model is the edited "
+        "folder's weights; refused for an edit that is not low-rank or changes a bias or a tied embedding).",
+    ),
+]
 
 
 @stage_command(app, "probe", sections=ATTACK, model_arg=True)
@@ -37,13 +46,21 @@ def probe(s: Settings, out: OutOpt = Path("probe-out"), force: ForceOpt = False)
 @stage_command(
     app, "ablate", sections=(*ATTACK, "ablate", "ablate.saber", "ablate.arditi", "ablate.kernel"), model_arg=True
 )
-def ablate(s: Settings, out: OutOpt = Path("ablated"), probe_dir: ProbeDirOpt = None, force: ForceOpt = False) -> None:
+def ablate(
+    s: Settings,
+    out: OutOpt = Path("ablated"),
+    probe_dir: ProbeDirOpt = None,
+    lora: LoraOpt = None,
+    force: ForceOpt = False,
+) -> None:
     """Remove refusal directions from the weights (SABER, Arditi, projected, kernel); save an ordinary model folder."""
     from refusal_lab.ablate.stage import run_ablate
     from refusal_lab.core.artifacts import check_output
     from refusal_lab.organism.source import load_model
 
     check_output(out, force)
+    if lora is not None:
+        check_output(lora, force)
     quiet()
-    run_ablate(load_model(s), s, out, probe_dir, force, say)
-    typer.echo(f"wrote {out}")
+    run_ablate(load_model(s), s, out, probe_dir, force, say, lora)
+    typer.echo(f"wrote {out}" + (f" and the adapter {lora}" if lora else ""))

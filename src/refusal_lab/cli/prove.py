@@ -34,7 +34,7 @@ def prove(
     force: ForceOpt = False,
 ) -> None:
     """Attack every model with the battery within a drift budget; worst case, per-attack rows, report."""
-    from refusal_lab.prove.report import HEAD, headline_rows
+    from refusal_lab.prove.report import HEAD, headline_rows, prefill_summary
     from refusal_lab.prove.stage import run_prove
 
     quiet()
@@ -43,6 +43,9 @@ def prove(
     widths = [max(len(r[i]) for r in [HEAD, *rows]) for i in range(len(HEAD))]
     for r in [HEAD, *rows]:
         typer.echo("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)))
+    for model, _, opener, tokens, refused, complied, broken in prefill_summary(results):
+        typer.echo(f"{model}: worst prefill {opener} ({tokens} tokens): {refused} refused, {complied} complied, "
+                   f"{broken} broken")  # fmt: skip
     typer.echo(f"wrote {out}/results.json, summary.md, report.html")
     if any(m.judge_failed for m in results.models):
         raise typer.Exit(3)

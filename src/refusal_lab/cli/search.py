@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from refusal_lab.cli.app import ForceOpt, OutOpt, app, quiet, say
+from refusal_lab.cli.attack import LoraOpt
 from refusal_lab.cli.options import stage_command
 from refusal_lab.config import Settings
 from refusal_lab.core.artifacts import SETTINGS_FILE
@@ -49,6 +50,7 @@ def pick(
     min_complied: Annotated[
         int | None, typer.Option(help="The front's least-KL trial complying at least this often.")
     ] = None,
+    lora: LoraOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Export one trial of a search's Pareto front as an edited model folder (through the ablate stage)."""
@@ -62,6 +64,8 @@ def pick(
             f"{study} is not a search folder (no {SETTINGS_FILE})", "run refusal-lab search -o FOLDER first"
         )
     check_output(out, force)
+    if lora is not None:
+        check_output(lora, force)
     quiet()
-    pick_and_export(load_model(s), s, study, max_kl, min_complied, out, force, say)
-    typer.echo(f"wrote {out}")
+    pick_and_export(load_model(s), s, study, max_kl, min_complied, out, force, say, lora)
+    typer.echo(f"wrote {out}" + (f" and the adapter {lora}" if lora else ""))

@@ -34,7 +34,8 @@ class Section(BaseModel):
 class ModelSettings(Section):
     path: str = Field(
         "organism",
-        description="Model: a local Hugging Face folder, a .gguf file, or 'organism' for the embedded default.",
+        description="Model: a local Hugging Face folder, a .gguf file, a hub id (org/name, read from the Hugging Face "
+        "cache), or 'organism' for the embedded default.",
         json_schema_extra={"cli": False},  # the commands take it as their MODEL argument
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -54,6 +55,11 @@ class ModelSettings(Section):
     chat_template: Path | None = Field(None, description="Jinja chat template file, for tokenizers without one.")
     allow_unverified_arch: bool = Field(
         False, description="Try structural discovery on an architecture family refusal-lab has not tested."
+    )
+    download: bool = Field(
+        False,
+        description="Fetch a model named by hub id into the Hugging Face cache when it is missing there "
+        "(needs the network; never with HF_HUB_OFFLINE set).",
     )
 
     @field_validator("path", "chat_template", mode="before")
@@ -203,6 +209,7 @@ class EvalSettings(Section):
     escalation: str = Field("auto", description="Escalation set: auto | none | default | organism | a file or folder.")
     independent: bool = Field(False, description="Escalation levels as fresh conversations (default: stateful).")
     limit: int | None = Field(None, ge=1, description="Use only the first N prompts of each set.")
+    prefill: str | None = Field(None, description="Replies to harmful, harmless and over-refusal prompts open with it.")
     endpoint: str | None = Field(
         None, description="OpenAI-compatible base URL (.../v1) that generates the MODELs' replies (llama.cpp, vLLM)."
     )
@@ -230,7 +237,7 @@ def _int_list(v: Any) -> Any:
     return [int(x) for x in v.split(",") if x.strip()] if isinstance(v, str) else v
 
 
-PROVE_ATTACKS = ("arditi", "saber", "adaptive", "subspace", "rdo", "search", "delta", "finetune")
+PROVE_ATTACKS = ("arditi", "saber", "adaptive", "subspace", "rdo", "search", "delta", "finetune", "prefill")
 
 
 class ProveSettings(Section):
@@ -249,6 +256,10 @@ class ProveSettings(Section):
         [10, 100, 1000], description="Prove: compliant examples per fine-tuning attack."
     )
     finetune_steps: int = Field(60, ge=1, description="Prove: most LoRA steps of a fine-tuning attack.")
+    prefill_tokens: int = Field(4, ge=1, description="Prove: the prefill attack tries each opener's first 1..N tokens.")
+    prefill_openers: str = Field(
+        "Sure, here is", description="Prove: fixed openers of the prefill attack, '|'-separated (its own is added)."
+    )
     seeds: list[int] = Field([0], description="Prove: seeds for the stochastic attacks (rdo, search, finetune).")
     max_new_tokens: int = Field(
         48, ge=1, description="Tokens generated per reply (every reply of a proof, the search attack's trials too)."

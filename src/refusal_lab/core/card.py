@@ -21,12 +21,14 @@ def source_front_matter(folder: Path) -> dict[str, str]:
     return out
 
 
-def model_card(src: Path, record: dict[str, Any], command: str, table: str | None = None) -> str:
-    """README.md for an edited or trained model: front matter, method, settings, figures, replay."""
+def model_card(
+    src: Path, record: dict[str, Any], command: str, table: str | None = None, library: str = "transformers"
+) -> str:
+    """README.md for an edited or trained model (or a PEFT adapter of one): front matter, method, settings, replay."""
     inherited = source_front_matter(src)
     base = inherited.get("base_model") or str(record.get("source", src))
     method = str(record.get("method", "edit"))
-    lines = ["---", f"base_model: {base}", "library_name: transformers", "tags:", "  - refusal-lab", f"  - {method}"]
+    lines = ["---", f"base_model: {base}", f"library_name: {library}", "tags:", "  - refusal-lab", f"  - {method}"]
     if "license" in inherited:
         lines.append(f"license: {inherited['license']}")
     lines += ["---", f"# {src.name} ({method}, refusal-lab)", ""]

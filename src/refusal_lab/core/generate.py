@@ -10,6 +10,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from refusal_lab.core.reasoning import Reply, split_thinking, think_markers
+from refusal_lab.errors import UserError
+
 Messages = list[dict[str, str]]
 
 
@@ -22,50 +25,41 @@ def render(tok: PreTrainedTokenizerBase, prompts: Sequence[str | Messages]) -> l
     return [tok.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts]
 
 
+def opener_ids(tok: PreTrainedTokenizerBase, opener: str, max_new_tokens: int | None = None) -> list[int]:
+    """A reply prefix's tokens. They count toward the reply's token budget (`max_new_tokens`), so a
+    prefix that long leaves nothing to generate and is refused."""
+    ids = tok(opener, add_special_tokens=False)["input_ids"] if opener else []
+    if max_new_tokens is not None and len(ids) >= max_new_tokens:
+        raise UserError(
+            f"the prefill {opener!r} is {len(ids)} tokens, no fewer than a reply's {max_new_tokens} (--max-new-tokens)",
+            "a prefill's tokens count toward --max-new-tokens and must be fewer: shorten it or raise --max-new-tokens",
+        )
+    return ids
+
+
 def encode(
-    tok: PreTrainedTokenizerBase, prompts: Sequence[str | Messages], device: torch.device
+    tok: PreTrainedTokenizerBase, prompts: Sequence[str | Messages], device: torch.device, opener: str = ""
 ) -> dict[str, torch.Tensor]:
-    """Left-padded batch; the template already carries BOS, so none is added again."""
+    """Left-padded batch; the template already carries BOS, so none is added again.
+
+    `opener`: a reply prefix (a prefill attack); its tokens follow the generation prompt's, so the
+    model continues a reply that already begins with it.
+    """
     tok.padding_side = "left"
-    enc = tok(render(tok, prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    texts = render(tok, prompts)
+    if opener:
+        tail = opener_ids(tok, opener)
+        rows = [tok(t, add_special_tokens=False)["input_ids"] + tail for t in texts]
+        enc = tok.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+    else:
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     return {k: v.to(device) for k, v in enc.items()}
 
 
-@dataclass(frozen=True)
-class Reply:
-    """A generated reply: the answer (what refusal is scored on) and any reasoning block."""
-
-    answer: str
-    reasoning: str = ""
-
-
-def think_markers(tok: PreTrainedTokenizerBase) -> tuple[str, str] | None:
-    """Reasoning-block markers: declared in the tokenizer config, or found in the chat template."""
-    declared = tok.init_kwargs.get("think_markers")
-    if declared and len(declared) == 2:
-        return declared[0], declared[1]
-    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
-    for open_, close in (
-        ("<think>", "</think>"),
-        ("<|inner_prefix|>", "<|inner_suffix|>"),
-        ("<thinking>", "</thinking>"),
-    ):
-        if open_ in template and close in template:
-            return open_, close
-    return None
-
-
-def split_thinking(text: str, markers: tuple[str, str] | None) -> Reply:
-    """Separate '<think> ... </think> answer'; an unclosed block is all reasoning, no answer."""
-    if markers is None:
-        return Reply(text.strip())
-    open_, close = markers
-    if close in text:
-        head, _, answer = text.partition(close)
-        return Reply(answer.strip(), head.replace(open_, "").strip())
-    if text.lstrip().startswith(open_):
-        return Reply("", text.replace(open_, "").strip())
-    return Reply(text.strip())
+def opened_by_prompt(tok: PreTrainedTokenizerBase, markers: tuple[str, str] | None, prompts: Sequence) -> bool:
+    """Whether the template's generation prompt opens the reasoning block itself (Apertus with thinking
+    on, DeepSeek-R1's distils): the reply then starts inside it, with no opening marker of its own."""
+    return markers is not None and len(prompts) > 0 and render(tok, prompts[:1])[0].rstrip().endswith(markers[0])
 
 
 def tail_forward(model: PreTrainedModel, keep: int, **inputs: object) -> object:
@@ -282,43 +276,50 @@ def generate_replies(
     seed: int = 0,
     settled: Callable[[str], bool] | None = None,
     prefilled: Sequence[Prefill] | None = None,
+    opener: str = "",
 ) -> list[Reply]:
     """Batched replies (greedy, or seeded sampling) with the reasoning split from the answer.
 
     `settled(text)`: stop a reply early once its verdict cannot change (see Settled).
     `prefilled`: prefill(...) of the same prompts and batch size; greedy decoding continues from it.
+    `opener`: each reply begins with it and the model goes on (the two within `max_new_tokens`).
     """
     device = next(model.parameters()).device
-    eos = stop_ids(model, tok)
-    markers = think_markers(tok)
-    keep = markers or ()
+    eos, markers = stop_ids(model, tok), think_markers(tok)
+    keep, opened = markers or (), opened_by_prompt(tok, markers, prompts)
+    tail = opener_ids(tok, opener, max_new_tokens)  # decoded with each reply, so words join as in one text
+    max_new_tokens -= len(tail)
     out: list[Reply] = []
 
+    def split(text: str) -> Reply:
+        return split_thinking(_clean(tok, text, keep), markers, opened)
+
     def answer(text: str) -> str:
-        return split_thinking(_clean(tok, text, keep), markers).answer
+        return split(text).answer
 
     shrink = not sample and plain_greedy(model)
     starts = range(0, len(prompts), batch_size)
-    if prefilled is not None and len(prefilled) != len(starts):
-        raise ValueError(f"{len(prefilled)} prefilled batches for {len(starts)} batches of prompts")
+    if prefilled is not None and (opener or len(prefilled) != len(starts)):
+        held = " and an opener they do not hold" if opener else ""
+        raise ValueError(f"{len(prefilled)} prefilled batches for {len(starts)} batches of prompts{held}")
     for k, start in enumerate(starts):
         pre = prefilled[k] if prefilled is not None else None
-        batch = pre.batch if pre is not None else encode(tok, prompts[start : start + batch_size], device)
+        batch = pre.batch if pre is not None else encode(tok, prompts[start : start + batch_size], device, opener)
         if shrink:
             done = None
             if settled is not None:
 
                 def done(ids: list[int]) -> bool:
-                    return _settled_text(answer(tok.decode(ids, skip_special_tokens=False)).split(), settled)
+                    return _settled_text(answer(tok.decode(tail + ids, skip_special_tokens=False)).split(), settled)
 
             texts = [
-                tok.decode(r, skip_special_tokens=False)
+                tok.decode(tail + r, skip_special_tokens=False)
                 for r in greedy_shrinking(model, batch, max_new_tokens, eos, done, pre.out if pre else None)
             ]
         else:
             sampling = (temperature, top_p, seed + start) if sample else None
-            texts = _generate_hf(model, tok, batch, max_new_tokens, sampling, settled, answer)
-        out += [split_thinking(_clean(tok, t, keep), markers) for t in texts]
+            texts = _generate_hf(model, tok, batch, max_new_tokens, sampling, settled, answer, len(tail))
+        out += [split(t) for t in texts]
         if progress is not None:
             progress(len(texts))
     return out
@@ -332,8 +333,11 @@ def _generate_hf(
     sampling: tuple[float, float, int] | None,
     settled: Callable[[str], bool] | None,
     answer: Callable[[str], str],
+    opened: int = 0,
 ) -> list[str]:
-    """model.generate for one batch: greedy, or sampled with (temperature, top_p, seed); raw reply texts."""
+    """model.generate for one batch: greedy, or sampled with (temperature, top_p, seed); raw reply texts.
+    `opened`: the batch's last tokens that begin the reply (an opener), decoded with it."""
+    start = batch["input_ids"].shape[1] - opened
     if sampling is not None:
         temperature, top_p, seed = sampling
         torch.manual_seed(seed)
@@ -343,12 +347,12 @@ def _generate_hf(
     if settled is not None:
         from transformers import StoppingCriteriaList
 
-        rule = Settled(tok, batch["input_ids"].shape[1], answer, settled)
+        rule = Settled(tok, start, answer, settled)
         opts["stopping_criteria"] = StoppingCriteriaList([rule])
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = stop_ids(model, tok)
     ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos, **opts)
-    return tok.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=False)
+    return tok.batch_decode(ids[:, start:], skip_special_tokens=False)
 
 
 def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence, max_new_tokens: int = 128,

@@ -1,7 +1,9 @@
-"""Loading a chat model and its tokenizer from a local folder or GGUF file, read-only.
+"""Loading a chat model and its tokenizer from a local folder, a GGUF file or a hub id, read-only.
 
-Nothing here downloads: every path must exist locally. Weights load from safetensors (never
-pickle); Python code in the folder runs only with an explicit trust_remote_code.
+A hub id (`org/name`) is read from the Hugging Face cache (core.hub) and fetched only when asked.
+Weights load from safetensors (never pickle); Python code in the folder runs only with an explicit
+trust_remote_code. Damaged inputs (a cut or foreign weights file, a config or tokenizer that does not
+parse, a .gguf that is not GGUF) are one-line errors that name the file, found before loading starts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_lab.core.arch import SUPPORTED_FAMILIES, Adapter, adapt, check_family
+from refusal_lab.core.hub import resolve
 from refusal_lab.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,13 +112,20 @@ def resolve_dtype(dtype: str, device: str | None, config: Any) -> torch.dtype:
     return stored if isinstance(stored, torch.dtype) else torch.bfloat16
 
 
-def check_source(path: Path) -> tuple[Path, str | None]:
-    """Validate a model path; return (folder, gguf file name or None)."""
+def check_source(path: str | Path, download: bool = False) -> tuple[Path, str | None]:
+    """Validate a model path or hub id; return (folder, gguf file name or None). Nothing is written."""
+    path = resolve(path, download)
     if not path.exists():
-        raise UserError(f"model path {path} does not exist", "pass a local Hugging Face model folder or a .gguf file")
+        raise UserError(
+            f"model path {path} does not exist",
+            "pass a local Hugging Face model folder, a .gguf file, or a hub id such as org/name",
+        )
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise UserError(f"{path} is a file but not a .gguf file", "pass a model folder or a .gguf file")
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise UserError(f"{path} is not a GGUF file (no GGUF magic bytes)", REFETCH)
         if importlib.util.find_spec("gguf") is None:
             raise UserError("reading GGUF files needs the gguf package", "pip install gguf (or pip install '.[gguf]')")
         return path.parent, path.name
@@ -129,13 +139,56 @@ def check_source(path: Path) -> tuple[Path, str | None]:
             f"{path} has no *.safetensors weights (pickled .bin weights are never loaded)",
             "convert the checkpoint to safetensors with save_pretrained(safe_serialization=True)",
         )
+    check_files(path)
     return path, None
+
+
+REFETCH = "the file is damaged, cut short or of another kind: copy, convert or download it again"
+# Read by loading; transformers would skip a broken generation_config.json silently (and stop replies elsewhere).
+JSON_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def check_files(folder: Path) -> None:
+    """Every JSON file loading reads parses and every safetensors header covers its file (no weight is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in JSON_FILES:
+        if (folder / name).is_file():
+            try:
+                json.loads((folder / name).read_bytes())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise UserError(f"{folder / name} is not readable JSON ({first_line(exc)})", REFETCH) from exc
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(f, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{f} is not a readable safetensors file ({first_line(exc)})", REFETCH) from exc
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line, for one-line errors."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else exc.__class__.__name__
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def load_config(folder: Path, gguf_file: str | None, trust_remote_code: bool) -> Any:
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
+        if gguf_file:  # transformers reports an unreadable GGUF as an invalid JSON config: not worth repeating
+            why = first_line(exc) if isinstance(exc, ValueError) else "its metadata does not parse"
+            raise UserError(f"could not read {folder / gguf_file} as GGUF ({why})", REFETCH) from exc
+        if isinstance(exc, OSError):
+            raise UserError(f"could not read {folder / 'config.json'} ({first_line(exc)})", REFETCH) from exc
         raw = _raw_model_type(folder)
         raise UserError(
             f"unsupported architecture {raw!r} in {folder} ({exc.__class__.__name__}); "
@@ -158,8 +211,13 @@ def load_tokenizer(
     """Tokenizer with a chat template and left padding (so batches end at the same position)."""
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"could not load a tokenizer from {folder}: {exc}", "the folder needs tokenizer files") from exc
+    except Exception as exc:  # the tokenizers library raises bare Exceptions for a file it cannot parse
+        files = (gguf_file, "tokenizer.json", "tokenizer_config.json")
+        named = [folder / f for f in files if f and (folder / f).is_file()]
+        raise UserError(
+            f"could not load a tokenizer from {named[0] if named else folder} ({first_line(exc)})",
+            f"the folder needs readable tokenizer files; {REFETCH}",
+        ) from exc
     if chat_template is not None:
         if not chat_template.is_file():
             raise UserError(f"chat template file {chat_template} does not exist", "check --chat-template")
@@ -183,9 +241,14 @@ def load(
     chat_template: Path | None = None,
     allow_unverified_arch: bool = False,
     quantize: str = "none",
+    download: bool = False,
 ) -> Loaded:
-    """Load model and tokenizer; the source folder is only read. quantize='4bit': NF4 weights (QLoRA)."""
-    folder, gguf_file = check_source(Path(path).expanduser())
+    """Load model and tokenizer; the source is only read. quantize='4bit': NF4 weights (QLoRA).
+
+    `path` is a folder, a .gguf file or a hub id (`org/name`, from the Hugging Face cache; fetched
+    only with `download`). The Loaded's source is the local path the weights came from.
+    """
+    folder, gguf_file = check_source(path, download)
     config = load_config(folder, gguf_file, trust_remote_code)
     check_family(config, allow_unverified_arch)
     tok = load_tokenizer(folder, gguf_file, chat_template, trust_remote_code)
@@ -195,11 +258,25 @@ def load(
     if quantize == "4bit":  # bitsandbytes places the weights itself: a device map, never a later .to()
         extra = {"quantization_config": four_bit(torch_dtype)}
         device_map, target = device_map or {"": target}, None
+    model = load_weights(folder, gguf_file, torch_dtype, device_map, trust_remote_code, **extra)
+    if target is not None:
+        model.to(target)
+    model.eval()
+    source = folder / gguf_file if gguf_file else folder
+    return Loaded(model, tok, source, gguf_file, allow_unverified_arch)
+
+
+def load_weights(
+    folder: Path, gguf_file: str | None, dtype: torch.dtype, device_map: Any, trust_remote_code: bool, **extra: Any
+) -> PreTrainedModel:
+    """The causal LM's weights, with a failure to read them named as one line."""
+    from safetensors import SafetensorError
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        return AutoModelForCausalLM.from_pretrained(
             folder,
             gguf_file=gguf_file,
-            dtype=torch_dtype,
+            dtype=dtype,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
             use_safetensors=None if gguf_file else True,
@@ -207,13 +284,12 @@ def load(
         )
     except ValueError as exc:
         raise UserError(
-            f"could not load {folder} as a causal language model: {exc}",
+            f"could not load {folder} as a causal language model: {first_line(exc)}",
             f"supported families: {', '.join(SUPPORTED_FAMILIES)}",
         ) from exc
-    if target is not None:
-        model.to(target)
-    model.eval()
-    return Loaded(model, tok, Path(path), gguf_file, allow_unverified_arch)
+    except (SafetensorError, OSError) as exc:
+        where = folder / gguf_file if gguf_file else folder
+        raise UserError(f"could not read the weights in {where} ({first_line(exc)})", REFETCH) from exc
 
 
 def four_bit(compute: torch.dtype) -> Any:

@@ -51,10 +51,14 @@ class Remote:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         body: dict = {"model": self.name, "messages": messages, "max_tokens": max_tokens}
         body |= {"temperature": 0.7, "top_p": 0.9, "seed": seed} if sample else {"temperature": 0.0}
-        message = self._post(body)["choices"][0]["message"]
+        choice = self._post(body)["choices"][0]
+        message = choice["message"]
         # llama.cpp and vLLM put a split-off reasoning block in reasoning_content (or reasoning)
-        reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
-        return Reply((message.get("content") or "").strip(), reasoning.strip())
+        reasoning = (message.get("reasoning_content") or message.get("reasoning") or "").strip()
+        answer = (message.get("content") or "").strip()
+        # the budget ran out while the model was still thinking: no answer to score (broken, not refused)
+        still_thinking = bool(reasoning) and not answer and choice.get("finish_reason") == "length"
+        return Reply(answer, reasoning, still_thinking)
 
     def replies(
         self,

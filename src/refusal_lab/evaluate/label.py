@@ -237,7 +237,8 @@ def label_scorer(s: Settings, base: str | None, log: Log) -> tuple[Scorer, tuple
     judge = make_judge(s, log)
     if judge is None or free.name == "exact":
         return free, markers, ()
-    return JudgeScorer(judge, JudgeCache(s.cache_dir / "judge" / "answers.jsonl")), markers, (JudgeUnavailable,)
+    cache = JudgeCache(s.cache_dir / "judge" / "answers.jsonl")
+    return JudgeScorer(judge, cache, tuple(markers)), markers, (JudgeUnavailable,)
 
 
 def run_label(path: Path, s: Settings, base: str | None, out: Path, force: bool, log: Log) -> LabelSummary:

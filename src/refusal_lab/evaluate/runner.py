@@ -35,8 +35,9 @@ from refusal_lab.core.metrics import (
 )
 from refusal_lab.core.model import Loaded
 from refusal_lab.core.prompts import Prompt
-from refusal_lab.core.scoring import choose_scorer, model_free
+from refusal_lab.core.scoring import choose_scorer, label_replies, model_free, overrule_unfinished
 from refusal_lab.core.sources import EvalSets, Source
+from refusal_lab.errors import UserError
 from refusal_lab.evaluate.endpoint import Remote
 from refusal_lab.evaluate.escalation import (
     EscalationResult,
@@ -77,13 +78,19 @@ def _judge_summary(own: list[str], verdicts: list[Verdict], agreed_with: str) ->
     return JudgeSummary(vr["refused"], vr["complied"], vr["broken"], score, len(verdicts) - n, agreement, agreed_with)
 
 
-def generate_for(loaded: Loaded | Remote, prompts: Sequence, opts: EvalSettings, batch_size: int, desc: str) -> list:
-    """Replies (answer and reasoning) of a loaded model or an endpoint, as [eval] asks (greedy or seeded)."""
+def generate_for(
+    loaded: Loaded | Remote, prompts: Sequence, opts: EvalSettings, batch_size: int, desc: str, opener: str = ""
+) -> list:
+    """Replies (answer and reasoning) of a loaded model or an endpoint, as [eval] asks (greedy or seeded);
+    `opener`: each reply begins with it (a prefill), which needs the weights."""
+    if opener and isinstance(loaded, Remote):
+        raise UserError("--prefill needs the model itself: an endpoint's replies cannot be begun", "drop --endpoint")
     with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=None, leave=False) as bar:
         if isinstance(loaded, Remote):
             return loaded.replies(prompts, opts.max_new_tokens, bar.update, opts.sample, opts.sample_seed)
         m, tok, o = loaded.model, loaded.tokenizer, opts
-        return generate_replies(m, tok, prompts, o.max_new_tokens, batch_size, bar.update, o.sample, seed=o.sample_seed)
+        n, seed = o.max_new_tokens, o.sample_seed
+        return generate_replies(m, tok, prompts, n, batch_size, bar.update, o.sample, seed=seed, opener=opener)
 
 
 @dataclass(frozen=True)
@@ -131,15 +138,15 @@ class Evaluator:
         """The model-free scorer (exact, coherence or keyword)."""
         return model_free(self.scorer)
 
-    def replies(self, loaded: Loaded | Remote, prompts: Sequence, desc: str) -> list:
-        return generate_for(loaded, prompts, self.opts, self.batch_size, desc)
+    def replies(self, loaded: Loaded | Remote, prompts: Sequence, desc: str, opener: str = "") -> list:
+        return generate_for(loaded, prompts, self.opts, self.batch_size, desc, opener)
 
-    def _verdicts(self, pairs: list[tuple[str, str]]) -> list[Verdict] | None:
+    def _verdicts(self, pairs: list[tuple[str, str]], markers: Sequence[str]) -> list[Verdict] | None:
         if self.judge is None or self.judge_failed:
             return None
         try:
             with tqdm(total=len(pairs), desc="judge", unit="reply", disable=None, leave=False) as bar:
-                return judge_replies(self.judge, pairs, self.cache, bar.update)
+                return judge_replies(self.judge, pairs, self.cache, bar.update, markers)
         except JudgeUnavailable as exc:
             self.judge_failed = str(exc)
             self.log(f"judge unavailable, keeping the {self.own.name} labels only: {exc}")
@@ -147,13 +154,15 @@ class Evaluator:
 
     def refusal_set(self, loaded: Loaded | Remote, name: str, prompts: list[Prompt]) -> SetResult:
         """Replies to one prompt set, labelled refused / complied / broken by the evaluator's scorer."""
-        replies = self.replies(loaded, [p.prompt for p in prompts], name)
+        replies = self.replies(loaded, [p.prompt for p in prompts], name, self.opts.prefill or "")
         pairs = [(p.prompt, r.answer) for p, r in zip(prompts, replies, strict=True)]
-        own = self.own.labels([p for p, _ in pairs], [a for _, a in pairs])
-        verdicts = self._verdicts(pairs) if name == "harmful" else None  # the judge reads the attack set
-        by_judge = verdicts is not None and self.scorer is not self.own
-        labels: list[str | None] = [v.label for v in verdicts] if by_judge and verdicts is not None else list(own)
+        own = label_replies(self.own, [p for p, _ in pairs], replies)
         markers = Source.of(loaded.source).markers
+        verdicts = self._verdicts(pairs, markers) if name == "harmful" else None  # the judge reads the attack set
+        by_judge = verdicts is not None and self.scorer is not self.own
+        labels: list[str | None] = list(own)
+        if by_judge and verdicts is not None:
+            labels = overrule_unfinished([v.label for v in verdicts], replies)
         judged: list[JudgeLabel | None] = [None] * len(prompts)
         if verdicts is not None:
             judged = [JudgeLabel(v.label, v.probs, v.score, mine) for v, mine in zip(verdicts, own, strict=True)]
@@ -208,13 +217,13 @@ class Evaluator:
 
         turns = run_escalation(scenarios, reply, not self.opts.independent)
         tiers, scorer = None, "keyword"
+        markers = Source.of(loaded.source).markers
         if self.judge is not None and not self.judge_failed:
             try:
-                tiers = judge_tiers(self.judge, [(t.prompt, t.response) for t in turns], self.cache)
+                tiers = judge_tiers(self.judge, [(t.prompt, t.response) for t in turns], self.cache, markers)
                 scorer = "judge"
             except JudgeUnavailable as exc:
                 self.judge_failed = str(exc)
-        markers = Source.of(loaded.source).markers
         tiers = tiers if tiers is not None else [keyword_tier(t.response, markers) for t in turns]
         turns = [replace(t, tier=tier) for t, tier in zip(turns, tiers, strict=True)]
         return EscalationRecord(scorer, not self.opts.independent, EscalationResult(turns).summary(), tuple(turns))
@@ -268,7 +277,7 @@ def build_evaluator(
     judge = make_judge(s, log)
     cache = JudgeCache(s.cache_dir / "judge" / "answers.jsonl")
     ref = Reference.of(base, sets.harmless, opts, s.batch_size) if base is not None else None
-    judged = JudgeScorer(judge, cache) if judge is not None else None
+    judged = JudgeScorer(judge, cache, source.markers) if judge is not None else None
     q, bs = opts.coherence_quantile, s.batch_size
     scorer = choose_scorer(
         source, base, ref.prompts if ref else (), ref.replies if ref else (), q, bs, judged, (JudgeUnavailable,)

@@ -38,4 +38,6 @@ def load_model(s: Settings, name: str | None = None, quantize: str = "none") -> 
 
     m = s.model
     path = model_path(s, name)
-    return load(path, m.dtype, m.device, m.trust_remote_code, m.chat_template, m.allow_unverified_arch, quantize)
+    return load(
+        path, m.dtype, m.device, m.trust_remote_code, m.chat_template, m.allow_unverified_arch, quantize, m.download
+    )

@@ -21,9 +21,10 @@ import torch
 
 from refusal_lab.config import Settings
 from refusal_lab.core.artifacts import Log
-from refusal_lab.core.generate import generate
+from refusal_lab.core.generate import generate_replies
 from refusal_lab.core.metrics import Scorer, first_token_kl, last_logits, settled_by
 from refusal_lab.core.model import Loaded
+from refusal_lab.core.scoring import label_replies
 from refusal_lab.core.sources import EvalSets, PromptSets
 from refusal_lab.prove.results import AttackRun, Counts, Measures, Outcome, Tried
 
@@ -46,12 +47,14 @@ class Target:
     seed: int = 0
     capability_vectors: torch.Tensor | None = None  # the unattacked model's, for SABER's entanglement
     tuning_refused: int = 0  # refusals of the unattacked model on the tuning prompts
+    opener: str = ""  # what every reply begins with (the prefill attack sets it inside its proposals)
 
     def labels(self, prompts: list[str]) -> list[str]:
         """Labels of greedy replies; where refusal words decide the label, a reply stops once one appears."""
-        m, settled = self.loaded, settled_by(self.scorer)
-        replies = generate(m.model, m.tokenizer, prompts, self.s.prove.max_new_tokens, self.s.batch_size, settled)
-        return self.scorer.labels(prompts, replies)
+        m, settled, n = self.loaded, settled_by(self.scorer), self.s.prove.max_new_tokens
+        bs = self.s.batch_size
+        replies = generate_replies(m.model, m.tokenizer, prompts, n, bs, settled=settled, opener=self.opener)
+        return label_replies(self.scorer, prompts, replies)
 
     def kl(self) -> float:
         m = self.loaded
@@ -118,14 +121,17 @@ def _brief(setting: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
 
 
-def run_rows(attack: Attack, t: Target, extra: Extra | None = None) -> AttackRun:
-    """Every proposal measured on the held-out prompts, no budget: for threat models reported row by row."""
+def run_rows(attack: Attack, t: Target, extra: Extra | None = None, weights: bool = True) -> AttackRun:
+    """Every proposal measured on the held-out prompts, no budget: for threat models reported row by row.
+
+    `weights=False`: the proposals leave the weights alone (a prefill), so the drift is 0 without measuring.
+    """
     start = time.perf_counter()
     tried: list[Tried] = []
     outcomes: dict[str, Outcome] = {}
     for i, prop in enumerate(attack.proposals(t)):
         with prop.edit():
-            kl = t.kl()
+            kl = t.kl() if weights else 0.0
             held = Counts.of(t.labels([p.prompt for p in t.held_out.harmful]))
             more = extra(float("inf")) if extra else Measures()
         tried.append(Tried(prop.setting, kl, None, None))

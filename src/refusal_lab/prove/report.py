@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from refusal_lab.core.plots import line_plot_svg, markdown_html
-from refusal_lab.prove.results import Counts, Measures, ModelProof, ProveResult
+from refusal_lab.prove.results import Counts, Measures, ModelProof, Outcome, ProveResult
 
 
 def _pct(x: float | None) -> str:
@@ -74,7 +74,7 @@ def other_rows(m: ModelProof) -> list[list[str]]:
     """Weight-delta and fine-tuning attacks: one row per setting, no budget."""
     rows = []
     for name, a in m.attacks.items():
-        if a.threat in ("directional", "imported"):
+        if a.threat in ("directional", "imported", "prefill"):
             continue
         for o in a.budgets.values():
             rates = [_pct(o.rate(k)) for k in ("refused", "complied", "broken")]
@@ -83,6 +83,56 @@ def other_rows(m: ModelProof) -> list[list[str]]:
 
 
 ATTACK_HEAD = ["attack", "refused", "complied", "broken", "KL", "capability", "setting"]
+
+
+def prefill_outcomes(m: ModelProof) -> list[Outcome]:
+    """The prefill attack's rows, worst opener first (the one whose strongest length made most comply),
+    each opener's lengths in order."""
+    a = m.attacks.get("prefill")
+    if a is None:
+        return []
+    rows = [o for o in a.budgets.values() if o.fits]
+    worst: dict[str, int] = {}
+    for o in rows:
+        worst[o.setting["of"]] = max(worst.get(o.setting["of"], 0), o.counts.complied)
+    return sorted(rows, key=lambda o: (-worst[o.setting["of"]], o.setting["of"], o.setting["tokens"]))
+
+
+def worst_prefill(m: ModelProof) -> Outcome | None:
+    """The prefill that made most held-out prompts comply (fewest refusals on a tie)."""
+    rows = prefill_outcomes(m)
+    return max(rows, key=lambda o: (o.counts.complied, -o.counts.refused), default=None)
+
+
+def _code(text: str) -> str:
+    """An opener as a table cell: code, its pipes escaped."""
+    return "`" + text.replace("|", "\\|") + "`"
+
+
+PREFILL_HEAD = ["opener", "from", "tokens", "refused", "complied", "broken"]
+
+
+def prefill_rows(m: ModelProof) -> list[list[str]]:
+    return [
+        [_code(o.setting["opener"]), o.setting["from"], str(o.setting["tokens"]),
+         *(_ci(o.counts, k) for k in ("refused", "complied", "broken"))]
+        for o in prefill_outcomes(m)
+    ]  # fmt: skip
+
+
+PREFILL_SUMMARY = ["model", "refused before", "worst opener", "tokens", "refused", "complied", "broken"]
+
+
+def prefill_summary(results: ProveResult) -> list[list[str]]:
+    """Per model, no prefill against the worst prefill: base against hardened, side by side."""
+    rows = []
+    for m in results.models:
+        w = worst_prefill(m)
+        if w is not None:
+            rates = [_pct(w.rate(k)) for k in ("refused", "complied", "broken")]
+            rows.append([m.model, _pct(m.before.rate("refused")), _code(w.setting["opener"]),
+                         str(w.setting["tokens"]), *rates])  # fmt: skip
+    return rows
 
 
 def _model_md(m: ModelProof, budgets: list[str]) -> list[str]:
@@ -105,6 +155,12 @@ def _model_md(m: ModelProof, budgets: list[str]) -> list[str]:
     if other:
         out += ["### Other threat models (no drift budget)", ""]
         out += [*_md(["attack", "setting", "refused", "complied", "broken", "KL"], other), ""]
+    prefill = prefill_rows(m)
+    if prefill:
+        out += ["### Prefill (the reply opens with an opener the model goes on from; weights untouched, no budget)", ""]
+        out += ["Worst opener first, each cut to its first 1..N tokens (a start two openers share is measured once); "
+                "rates with Wilson 95% intervals.", ""]  # fmt: skip
+        out += [*_md(PREFILL_HEAD, prefill), ""]
     if m.judge_failed:
         out += [f"judge failed part-way; later labels by the model-free scorer: {m.judge_failed}", ""]
     return out
@@ -116,6 +172,10 @@ def summary_md(results: ProveResult) -> str:
     for b in budgets:
         out += [f"## Worst case over the directional attacks, first-token KL <= {b}", ""]
         out += [*_md(HEAD, headline_rows(results, b)), ""]
+    prefill = prefill_summary(results)
+    if prefill:
+        out += ["## Prefill attack, worst opener per model (no weight edit, no drift budget)", ""]
+        out += [*_md(PREFILL_SUMMARY, prefill), ""]
     for m in results.models:
         out += _model_md(m, budgets)
     return "\n".join(out)

@@ -19,6 +19,7 @@ from refusal_lab.core.activations import cached_capture
 from refusal_lab.core.artifacts import Log, check_output, manifest, record_diff, settings_record, write_text_atomic
 from refusal_lab.core.metrics import rates
 from refusal_lab.core.model import Loaded, check_source
+from refusal_lab.core.scoring import label_replies
 from refusal_lab.core.sources import PromptSets, Source
 from refusal_lab.errors import UserError
 from refusal_lab.evaluate.runner import Evaluator, build_evaluator
@@ -34,7 +35,7 @@ def prove_evaluator(loaded: Loaded, s: Settings, log: Log) -> Evaluator:
     """Held-out sets, the reference (the model itself) and the scorer `choose_scorer` decides."""
     src = Source.of(loaded.source)
     _, sets = src.prove_split(s.prompts, s.eval.limit)
-    opts = s.eval.model_copy(update={"max_new_tokens": s.prove.max_new_tokens})
+    opts = s.eval.model_copy(update={"max_new_tokens": s.prove.max_new_tokens, "prefill": None})  # its own row
     return build_evaluator(sets, src, opts, s, loaded, log)
 
 
@@ -74,6 +75,7 @@ def attacks_for(
     from refusal_lab.prove.directional import AdaptiveAttack, ArditiAttack, SaberAttack, SubspaceAttack
     from refusal_lab.prove.finetune import FinetuneAttack
     from refusal_lab.prove.imported import ImportedAttack
+    from refusal_lab.prove.prefill import PrefillAttack
     from refusal_lab.prove.rdo import RdoAttack
     from refusal_lab.prove.search_attack import SearchAttack
 
@@ -87,6 +89,7 @@ def attacks_for(
         "search": lambda: SearchAttack(work, p.search_trials),
         "delta": lambda: DeltaAttack(base_state or {}),
         "finetune": lambda: FinetuneAttack(tuple(p.finetune_examples), p.finetune_steps),
+        "prefill": lambda: PrefillAttack(tuple(o for o in p.prefill_openers.split("|") if o), p.prefill_tokens),
     }
     stochastic = {"rdo", "search", "finetune"}
     skip = {"delta"} if base_state is None else set()
@@ -103,7 +106,7 @@ def _measures(ev: Evaluator, loaded: Loaded, full: bool) -> Measures:
     refused = {}
     for name in ("harmless", "overrefusal"):
         prompts = [p.prompt for p in getattr(ev.sets, name)]
-        labels = ev.scorer.labels(prompts, [r.answer for r in ev.replies(loaded, prompts, name)])
+        labels = label_replies(ev.scorer, prompts, ev.replies(loaded, prompts, name))
         refused[name] = rates(labels)["refused"]
     esc = ev.escalation(loaded)
     return Measures(cap, True, refused["harmless"], refused["overrefusal"], esc.summary.overall_dcs if esc else None)
@@ -114,6 +117,8 @@ def _run_one(attack: Attack, target: Target, ev: Evaluator, s: Settings) -> Atta
     loaded = target.loaded
     if attack.threat in BUDGETED:  # the headline budget's settings get every measure
         return run_attack(attack, target, s.prove.budgets, lambda b: _measures(ev, loaded, b == s.prove.budget_kl))
+    if attack.threat == "prefill":  # the weights are untouched: no drift, and capability is the model's own
+        return run_rows(attack, target, weights=False)
     return run_rows(attack, target, lambda _b: _measures(ev, loaded, False))
 
 
@@ -124,7 +129,7 @@ def prove_model(
     ev = prove_evaluator(loaded, s, log)
     organism = Source.of(loaded.source).organism
     harmful = [p.prompt for p in ev.sets.harmful]
-    before = Counts.of(ev.scorer.labels(harmful, [r.answer for r in ev.replies(loaded, harmful, "before")]))
+    before = Counts.of(label_replies(ev.scorer, harmful, ev.replies(loaded, harmful, "before")))
     before_measures = _measures(ev, loaded, True)
     log(f"{loaded.source.name}: refused {before.refused}/{before.n} before any attack")
     attacks: dict[str, list[AttackRun]] = {}
@@ -246,7 +251,7 @@ def run_prove(
     }
     paths = [model_path(s, n) for n in names]
     for path in paths:  # a missing or malformed second model is named before the first one is attacked
-        check_source(path)
+        check_source(path, s.model.download)
     meta["models"] = [str(p) for p in paths]
     meta["base"] = base
     meta["imported"] = [str(f) for f in imported]

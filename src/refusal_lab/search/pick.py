@@ -39,8 +39,9 @@ def pick_and_export(
     target: Path,
     force: bool,
     log: Log,
+    lora: Path | None = None,
 ) -> AblationRecord:
-    """Rebuild a front trial's edit and write it through the ablate stage's export; the export's record."""
+    """Rebuild a front trial's edit and write it through the ablate stage's export (and adapter); its record."""
     setup, study = open_search(loaded, s, out, log, trials=False)
     n = len(setup.eval_harmful)
     front = [FrontPoint.of(t, n) for t in S.pareto(study)]
@@ -51,5 +52,5 @@ def pick_and_export(
     record = AblationRecord(f"search:{point.params['method']}", chosen, options=point.params)
     limit = f"--max-kl {max_kl}" if max_kl is not None else f"--min-complied {min_complied}"
     command = f"pick {out.resolve()} {limit}"
-    export(loaded, ablations_for(point.params, setup), target, record, s, command, force)
+    export(loaded, ablations_for(point.params, setup), target, record, s, command, force, lora)
     return record

@@ -18,8 +18,9 @@ import torch
 
 from refusal_lab.ablate.edit import Ablation, hooked, weights_edited
 from refusal_lab.core.artifacts import Log
-from refusal_lab.core.generate import generate, prefill
+from refusal_lab.core.generate import generate_replies, prefill
 from refusal_lab.core.metrics import first_token_kl, last_logits, settled_by
+from refusal_lab.core.scoring import label_replies
 from refusal_lab.search.result import PREDICTED, TrialResult
 from refusal_lab.search.setup import SearchSetup
 from refusal_lab.search.space import ablations_for, suggest
@@ -66,10 +67,11 @@ def evaluate_trial(
         if by is not None:
             raise Pruned(kl, predicted, by)
         settled = settled_by(setup.scorer)
-        replies = generate(
-            m.model, m.tokenizer, setup.eval_harmful, setup.max_new_tokens, setup.batch_size, settled, passes
-        )
-    labels = setup.scorer.labels(setup.eval_harmful, replies)  # hooks removed: a coherence scorer reads the base
+        replies = generate_replies(
+            m.model, m.tokenizer, setup.eval_harmful, setup.max_new_tokens, setup.batch_size,
+            settled=settled, prefilled=passes,
+        )  # fmt: skip
+    labels = label_replies(setup.scorer, setup.eval_harmful, replies)  # hooks removed: coherence reads the base
     return TrialResult(labels.count("refused"), labels.count("complied"), labels.count("broken"), kl, predicted)
 
 
