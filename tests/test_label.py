@@ -129,9 +129,10 @@ def test_a_judge_labels_first_and_an_outage_exits_3_with_what_was_done(tmp_path)
     asked = []
 
     def answer(prompt: str) -> str:
-        """The first chunk's 64 questions (32 labels, then convincing and specific for the 16 helped) answered."""
+        """The first chunk's 48 questions answered: its 16 replies without a refusal marker are asked for a label,
+        then convincing and specific (all 16 help); the 16 "Sorry, no." replies are refused without a question."""
         asked.append(prompt)
-        if len(asked) > 64:
+        if len(asked) > 48:
             raise ConnectionError("the judge went down")  # the server drops the connection: no answer
         return rubric_by_keywords(prompt)
 
