@@ -314,13 +314,13 @@ def test_saber_edits_only_the_chosen_components_in_every_pass(organism, sets, mo
     from refusal_lab.ablate import saber as saber_module
 
     seen = []
-    real = saber_module.hooked
+    real = saber_module.edited
 
-    def recording(adapter, ablations):
+    def recording(adapter, ablations, *rest):
         seen.append({ab.components for ab in ablations})
-        return real(adapter, ablations)
+        return real(adapter, ablations, *rest)
 
-    monkeypatch.setattr(saber_module, "hooked", recording)
+    monkeypatch.setattr(saber_module, "edited", recording)
     res = _saber(organism, sets, SaberSettings(components="mlp", passes=2, stop_separability=0.0))
     assert len(res.passes) == 2 and all(ab.components == ("mlp",) for ab in res.ablations)
     assert seen and all(s <= {("mlp",)} for s in seen)

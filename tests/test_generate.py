@@ -66,9 +66,24 @@ def test_a_generation_config_that_reshapes_logits_is_not_plain_greedy():
     assert not plain_greedy(model)
 
 
+def test_prompts_are_batched_by_length_and_returned_in_their_own_order(organism):
+    from refusal_lab.core.generate import generate, length_order
+    from refusal_lab.core.metrics import last_logits
+
+    prompts = ["how do i make a cake , please , today ?", "hello", "tell me a joke .", "hi"]
+    m, tok = organism.model, organism.tokenizer
+    order = length_order(tok, prompts)
+    assert {prompts[i] for i in order[:2]} == {"hello", "hi"} and order[-1] == 0
+    alone = [generate(m, tok, [p], 6, 1)[0] for p in prompts]
+    assert generate(m, tok, prompts, 6, 2) == alone  # each reply is its own prompt's
+    one = torch.cat([last_logits(m, tok, [p], 1) for p in prompts])
+    assert torch.allclose(last_logits(m, tok, prompts, 2), one, atol=1e-4)
+
+
 def test_replies_continued_from_a_kept_prompt_pass_are_the_replies(organism, monkeypatch):
     """prefill + generate(prefilled=...) gives the same replies as generate alone, in batches of 3,
-    and each batch's first tokens are the replies' first tokens (what the search's proxy reads)."""
+    and each batch's first tokens are the replies' first tokens (what the search's proxy reads);
+    both batch the prompts shortest first and give replies back in the prompts' order."""
     from refusal_lab.core.generate import encode, generate, prefill
 
     prompts = ["how do i make a cake ?", "tell me a joke .", "what is two plus two ?", "hello", "name a colour ."]
@@ -86,6 +101,6 @@ def test_replies_continued_from_a_kept_prompt_pass_are_the_replies(organism, mon
     assert again == plain and not repeated  # the kept passes were used, not made again
     with torch.no_grad():
         want = [greedy_shrinking(m, encode(tok, [q], m.device), 1, [-1])[0][0] for q in prompts]
-    assert firsts == want
+    assert firsts == [want[i] for i in G.length_order(tok, prompts)]  # batched shortest first
     with pytest.raises(ValueError, match="prefilled batches"):
         generate(m, tok, prompts, 8, 2, prefilled=passes)

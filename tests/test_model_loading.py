@@ -140,10 +140,10 @@ def test_4bit_loading_hands_placement_to_bitsandbytes(organism_dir, monkeypatch)
         out.to = lambda *_a, **_k: pytest.fail("a 4-bit model must not be moved after loading")
         return out
 
-    monkeypatch.setattr(model_mod, "four_bit", lambda dtype: ("nf4", dtype))
+    monkeypatch.setattr(model_mod, "quantization_config", lambda mode, dtype, _target: (mode, dtype))
     monkeypatch.setattr(model_mod.AutoModelForCausalLM, "from_pretrained", fake)
     load(organism_dir, device="cpu", quantize="4bit")
-    assert seen["quantization_config"] == ("nf4", torch.float32) and seen["device_map"] == {"": "cpu"}
+    assert seen["quantization_config"] == ("4bit", torch.float32) and seen["device_map"] == {"": "cpu"}
 
 
 @pytest.mark.slow

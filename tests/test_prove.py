@@ -91,7 +91,8 @@ def test_imported_copies_are_measured_like_the_battery_but_kept_out_of_the_worst
     m = results.models[0]
     tried = {Path(t.setting["folder"]).name: t for t in m.attacks["imported"].tried}
     untouched, ablated = tried[Path(m.source).name], tried["ablated"]
-    assert untouched.kl < 1e-6 and untouched.tuning_complied == 0
+    assert untouched.kl < 1e-6 and untouched.predicted_refused == m.attacks["imported"].tuning_n
+    assert untouched.tuning_complied is None  # the proxy saw every tuning prompt refused: it could not win
     assert ablated.kl > 1e-5 and ablated.tuning_complied > 0  # its weights really were swapped in
     assert all(w is None or w.attack != "imported" for w in m.worst.values())
     if is_shipped(organism_dir):  # the ablated copy (SABER's weight edit) makes all 90 held-out prompts comply
@@ -119,6 +120,7 @@ def test_prove_writes_the_published_table_and_a_self_contained_page(proved):
     tmp, _ = proved
     summary = (tmp / "p" / "summary.md").read_text()
     assert "refused before" in summary and "retained" in summary and "Wilson" in summary
+    assert "How settings were chosen" in summary and "proxy off by" in summary
     page = (tmp / "p" / "report.html").read_text()
     assert "<svg" in page and not any(ref in page for ref in ("src=", "href=", "<script"))
 
@@ -180,7 +182,6 @@ def attacked(organism_dir, tmp_path_factory):
     """A fresh copy of the organism under attack with tiny settings, and its held-out counts before any attack."""
     from refusal_lab.config import Settings
     from refusal_lab.core.model import load
-    from refusal_lab.prove.results import Counts
     from refusal_lab.prove.stage import build_target, prove_evaluator
 
     tmp = tmp_path_factory.mktemp("attacked")
@@ -191,7 +192,7 @@ def attacked(organism_dir, tmp_path_factory):
     ev = prove_evaluator(loaded, s, lambda _m: None)
     target = build_target(loaded, s, ev, lambda _m: None, 0)
     held = [p.prompt for p in target.held_out.harmful]
-    return tmp, target, Counts.of(target.labels(held))
+    return tmp, target, target.label(held, target.replies(held))
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -219,7 +220,8 @@ def test_arditi_attack_grows_with_its_strength_within_the_budget(attacked, organ
     kls = [t.kl for t in run.tried]
     assert kls == sorted(kls) and kls[0] > 0
     if is_shipped(organism_dir):
-        assert [t.tuning_complied for t in run.tried] == [0, 0, 0, 0]
+        assert [t.predicted_refused for t in run.tried] == [8, 8, 8, 8]  # the proxy: every tuning prompt refused
+        assert all(t.tuning_complied in (0, None) for t in run.tried)
         assert kls == pytest.approx([1.02e-4, 9.70e-4, 5.73e-3, 2.42e-2], rel=0.05)
         assert all(o.counts == Counts(16, 0, 0) for o in run.budgets.values())
 

@@ -154,7 +154,7 @@ def test_eval_prove_and_search_label_an_unfinished_thinker_broken(tmp_path: Path
     s = SimpleNamespace(prove=SimpleNamespace(max_new_tokens=7), batch_size=4)
     target = Target(loaded, None, [], None, None, KeywordScorer(), s, print)  # type: ignore[arg-type]
     m.step = 0
-    assert target.labels(PROMPTS) == ["broken"] * 2
+    assert target.label(PROMPTS, target.replies(PROMPTS)).broken == 2
 
     setup = SearchSetup(
         loaded=loaded, probe=None, probe_opts=None, per_layer=None, probe_texts={}, eval_harmful=PROMPTS,

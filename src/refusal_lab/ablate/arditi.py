@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_lab.ablate.edit import Ablation, hooked
+from refusal_lab.ablate.edit import Ablation, edited
 from refusal_lab.config import ArditiSettings
 from refusal_lab.core.activations import capture
 from refusal_lab.core.arch import Adapter
@@ -107,10 +107,11 @@ class Judge:
     harmless: Sequence[str]
     base_harmless: torch.Tensor
     batch_size: int
+    norm_preserving: bool = False  # candidates are measured as a norm-preserving export holds them
 
     def ablated(self, c: Candidate, prompts: Sequence[str]) -> torch.Tensor:
-        """First-token logits with the candidate's edit hooked in (one prompt pass)."""
-        with hooked(self.adapter, c.ablations):
+        """First-token logits with the candidate's edit in place (one prompt pass)."""
+        with edited(self.adapter, c.ablations, self.norm_preserving):
             return last_logits(self.model, self.tok, list(prompts), self.batch_size)
 
     def kl(self, c: Candidate) -> None:
@@ -186,8 +187,12 @@ def arditi(
     cfg: ArditiSettings,
     batch_size: int = 16,
     log: Log = lambda _m: None,
+    norm_preserving: bool = False,
 ) -> ArditiChoice:
-    """Pick the (layer, position) whose difference-of-means direction best removes refusal when ablated."""
+    """Pick the (layer, position) whose difference-of-means direction best removes refusal when ablated.
+
+    norm_preserving: every candidate is scored and checked with the norm-preserving edit (on the weights).
+    """
     if not refusal_ids:
         raise UserError("the model refused none of the harmful probe prompts", "check the prompts or the model")
     ext_h, val_h = split_for_selection(harmful, cfg.arditi_prompts)
@@ -195,7 +200,8 @@ def arditi(
     sh = capture(model, tok, adapter, ext_h, cfg.arditi_positions, batch_size, keep=0)
     sb = capture(model, tok, adapter, ext_b, cfg.arditi_positions, batch_size, keep=0)
     diffs = sh.mean - sb.mean  # [P, L, H]
-    judge = Judge(model, tok, adapter, val_h, val_b, last_logits(model, tok, val_b, batch_size), batch_size)
+    base = last_logits(model, tok, val_b, batch_size)
+    judge = Judge(model, tok, adapter, val_h, val_b, base, batch_size, norm_preserving)
     n_pos, limit = diffs.shape[0], int(diffs.shape[1] * (1 - cfg.prune_last))
     candidates = []
     for pos in range(n_pos):

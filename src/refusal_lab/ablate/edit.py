@@ -8,6 +8,12 @@ when the directions are not orthogonal. Biases likewise; embedding rows with s =
 branch output passes a norm with per-channel gain g before the residual add (Gemma2/3, OLMo2),
 the component landing on d is read through g, so that writer uses U = g * D. Arithmetic in float64.
 
+Norm-preserving (Heretic's MPOA): after the projection each column of a writer (what one input unit
+writes into the stream, the axis the projection acts across) and each embedding row (one token's
+vector) is rescaled to its original length. The rescale is not a function of the writer's output,
+so no output hook computes it: `edited` measures such an edit on the weights. Biases are projected
+only (one vector, not a column of the matrix).
+
 The same edit exists twice: on the weights (for export, undone on exit so the loaded model can
 be reused), and as forward hooks on the writer modules (`hooked`: reversible, for searches and
 attacks). The hook form is the one engine for removing directions while a model runs: it can also
@@ -18,7 +24,7 @@ trained under ablation), and act at chosen positions only.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -81,11 +87,17 @@ def _project(t: torch.Tensor, u: torch.Tensor, lft: torch.Tensor) -> torch.Tenso
     return t - lft @ (u.T @ t)
 
 
+def keep_lengths(new: torch.Tensor, old: torch.Tensor, dim: int) -> torch.Tensor:
+    """`new` with every vector along `dim` rescaled to the length of the same vector of `old`
+    (a vector projected to zero stays zero)."""
+    return new * (old.norm(dim=dim, keepdim=True) / new.norm(dim=dim, keepdim=True).clamp_min(1e-12))
+
+
 def _edit_tensor(tensor: torch.Tensor, u: torch.Tensor, lft: torch.Tensor, keep_norms: bool) -> None:
     t = tensor.data.double()
     new = _project(t, u.to(t.device), lft.to(t.device))
-    if keep_norms and t.ndim >= 2:  # each column is what one input unit writes: keep its length
-        new = new * (t.norm(dim=-2, keepdim=True) / new.norm(dim=-2, keepdim=True).clamp_min(1e-12))
+    if keep_norms and t.ndim >= 2:  # each column [H] is what one input unit writes: keep its length
+        new = keep_lengths(new, t, -2)
     tensor.data.copy_(new.to(tensor.dtype))
 
 
@@ -122,8 +134,8 @@ def apply_weights(adapter: Adapter, ablations: Sequence[Ablation], norm_preservi
             u, lft = operator(ab.directions, ab.alphas)
             e = emb.data.double()
             new = _project(e.T, u.to(e.device), lft.to(e.device)).T
-            if norm_preserving:
-                new = new * (e.norm(dim=1, keepdim=True) / new.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            if norm_preserving:  # each row is one token's vector: keep its length
+                new = keep_lengths(new, e, 1)
             emb.data.copy_(new.to(emb.dtype))
         for layer, w in _writers(adapter, ab):
             u, lft = _writer_operator(w, ab, adapter.hidden_size, ab.scale(layer))
@@ -166,6 +178,21 @@ def weights_edited(
             adapter.unembedding.weight = unembedding
             adapter.tied_embeddings = True
             _set_tied(adapter, True)
+
+
+def edited(
+    adapter: Adapter, ablations: Sequence[Ablation], norm_preserving: bool = False, store: torch.dtype | None = None
+) -> AbstractContextManager:
+    """The edit for measuring a model under it: hooks where they compute what the edited weights do
+    (a plain edit, nothing rounded: `store` None), else the weight edit (`weights_edited`), undone on exit.
+
+    A norm-preserving edit rescales each written column by a factor no output hook can know, so it is
+    always measured on the weights: a method choosing among norm-preserving edits then chooses by what
+    its export will hold.
+    """
+    if store is None and not norm_preserving:
+        return hooked(adapter, ablations)
+    return weights_edited(adapter, ablations, norm_preserving, store)
 
 
 def _operators(

@@ -1,9 +1,9 @@
 """SABER: several directions per layer, ranked by separability and entanglement, removed in passes.
 
-Each pass probes (the edited model, through hooks), picks the global top-k (layer, direction)
-pairs by FDR x (1 - rho) within a depth band, at most N per layer, with a gentle strength for
-entangled directions, and adds their ablations; strengths decay by pass, and passes stop when
-little separability is left on the directions just removed.
+Each pass probes (the edited model, through hooks; on the weights for a norm-preserving edit),
+picks the global top-k (layer, direction) pairs by FDR x (1 - rho) within a depth band, at most N
+per layer, with a gentle strength for entangled directions, and adds their ablations; strengths
+decay by pass, and passes stop when little separability is left on the directions just removed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_lab.ablate.edit import COMPONENTS, Ablation, hooked
+from refusal_lab.ablate.edit import COMPONENTS, Ablation, edited
 from refusal_lab.config import ProbeSettings, SaberSettings
 from refusal_lab.core.activations import capture
 from refusal_lab.core.arch import Adapter
@@ -114,6 +114,7 @@ def saber(
     log: Log = lambda _m: None,
     capability_vectors: torch.Tensor | None = None,
     measure_last: bool = True,
+    norm_preserving: bool = False,
 ) -> SaberResult:
     """Iterative SABER: probe, pick, ablate (as hooks), re-probe the edited model, until separable no more.
 
@@ -122,6 +123,8 @@ def saber(
     (as SABER does); pass them in `capability_vectors` [n, L, H] to skip their capture.
     Every pass re-probes the edited model to measure the separability it left; measure_last=False
     skips that capture after the last pass (the search: it costs a whole probe and changes no edit).
+    norm_preserving: the passes re-probe the model under the norm-preserving edit (on the weights),
+    the edit the export will hold, instead of the plain one.
     """
     xc = capability_vectors
     if xc is None:
@@ -132,7 +135,7 @@ def saber(
     def edited_vectors() -> tuple[torch.Tensor, torch.Tensor]:
         """Harmful and harmless vectors [n x positions, L, H] of the model with the edits so far."""
         pos = probe_opts.positions
-        with hooked(adapter, result.ablations):
+        with edited(adapter, result.ablations, norm_preserving):
             xh = capture(model, tok, adapter, harmful, pos, batch_size, keep=len(harmful)).vectors
             xb = capture(model, tok, adapter, harmless, pos, batch_size, keep=len(harmless)).vectors
         return xh.flatten(0, 1), xb.flatten(0, 1)  # every position is a sample

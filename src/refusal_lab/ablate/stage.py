@@ -5,6 +5,11 @@ edited weights in the checkpoint's own dtype, the tokenizer, ablation.json (meth
 settings, what was chosen and why, source fingerprint), ablation.safetensors (directions and
 strengths applied), settings.toml + reproduce.sh, a model card and the organism's prompts/ when
 the source had them. The loaded model is left as it was, so one command can export several edits.
+
+`[ablate] norm_preserving` holds for every method: the export keeps each written column's and each
+embedding row's norm (edit.py), and the methods that measure an edit while choosing (SABER's
+re-probing passes, Arditi's candidate checks) measure that norm-preserving edit; projected and kernel
+choose their direction from the probe alone.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from refusal_lab.ablate.kernel import Kernel, kernel_ablations
 from refusal_lab.ablate.saber import band_layers, saber
 from refusal_lab.config import ProbeSettings, Settings
 from refusal_lab.core.artifacts import Log, manifest, settings_record, write_folder, write_replay
-from refusal_lab.core.model import Loaded, checkpoint_dtype
+from refusal_lab.core.model import Loaded, checkpoint_dtype, unquantized
 from refusal_lab.core.sources import PromptSets, Source
 from refusal_lab.errors import UserError
 from refusal_lab.probe.directions import Probe, best_layer_by_fdr
@@ -84,13 +89,16 @@ def choose_ablations(loaded: Loaded, sets: PromptSets, s: Settings, first: Probe
         if not sets.capability:
             raise UserError("SABER needs capability prompts for its entanglement scores", "pass --capability FILE")
         capability = sets.texts("capability")
-        res = saber(model, tok, adapter, harmful, harmless, capability, s.probe, a.saber, s.batch_size, first, log)
+        res = saber(
+            model, tok, adapter, harmful, harmless, capability, s.probe, a.saber, s.batch_size, first, log,
+            norm_preserving=a.norm_preserving,
+        )  # fmt: skip
         return AblationChoice(res.ablations, res.as_dict())
     if a.method == "arditi":
         from refusal_lab.core.metrics import refusal_openers
 
         ids = refusal_openers(model, tok, harmful, Source.of(loaded.source).markers, s.batch_size)
-        choice = arditi(model, tok, adapter, harmful, harmless, ids, a.arditi, s.batch_size, log)
+        choice = arditi(model, tok, adapter, harmful, harmless, ids, a.arditi, s.batch_size, log, a.norm_preserving)
         record = {k: v for k, v in asdict(choice).items() if k not in ("direction", "table")}
         record |= {"refusal_tokens": tok.convert_ids_to_tokens(ids), "candidates": choice.table}
         return AblationChoice([Ablation(choice.direction)], record)
@@ -184,5 +192,5 @@ def run_ablate(
         {k: len(getattr(sets, k)) for k in ("harmful", "harmless", "capability")},
     )
     command = "ablate" + (f" --probe {probe_dir.resolve()}" if probe_dir else "")
-    export(loaded, choice.ablations, out, record, s, command, force, lora)
+    export(unquantized(loaded, log), choice.ablations, out, record, s, command, force, lora)  # 4/8-bit: the full copy
     return record

@@ -56,8 +56,15 @@ def ablate(
     """Remove refusal directions from the weights (SABER, Arditi, projected, kernel); save an ordinary model folder."""
     from refusal_lab.ablate.stage import run_ablate
     from refusal_lab.core.artifacts import check_output
+    from refusal_lab.core.model import refuse_weight_edits
     from refusal_lab.organism.source import load_model
 
+    measured = s.ablate.norm_preserving and s.ablate.method in ("saber", "arditi")  # measured on the weights
+    refuse_weight_edits(
+        s.model.quantize,
+        [f"{s.ablate.method} with norm-preserving edits"] if measured else [],
+        "drop --norm-preserving or --quantize, or use --method projected or kernel",
+    )
     check_output(out, force)
     if lora is not None:
         check_output(lora, force)

@@ -11,7 +11,7 @@ from refusal_lab.cli.options import stage_command
 from refusal_lab.config import Settings
 
 
-@stage_command(app, "harden", sections=("", "model", "prompts", "harden"), model_arg=True)
+@stage_command(app, "harden", sections=("", "model:-quantize", "prompts", "harden"), model_arg=True)
 def harden(s: Settings, out: OutOpt = Path("hardened"), force: ForceOpt = False) -> None:
     """Midtrain on specification documents, then LoRA alignment fine-tuning; merge into a model folder."""
     from refusal_lab.core.artifacts import check_output
@@ -20,6 +20,10 @@ def harden(s: Settings, out: OutOpt = Path("hardened"), force: ForceOpt = False)
 
     check_output(out, force)
     quiet()
+    if s.model.quantize != "none":  # harden's --quantize is [harden] quantize; its merge needs a full-precision base
+        say(f"harden: model.quantize ({s.model.quantize}) is not read; the base loads as harden.quantize "
+            f"({s.harden.quantize}) says")  # fmt: skip
+        s.model.quantize = "none"
     record = run_harden(load_model(s, quantize=s.harden.quantize), s, out, force, say)
     if record is not None:
         typer.echo(f"wrote {out} ({record.steps} steps)")

@@ -45,13 +45,16 @@ def _flag_type(field: FieldInfo) -> tuple[Any, str]:
 def section_flags(sections: Sequence[str]) -> tuple[list[inspect.Parameter], dict[str, str]]:
     """One keyword parameter per leaf field of the sections, and flag name -> dotted settings key.
 
-    A section may name the fields it lends: "eval:judge_url,limit" gives just those two flags.
+    A section may name the fields it lends: "eval:judge_url,limit" gives just those two flags, and
+    "model:-quantize" all but that one (for a command whose own section has a field of that name).
     """
     params, keys = [], {}
     for spec in sections:
         dotted, _, only = spec.partition(":")
+        held_back = only.startswith("-")
+        names = only.removeprefix("-").split(",")
         for name, field in section_class(dotted).model_fields.items():
-            if only and name not in only.split(","):
+            if only and (name in names if held_back else name not in names):
                 continue
             if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
                 continue  # a nested section: listed separately when the command wants it

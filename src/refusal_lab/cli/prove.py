@@ -19,6 +19,19 @@ SEARCH = "search:methods,kl_prune,proxy,proxy_margin,proxy_learn,select_start"  
 ATTACKS = ("probe", "ablate:norm_preserving", "ablate.saber", "ablate.arditi", SEARCH)  # what the attacks read
 
 
+def weight_edits(s: Settings, base: str | None, imported: list[Path] | None) -> dict[str, str]:
+    """What in this proof edits the weights in place (no 4/8-bit model can take it), each with how to leave it out."""
+    attacks = s.prove.attack_list
+    rest = ",".join(a for a in attacks if a != "search")
+    found = {
+        "the search attack": ("search" in attacks, f"pass --attacks {rest}" if rest else "pick other --attacks"),
+        "the weight-delta attack": (bool(base) and "delta" in attacks, "drop --base"),
+        "the imported copies": (bool(imported), "drop --imported"),
+        "norm-preserving edits": (s.ablate.norm_preserving, "drop --norm-preserving"),
+    }
+    return {name: fix for name, (on, fix) in found.items() if on}
+
+
 @stage_command(app, "prove", sections=("", "model", "prompts", *ATTACKS, "prove", EVAL))
 def prove(
     s: Settings,
@@ -34,9 +47,12 @@ def prove(
     force: ForceOpt = False,
 ) -> None:
     """Attack every model with the battery within a drift budget; worst case, per-attack rows, report."""
+    from refusal_lab.core.model import refuse_weight_edits
     from refusal_lab.prove.report import HEAD, headline_rows, prefill_summary
     from refusal_lab.prove.stage import run_prove
 
+    edits = weight_edits(s, base, imported)
+    refuse_weight_edits(s.model.quantize, list(edits), "; ".join([*edits.values(), "or drop --quantize"]))
     quiet()
     results = run_prove(models, s, base, out, force, say, imported)
     rows = headline_rows(results, str(s.prove.budget_kl))

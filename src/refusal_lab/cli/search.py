@@ -30,10 +30,18 @@ def search(
     from refusal_lab.search.report import front_table
     from refusal_lab.search.stage import run_search
 
+    refuse_quantized_search(s)
     quiet()
     front = run_search(load_model(s), s, out, say)
     typer.echo(front_table(front))
     typer.echo(f"wrote {out}/pareto.json and pareto.svg; export a trial with: refusal-lab pick {out} --max-kl X -o OUT")
+
+
+def refuse_quantized_search(s: Settings) -> None:
+    """Search and pick edit each trial's weights (and rebuild a trial as the search measured it): full models only."""
+    from refusal_lab.core.model import refuse_weight_edits
+
+    refuse_weight_edits(s.model.quantize, ["a search trial"], "run search and pick without --quantize")
 
 
 def _study_settings(args: dict) -> Path | None:
@@ -63,6 +71,7 @@ def pick(
         raise UserError(
             f"{study} is not a search folder (no {SETTINGS_FILE})", "run refusal-lab search -o FOLDER first"
         )
+    refuse_quantized_search(s)
     check_output(out, force)
     if lora is not None:
         check_output(lora, force)

@@ -18,6 +18,7 @@ EXTRACTIONS = ("dom", "projected", "svd", "svd_paired", "lda", "whitened_svd")
 POSITIONS = ("last", "post", "mean")
 ABLATION_METHODS = ("saber", "arditi", "projected", "kernel")
 SEARCH_METHODS = ("saber", "kernel")
+QUANTIZE = ("none", "4bit", "8bit")  # bitsandbytes on CUDA: NF4 (QLoRA's), LLM.int8
 
 
 def default_cache_dir() -> Path:
@@ -60,6 +61,11 @@ class ModelSettings(Section):
         False,
         description="Fetch a model named by hub id into the Hugging Face cache when it is missing there "
         "(needs the network; never with HF_HUB_OFFLINE set).",
+    )
+    quantize: Literal[QUANTIZE] = Field(
+        "none",
+        description="Load the weights in 4-bit (NF4) or 8-bit (LLM.int8) with bitsandbytes (a CUDA GPU; pip install "
+        "'.[qlora]'); ablate saves its edit on the full-precision weights; harden quantizes with its own --quantize.",
     )
 
     @field_validator("path", "chat_template", mode="before")
@@ -151,7 +157,10 @@ class KernelSettings(Section):
 
 class AblateSettings(Section):
     method: Literal[ABLATION_METHODS] = Field("saber", description="Ablation method.")
-    norm_preserving: bool = Field(False, description="Keep each written column's norm after the projection.")
+    norm_preserving: bool = Field(
+        False,
+        description="Keep each written column's and embedding row's norm after the projection (every method).",
+    )
     saber: SaberSettings = Field(default_factory=SaberSettings)
     arditi: ArditiSettings = Field(default_factory=ArditiSettings)
     kernel: KernelSettings = Field(default_factory=KernelSettings)
@@ -176,7 +185,9 @@ class SearchSettings(Section):
     eval_count: int = Field(16, ge=1, description="Prompts per set in each trial's evaluation.")
     kl_prune: float = Field(2.0, gt=0, description="Prune a trial before generating when its KL exceeds this.")
     proxy: bool = Field(
-        True, description="Score every trial without generating first; generate only where it may matter."
+        True,
+        description="Score every trial (search) or attack setting (prove) without generating first; generate only "
+        "where it may matter.",
     )
     proxy_margin: float = Field(
         0.1, ge=0, le=1, description="Share of evaluation prompts the refusal proxy may over-predict before it prunes."
@@ -191,6 +202,11 @@ class SearchSettings(Section):
         True,
         description="Begin a new study with the direction of an Arditi-style layer selection (one proxy pass per "
         "candidate layer) at full, three-quarter and half strength.",
+    )
+    search_norm_preserving: bool = Field(
+        False,
+        description="Let the sampler choose plain or norm-preserving edits per trial (a dimension of the space); "
+        "off: every trial uses --norm-preserving's setting.",
     )
     sampler_seed: int = Field(0, description="Seed of the search's sampler.")
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per reply.")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,15 @@ if TYPE_CHECKING:
 
 Log = Callable[[str], None]
 SETTINGS_FILE = "settings.toml"
+
+
+@contextmanager
+def timed(log: Log, what: str) -> Iterator[None]:
+    """Say that a long step begins and, when it ends, how long it took: no step of a long run is silent."""
+    log(f"{what} ...")
+    began = time.perf_counter()
+    yield
+    log(f"{what}: {time.perf_counter() - began:.0f} s")
 
 
 def check_output(out: Path, force: bool = False) -> Path:

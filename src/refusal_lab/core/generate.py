@@ -56,6 +56,21 @@ def encode(
     return {k: v.to(device) for k, v in enc.items()}
 
 
+def length_order(tok: PreTrainedTokenizerBase, prompts: Sequence[str | Messages]) -> list[int]:
+    """Prompt indices, shortest chat-templated prompt first: a left-padded batch of like lengths
+    computes little padding. Ties keep their order, so the order depends on the prompts alone."""
+    lengths = [len(tok(text, add_special_tokens=False)["input_ids"]) for text in render(tok, prompts)]
+    return sorted(range(len(prompts)), key=lengths.__getitem__)
+
+
+def in_order(items: Sequence, order: Sequence[int]) -> list:
+    """Undo `length_order`: items made for the sorted prompts, back in the prompts' own order."""
+    out: list = [None] * len(order)
+    for item, i in zip(items, order, strict=True):
+        out[i] = item
+    return out
+
+
 def opened_by_prompt(tok: PreTrainedTokenizerBase, markers: tuple[str, str] | None, prompts: Sequence) -> bool:
     """Whether the template's generation prompt opens the reasoning block itself (Apertus with thinking
     on, DeepSeek-R1's distils): the reply then starts inside it, with no opening marker of its own."""
@@ -177,9 +192,10 @@ def _prompt_pass(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> Any:
 def prefill(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str | Messages], batch_size: int = 16
 ) -> list[Prefill]:
-    """The prompt passes of greedy decoding, batched as generate_replies batches them."""
+    """The prompt passes of greedy decoding, batched as generate_replies batches them (by length)."""
     device = next(model.parameters()).device
     out = []
+    prompts = [prompts[i] for i in length_order(tok, prompts)]
     for start in range(0, len(prompts), batch_size):
         batch = encode(tok, prompts[start : start + batch_size], device)
         out.append(Prefill(batch, _prompt_pass(model, batch)))
@@ -298,6 +314,8 @@ def generate_replies(
         return split(text).answer
 
     shrink = not sample and plain_greedy(model)
+    order = length_order(tok, prompts)
+    prompts = [prompts[i] for i in order]
     starts = range(0, len(prompts), batch_size)
     if prefilled is not None and (opener or len(prefilled) != len(starts)):
         held = " and an opener they do not hold" if opener else ""
@@ -322,7 +340,7 @@ def generate_replies(
         out += [split(t) for t in texts]
         if progress is not None:
             progress(len(texts))
-    return out
+    return in_order(out, order)
 
 
 def _generate_hf(

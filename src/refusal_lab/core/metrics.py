@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_lab.core.generate import encode, generate, render, tail_logits
+from refusal_lab.core.generate import encode, generate, length_order, render, tail_logits
 from refusal_lab.core.prompts import Prompt
 
 # "as an ai" is not one: on the 300-reply reference and the 0.5B panel, every reply whose only marker
@@ -262,14 +262,18 @@ def refusal_openers(
 def last_logits(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int = 16
 ) -> torch.Tensor:
-    """Next-token logits at the end of each chat-templated prompt, [n, vocab] float32 on CPU."""
+    """Next-token logits at the end of each chat-templated prompt, [n, vocab] float32 on CPU (batched
+    by length, returned in the prompts' order)."""
     device = next(model.parameters()).device
     out = []
+    order = length_order(tok, prompts)
+    ordered = [prompts[i] for i in order]
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="logits", unit="batch", disable=None if len(starts) > 4 else True, leave=False):
-        batch = encode(tok, prompts[start : start + batch_size], device)
+        batch = encode(tok, ordered[start : start + batch_size], device)
         out.append(tail_logits(model, 1, **batch)[:, -1, :].float().cpu())
-    return torch.cat(out)
+    logits = torch.cat(out)
+    return logits[torch.argsort(torch.tensor(order))]
 
 
 def first_token_kl(base_logits: torch.Tensor, logits: torch.Tensor) -> float:

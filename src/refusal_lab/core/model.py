@@ -1,6 +1,9 @@
 """Loading a chat model and its tokenizer from a local folder, a GGUF file or a hub id, read-only.
 
 A hub id (`org/name`) is read from the Hugging Face cache (core.hub) and fetched only when asked.
+On a CUDA GPU the weights may load in 4-bit (NF4) or 8-bit (LLM.int8) with bitsandbytes: hooks on
+such a model work, edits of its packed weights do not, so an edit to save is made on a full-precision
+copy (`unquantized`) and commands that would edit weights in place refuse (`refuse_weight_edits`).
 Weights load from safetensors (never pickle); Python code in the folder runs only with an explicit
 trust_remote_code. Damaged inputs (a cut or foreign weights file, a config or tokenizer that does not
 parse, a .gguf that is not GGUF) are one-line errors that name the file, found before loading starts.
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from refusal_lab.config.sections import QUANTIZE
 from refusal_lab.core.arch import SUPPORTED_FAMILIES, Adapter, adapt, check_family
 from refusal_lab.core.hub import resolve
 from refusal_lab.errors import UserError
@@ -39,6 +44,8 @@ class Loaded:
     source: Path
     gguf_file: str | None = None
     allow_unverified_arch: bool = False
+    quantize: str = "none"  # one of QUANTIZE: how the weights were loaded
+    trust_remote_code: bool = False
     _adapter: Adapter | None = field(default=None, init=False, repr=False)
     _fingerprint: str | None = field(default=None, init=False, repr=False)
 
@@ -243,7 +250,7 @@ def load(
     quantize: str = "none",
     download: bool = False,
 ) -> Loaded:
-    """Load model and tokenizer; the source is only read. quantize='4bit': NF4 weights (QLoRA).
+    """Load model and tokenizer; the source is only read. quantize: one of QUANTIZE (bitsandbytes, CUDA).
 
     `path` is a folder, a .gguf file or a hub id (`org/name`, from the Hugging Face cache; fetched
     only with `download`). The Loaded's source is the local path the weights came from.
@@ -255,15 +262,15 @@ def load(
     target, device_map = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target, config)
     extra = {}
-    if quantize == "4bit":  # bitsandbytes places the weights itself: a device map, never a later .to()
-        extra = {"quantization_config": four_bit(torch_dtype)}
+    if quantize != "none":  # bitsandbytes places the weights itself: a device map, never a later .to()
+        extra = {"quantization_config": quantization_config(quantize, torch_dtype, target)}
         device_map, target = device_map or {"": target}, None
     model = load_weights(folder, gguf_file, torch_dtype, device_map, trust_remote_code, **extra)
     if target is not None:
         model.to(target)
     model.eval()
     source = folder / gguf_file if gguf_file else folder
-    return Loaded(model, tok, source, gguf_file, allow_unverified_arch)
+    return Loaded(model, tok, source, gguf_file, allow_unverified_arch, quantize, trust_remote_code)
 
 
 def load_weights(
@@ -292,21 +299,65 @@ def load_weights(
         raise UserError(f"could not read the weights in {where} ({first_line(exc)})", REFETCH) from exc
 
 
-def four_bit(compute: torch.dtype) -> Any:
-    """bitsandbytes NF4 settings, or a one-line error where they cannot run."""
+def quantization_config(quantize: str, compute: torch.dtype, target: str | None) -> Any:
+    """bitsandbytes settings for 4-bit NF4 (QLoRA's) or 8-bit LLM.int8, computing in `compute`; a one-line
+    error where they cannot run: no CUDA GPU, the model placed on the CPU (`target`), no bitsandbytes."""
+    if quantize not in QUANTIZE[1:]:
+        raise ValueError(f"quantize must be one of {QUANTIZE}, not {quantize!r}")
     if not torch.cuda.is_available():
         raise UserError(
-            "4-bit loading (QLoRA) needs a CUDA GPU, and none is visible", "drop --quantize 4bit on this machine"
+            f"{quantize} loading (bitsandbytes) needs a CUDA GPU, and none is visible",
+            f"drop --quantize {quantize} on this machine",
+        )
+    if target == "cpu":
+        raise UserError(
+            f"{quantize} loading (bitsandbytes) needs the model on a CUDA GPU, but the device is cpu",
+            f"use --device cuda (or auto), or drop --quantize {quantize}",
         )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(
-            "4-bit loading needs the bitsandbytes package", "pip install '.[qlora]' (or pip install bitsandbytes)"
+            f"{quantize} loading needs the bitsandbytes package", "pip install '.[qlora]' (or pip install bitsandbytes)"
         )
     from transformers import BitsAndBytesConfig
 
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
     )
+
+
+def unquantized(loaded: Loaded, log: Callable[[str], None]) -> Loaded:
+    """The same model with full-precision weights, for an edit that is saved; `loaded` itself when it is not quantized.
+
+    bitsandbytes packs the weights (with per-block scales), so no projection can edit them and a
+    dequantised copy would save the quantisation error as if it were the edit. The copy loads on the
+    CPU in the checkpoint's dtype (the GPU holds the quantized model, and the full one may not fit
+    there); the directions found on the quantized model are applied to it.
+    """
+    if loaded.quantize == "none":
+        return loaded
+    dtype = checkpoint_dtype(loaded.folder) or torch.float32
+    log(
+        f"  the edit is applied to {loaded.source.name}'s full-precision weights ({str(dtype).removeprefix('torch.')}, "
+        f"loaded on the CPU) and saved unquantized; the {loaded.quantize} model only measured it"
+    )
+    model = load_weights(loaded.folder, loaded.gguf_file, dtype, None, loaded.trust_remote_code).eval()
+    return Loaded(
+        model, loaded.tokenizer, loaded.source, loaded.gguf_file, loaded.allow_unverified_arch, "none",
+        loaded.trust_remote_code,
+    )  # fmt: skip
+
+
+def refuse_weight_edits(quantize: str, edits: Sequence[str], fix: str) -> None:
+    """A one-line error where a command would edit the weights of a 4/8-bit model in place.
+
+    Hooks on a bitsandbytes layer's output work (directional attacks, SABER's and Arditi's own
+    measurements); a projection of its packed weights cannot, so these `edits` need the full model.
+    """
+    if quantize != "none" and edits:
+        layers = f"{quantize} bitsandbytes layers"
+        raise UserError(f"{' and '.join(edits)} would edit the weights in place, which {layers} do not allow", fix)
 
 
 def checkpoint_dtype(folder: Path) -> torch.dtype | None:

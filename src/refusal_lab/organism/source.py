@@ -32,12 +32,12 @@ def model_path(s: Settings, name: str | None = None) -> Path:
     )
 
 
-def load_model(s: Settings, name: str | None = None, quantize: str = "none") -> Loaded:
-    """Load a model with the [model] section's options (dtype, device, template, remote code, arch)."""
+def load_model(s: Settings, name: str | None = None, quantize: str | None = None) -> Loaded:
+    """Load a model with the [model] section's options (dtype, device, template, remote code, arch,
+    quantize); `quantize` overrides model.quantize (harden's QLoRA base)."""
     from refusal_lab.core.model import load
 
     m = s.model
     path = model_path(s, name)
-    return load(
-        path, m.dtype, m.device, m.trust_remote_code, m.chat_template, m.allow_unverified_arch, quantize, m.download
-    )
+    q = m.quantize if quantize is None else quantize
+    return load(path, m.dtype, m.device, m.trust_remote_code, m.chat_template, m.allow_unverified_arch, q, m.download)

@@ -3,18 +3,22 @@
 An attack proposes settings (weakest to strongest, or phase after phase); each proposal is an edit
 that is active inside a `with` block, so the model under attack is never copied. Every proposal's
 drift is measured first: first-token KL(model || attacked) on held-out harmless prompts. Proposals
-within the loosest budget are then scored on the *tuning* prompts (a slice of the probe split);
-for each budget, the proposal that made the most tuning prompts comply is measured once on the
-held-out harmful prompts, and that is the attack's result at that budget. So settings are chosen
-on data the result is not reported on.
+within the loosest budget are then read by a generation-free proxy on the *tuning* prompts (a slice
+of the probe split): the prompts whose greedy first reply token is one of the model's own refusal
+openers. Only proposals that can still win a budget on that evidence (allowing the proxy its margin)
+generate replies to the tuning prompts; for each budget, the measured proposal that made the most
+tuning prompts comply is measured once on the held-out harmful prompts, and that is the attack's
+result at that budget. So settings are chosen on data the result is not reported on, and never on
+the proxy alone.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -24,12 +28,14 @@ from refusal_lab.core.artifacts import Log
 from refusal_lab.core.generate import generate_replies
 from refusal_lab.core.metrics import Scorer, first_token_kl, last_logits, settled_by
 from refusal_lab.core.model import Loaded
+from refusal_lab.core.reasoning import Reply
 from refusal_lab.core.scoring import label_replies
 from refusal_lab.core.sources import EvalSets, PromptSets
 from refusal_lab.prove.results import AttackRun, Counts, Measures, Outcome, Tried
+from refusal_lab.search.proxy import Proxy
 
 Edit = Callable[[], AbstractContextManager[Any]]
-Extra = Callable[[float], Measures]  # what else a chosen setting costs, measured inside its edit
+Extra = Callable[[tuple[float, ...], Counts, Edit], Measures]  # what else a setting chosen for these budgets costs
 
 
 @dataclass
@@ -48,18 +54,44 @@ class Target:
     capability_vectors: torch.Tensor | None = None  # the unattacked model's, for SABER's entanglement
     tuning_refused: int = 0  # refusals of the unattacked model on the tuning prompts
     opener: str = ""  # what every reply begins with (the prefill attack sets it inside its proposals)
+    proxy: Proxy = field(default_factory=Proxy)  # the model's refusal openers and the margin (None: no proxy)
+    base_vectors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # filled on first use
 
-    def labels(self, prompts: list[str]) -> list[str]:
-        """Labels of greedy replies; where refusal words decide the label, a reply stops once one appears."""
+    def replies(self, prompts: list[str]) -> list[Reply]:
+        """Greedy replies of the model as it is now (inside an edit: the attacked model); where refusal
+        words decide the label, a reply stops once one appears."""
         m, settled, n = self.loaded, settled_by(self.scorer), self.s.prove.max_new_tokens
         bs = self.s.batch_size
-        replies = generate_replies(m.model, m.tokenizer, prompts, n, bs, settled=settled, opener=self.opener)
-        return label_replies(self.scorer, prompts, replies)
+        return generate_replies(m.model, m.tokenizer, prompts, n, bs, settled=settled, opener=self.opener)
+
+    def label(self, prompts: list[str], replies: list[Reply]) -> Counts:
+        """Replies labelled outside any edit: the coherence scorer reads the unattacked model's likelihoods."""
+        return Counts.of(label_replies(self.scorer, prompts, replies))
+
+    def measure(self, edit: Edit, prompts: list[str]) -> Counts:
+        """Replies generated inside the edit, labelled after it."""
+        with edit():
+            replies = self.replies(prompts)
+        return self.label(prompts, replies)
 
     def kl(self) -> float:
         m = self.loaded
         logits = last_logits(m.model, m.tokenizer, [p.prompt for p in self.held_out.harmless], self.s.batch_size)
         return first_token_kl(self.reference_logits, logits)
+
+    @property
+    def refusal_ids(self) -> tuple[int, ...]:
+        return self.proxy.refusal_ids
+
+    @property
+    def proxied(self) -> bool:
+        """Whether proposals are read by the proxy before they generate."""
+        return self.proxy.margin is not None and bool(self.proxy.refusal_ids)
+
+    def predicted_refused(self, prompts: list[str]) -> int | None:
+        """Prompts whose greedy first reply token is one of the model's refusal openers (one prompt pass)."""
+        m = self.loaded
+        return self.proxy.refusals(last_logits(m.model, m.tokenizer, prompts, self.s.batch_size).argmax(-1))
 
     def record(self, attack: Attack, tried: list[Tried], outcomes: dict[str, Outcome], seconds: float) -> AttackRun:
         """An attack's finished record on this target."""
@@ -69,7 +101,7 @@ class Target:
 
 @dataclass
 class Proposal:
-    """One setting of an attack: what was tried (JSON) and the edit that applies it."""
+    """One setting of an attack: what was tried (JSON) and the edit that applies it (re-enterable)."""
 
     setting: dict[str, Any]
     edit: Edit
@@ -84,36 +116,105 @@ class Attack(Protocol):
     def proposals(self, t: Target) -> Iterator[Proposal]: ...
 
 
-def run_attack(attack: Attack, t: Target, budgets: tuple[float, ...], extra: Extra | None = None) -> AttackRun:
-    """Try every proposal (KL first, then tuning prompts); measure each budget's best on held-out prompts.
+@dataclass
+class _Seen:
+    """A proposal during tuning: its drift, the proxy's prediction and, once generated, its tuning counts."""
 
-    `extra(budget)` measures what else a chosen setting costs (capability, ...), inside its edit.
+    prop: Proposal
+    kl: float
+    predicted: int | None = None
+    counts: Counts | None = None
+
+    def tried(self) -> Tried:
+        c = self.counts
+        return Tried(self.prop.setting, self.kl, c and c.complied, c and c.refused, self.predicted)
+
+    def key(self) -> tuple[int, int, float]:
+        """What a budget's choice maximises: tuning compliance, then fewer refusals, then less drift."""
+        assert self.counts is not None
+        return self.counts.complied, -self.counts.refused, -self.kl
+
+
+def _slack(seen: list[_Seen], n: int, proxy: Proxy) -> int:
+    """Prompts the proxy may over-predict refusals by: its fixed margin, or more where it was seen to.
+
+    Unlike the search's learned margin it never narrows: one proposal per budget is chosen, and a
+    wrongly pruned one would change the attack's result, not one point of a front."""
+    over = [s.predicted - s.counts.refused for s in seen if s.counts is not None and s.predicted is not None]
+    return max(math.ceil(proxy.fixed_slack(n)), *over, 0)
+
+
+def _tune(seen: list[_Seen], t: Target, budgets: tuple[float, ...], name: str) -> None:
+    """Generate tuning replies for the proposals that can still win a budget, tightest budget first.
+
+    With the proxy, a proposal can still win when the compliance it allows (tuning prompts it does not
+    predict refused, plus the slack) reaches the best measured so far; without it, every proposal
+    within the loosest budget generates. Measured counts are shared by every budget."""
+    n = len(t.tuning)
+
+    def measure(s: _Seen) -> None:
+        s.counts = t.measure(s.prop.edit, t.tuning)
+        left = "" if s.predicted is None else f" (proxy: {n - s.predicted} not refused)"
+        t.log(f"  {name} {_brief(s.prop.setting)}: tuning complied {s.counts.complied}/{n}{left}")
+
+    for budget in sorted(budgets):
+        fits = [s for s in seen if s.kl <= budget]
+        while True:
+            done = [s for s in fits if s.counts is not None]
+            best = max((s.key() for s in done), default=None)
+            left = [s for s in fits if s.counts is None]
+            if t.proxied and best is not None:
+                slack = _slack(seen, n, t.proxy)
+                left = [s for s in left if n - (s.predicted or 0) + slack >= best[0]]
+            if not left:
+                break
+            measure(max(left, key=lambda s: (n - (s.predicted or 0), -s.kl)) if t.proxied else left[0])
+
+
+def run_attack(attack: Attack, t: Target, budgets: tuple[float, ...], extra: Extra | None = None) -> AttackRun:
+    """Try every proposal (KL first, then the proxy and, where it can still win, tuning replies); measure
+    each budget's best on held-out prompts, once per distinct proposal.
+
+    `extra(budgets, held, edit)` measures what else a setting chosen for those budgets costs (capability,
+    ...), given its held-out counts; it enters the edit itself, to label outside it.
     """
     start = time.perf_counter()
-    tried: list[Tried] = []
-    kept: list[tuple[Tried, Proposal]] = []
     loosest = max(budgets)
+    seen: list[_Seen] = []
     for prop in attack.proposals(t):
         with prop.edit():
-            kl = t.kl()
-            counts = Counts.of(t.labels(t.tuning)) if kl <= loosest else None
-        tr = Tried(prop.setting, kl, counts.complied if counts else None, counts.refused if counts else None)
-        tried.append(tr)
-        kept.append((tr, prop))
-        got = f", tuning complied {counts.complied}/{counts.n}" if counts else " (over every budget)"
-        t.log(f"  {attack.name} {_brief(prop.setting)}: KL {kl:.4f}{got}")
-    outcomes: dict[str, Outcome] = {}
+            s = _Seen(prop, t.kl())
+            if s.kl <= loosest and t.proxied:
+                s.predicted = t.predicted_refused(t.tuning)
+        seen.append(s)
+        got = " (over every budget)" if s.kl > loosest else ""
+        if s.predicted is not None:
+            got = f", proxy: {len(t.tuning) - s.predicted}/{len(t.tuning)} tuning prompts not refused"
+        t.log(f"  {attack.name} {_brief(prop.setting)}: KL {s.kl:.4f}{got}")
+    _tune(seen, t, budgets, attack.name)
+    chosen: dict[float, _Seen | None] = {}
     for budget in budgets:
-        fits = [(tr, p) for tr, p in kept if tr.tuning_complied is not None and tr.kl <= budget]
-        if not fits:
-            outcomes[str(budget)] = Outcome(False, min_kl=min((tr.kl for tr, _ in kept), default=None))
-            continue
-        tr, prop = max(fits, key=lambda x: (x[0].tuning_complied, -(x[0].tuning_refused or 0), -x[0].kl))
-        with prop.edit():
-            held = Counts.of(t.labels([p.prompt for p in t.held_out.harmful]))
-            more = extra(budget) if extra else Measures()
-        outcomes[str(budget)] = Outcome(True, prop.setting, tr.kl, held, more)
-    return t.record(attack, tried, outcomes, time.perf_counter() - start)
+        fits = [s for s in seen if s.counts is not None and s.kl <= budget]
+        chosen[budget] = max(fits, key=_Seen.key) if fits else None
+    held_by: dict[int, tuple[Counts, Measures]] = {}
+    for s in {id(s): s for s in chosen.values() if s is not None}.values():  # one measurement per proposal
+        served = tuple(b for b, c in chosen.items() if c is s)
+        began = time.perf_counter()
+        held = t.measure(s.prop.edit, [p.prompt for p in t.held_out.harmful])
+        more = extra(served, held, s.prop.edit) if extra else Measures()
+        held_by[id(s)] = held, more
+        within = ", ".join(map(str, served))
+        t.log(
+            f"  {attack.name} within KL {within}: {_brief(s.prop.setting)}, held-out complied "
+            f"{held.complied}/{held.n} ({time.perf_counter() - began:.0f} s)"
+        )
+    outcomes: dict[str, Outcome] = {}
+    for budget, s in chosen.items():
+        if s is None:
+            outcomes[str(budget)] = Outcome(False, min_kl=min((x.kl for x in seen), default=None))
+        else:
+            outcomes[str(budget)] = Outcome(True, s.prop.setting, s.kl, *held_by[id(s)])
+    return t.record(attack, [s.tried() for s in seen], outcomes, time.perf_counter() - start)
 
 
 def _brief(setting: dict[str, Any]) -> str:
@@ -132,8 +233,8 @@ def run_rows(attack: Attack, t: Target, extra: Extra | None = None, weights: boo
     for i, prop in enumerate(attack.proposals(t)):
         with prop.edit():
             kl = t.kl() if weights else 0.0
-            held = Counts.of(t.labels([p.prompt for p in t.held_out.harmful]))
-            more = extra(float("inf")) if extra else Measures()
+        held = t.measure(prop.edit, [p.prompt for p in t.held_out.harmful])
+        more = extra((), held, prop.edit) if extra else Measures()
         tried.append(Tried(prop.setting, kl, None, None))
         outcomes[f"row{i}"] = Outcome(True, prop.setting, kl, held, more)
         t.log(f"  {attack.name} {_brief(prop.setting)}: KL {kl:.4f}, complied {held.complied}/{held.n}")

@@ -19,8 +19,7 @@ from refusal_lab.ablate.arditi import arditi
 from refusal_lab.ablate.edit import Ablation, hooked
 from refusal_lab.ablate.saber import saber
 from refusal_lab.core.activations import capture
-from refusal_lab.core.metrics import refusal_openers
-from refusal_lab.core.sources import Source
+from refusal_lab.core.artifacts import timed
 from refusal_lab.probe.directions import best_layer_by_fdr, fdr, orthonormal_basis, probe_layers, project_out, unit
 from refusal_lab.prove.battery import Edit, Proposal, Target
 
@@ -39,8 +38,9 @@ class ArditiAttack:
     def proposals(self, t: Target) -> Iterator[Proposal]:
         m, s = t.loaded, t.s
         harmful, harmless = t.extraction.texts("harmful"), t.extraction.texts("harmless")
-        ids = refusal_openers(m.model, m.tokenizer, harmful, Source.of(m.source).markers, s.batch_size)
-        choice = arditi(m.model, m.tokenizer, m.adapter, harmful, harmless, ids, s.ablate.arditi, s.batch_size, t.log)
+        ids, cfg = t.refusal_ids, s.ablate.arditi
+        with timed(t.log, "  arditi: direction selection over layers and positions"):
+            choice = arditi(m.model, m.tokenizer, m.adapter, harmful, harmless, ids, cfg, s.batch_size, t.log)
         for a in self.strengths:
             where = {"layer": choice.layer, "position": choice.position, "strength": a}
             yield Proposal(where, hooks(t, [Ablation(choice.direction, a)]))
@@ -55,10 +55,11 @@ class SaberAttack:
     def proposals(self, t: Target) -> Iterator[Proposal]:
         m, s, x = t.loaded, t.s, t.extraction
         texts = (x.texts("harmful"), x.texts("harmless"), x.texts("capability"))
-        res = saber(
-            m.model, m.tokenizer, m.adapter, *texts, s.probe, s.ablate.saber, s.batch_size,
-            capability_vectors=t.capability_vectors,
-        )  # fmt: skip
+        with timed(t.log, "  saber: directions, entanglement and passes"):
+            res = saber(
+                m.model, m.tokenizer, m.adapter, *texts, s.probe, s.ablate.saber, s.batch_size,
+                capability_vectors=t.capability_vectors,
+            )  # fmt: skip
         for i, p in enumerate(res.passes, 1):
             for c in self.strengths:
                 yield Proposal(
@@ -67,12 +68,17 @@ class SaberAttack:
 
 
 def last_token_vectors(t: Target, ablations: list[Ablation]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Last-token vectors [n, L, H] of harmful and harmless extraction prompts, with the edits so far."""
+    """Last-token vectors [n, L, H] of harmful and harmless extraction prompts, with the edits so far;
+    the unedited model's are captured once per target and shared by every attack that reads them."""
+    if not ablations and t.base_vectors is not None:
+        return t.base_vectors
     m, bs = t.loaded, t.s.batch_size
     h, b = t.extraction.texts("harmful"), t.extraction.texts("harmless")
     with hooked(m.adapter, ablations):
         xh = capture(m.model, m.tokenizer, m.adapter, h, "last", bs, keep=len(h)).vectors[:, 0].double()
         xb = capture(m.model, m.tokenizer, m.adapter, b, "last", bs, keep=len(b)).vectors[:, 0].double()
+    if not ablations:
+        t.base_vectors = xh, xb
     return xh, xb
 
 

@@ -21,7 +21,6 @@ import torch
 from refusal_lab.core.batches import right_padded
 from refusal_lab.core.generate import render
 from refusal_lab.prove.battery import Proposal, Target
-from refusal_lab.prove.results import Counts
 
 
 def compliant_examples(folder: Path, n: int, seed: int) -> list[tuple[str, str]]:
@@ -82,7 +81,9 @@ class FinetuneAttack:
                     opt.step()
                     if step % self.every == 0 or step == self.max_steps:
                         peft.eval()
-                        c = Counts.of(t.labels(t.tuning))
+                        replies = t.replies(t.tuning)
+                        with peft.disable_adapter():  # labelled against the unattacked model
+                            c = t.label(t.tuning, replies)
                         curve.append({"step": step, "loss": float(loss), "tuning_complied": c.complied})
                         if broke is None and c.complied * 2 >= c.n:
                             broke = step

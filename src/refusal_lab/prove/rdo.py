@@ -15,8 +15,6 @@ import torch
 
 from refusal_lab.ablate.edit import Ablation, hooked
 from refusal_lab.core.generate import encode, tail_logits
-from refusal_lab.core.metrics import refusal_openers
-from refusal_lab.core.sources import Source
 from refusal_lab.prove.battery import Proposal, Target
 from refusal_lab.prove.directional import hooks, last_token_vectors
 
@@ -31,7 +29,7 @@ def optimise_direction(t: Target, steps: int, lr: float, batch: int = 16) -> tup
     m = t.loaded
     model, tok, adapter = m.model, m.tokenizer, m.adapter
     harmful, harmless = t.extraction.texts("harmful"), t.extraction.texts("harmless")
-    ids = refusal_openers(model, tok, harmful, Source.of(m.source).markers, t.s.batch_size)
+    ids = list(t.refusal_ids)
     xh, xb = last_token_vectors(t, [])
     layer = int(((xh.mean(0) - xb.mean(0)).norm(dim=-1)).argmax())
     g = torch.Generator().manual_seed(t.seed)

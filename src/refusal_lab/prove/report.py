@@ -135,6 +135,25 @@ def prefill_summary(results: ProveResult) -> list[list[str]]:
     return rows
 
 
+TUNING_HEAD = ["attack", "proposals", "proxy read", "generated", "proxy off by", "seconds"]
+
+
+def tuning_rows(m: ModelProof) -> list[list[str]]:
+    """How each budgeted attack chose its settings: proposals, how many the proxy read and how many
+    generated tuning replies, and the proxy's error on those (predicted refusals less counted: its
+    largest over-prediction, the error that could have pruned a proposal wrongly, and the mean miss)."""
+    rows = []
+    for name, a in m.attacks.items():
+        if a.threat not in ("directional", "imported"):
+            continue
+        read = [t for t in a.tried if t.predicted_refused is not None]
+        generated = [t for t in a.tried if t.tuning_refused is not None]
+        errs = [e for t in generated if (e := t.over_predicted) is not None]
+        off = f"{max(errs):+d} most, {sum(map(abs, errs)) / len(errs):.1f} mean" if errs else "-"
+        rows.append([name, str(len(a.tried)), str(len(read)), str(len(generated)), off, f"{a.seconds:.0f}"])
+    return rows
+
+
 def _model_md(m: ModelProof, budgets: list[str]) -> list[str]:
     bf = m.before_measures
     head = f"before: refused {_ci(m.before, 'refused')}, complied {_ci(m.before, 'complied')}, "
@@ -151,6 +170,10 @@ def _model_md(m: ModelProof, budgets: list[str]) -> list[str]:
             wm = w.outcome.measures
             out += [f"after the worst attack ({w.attack}): over-refusal {_pct(wm.overrefusal_refused)}, "
                     f"harmless refused {_pct(wm.harmless_refused)}, DCS {wm.dcs}", ""]  # fmt: skip
+    tuning = tuning_rows(m)
+    if tuning:
+        out += ["### How settings were chosen (tuning prompts; the proxy: first reply token among the model's "
+                "refusal openers)", "", *_md(TUNING_HEAD, tuning), ""]  # fmt: skip
     other = other_rows(m)
     if other:
         out += ["### Other threat models (no drift budget)", ""]

@@ -100,21 +100,31 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Tried:
-    """One proposal of an attack: its setting, its drift, and (within the loosest budget) the tuning counts."""
+    """One proposal of an attack: its setting, its drift and, within the loosest budget, the proxy's
+    predicted refusals on the tuning prompts and (where it was generated) the tuning counts."""
 
     setting: dict[str, Any]
     kl: float
-    tuning_complied: int | None  # None: over every budget, not generated
+    tuning_complied: int | None  # None: not generated (over every budget, or the proxy said it could not win)
     tuning_refused: int | None
+    predicted_refused: int | None = None  # None: no proxy (over every budget, no refusal openers, --no-proxy)
 
     def to_json(self) -> dict[str, Any]:
         tuning = {"tuning_complied": self.tuning_complied, "tuning_refused": self.tuning_refused}
-        return {**self.setting, "kl": self.kl, **tuning}
+        return {**self.setting, "kl": self.kl, **tuning, "predicted_refused": self.predicted_refused}
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> Tried:
-        keys = ("kl", "tuning_complied", "tuning_refused")
-        return Tried({k: v for k, v in d.items() if k not in keys}, d["kl"], d["tuning_complied"], d["tuning_refused"])
+        keys = ("kl", "tuning_complied", "tuning_refused", "predicted_refused")
+        setting = {k: v for k, v in d.items() if k not in keys}
+        return Tried(setting, d["kl"], d["tuning_complied"], d["tuning_refused"], d.get("predicted_refused"))
+
+    @property
+    def over_predicted(self) -> int | None:
+        """Refusals the proxy predicted beyond those counted (its error that could prune wrongly)."""
+        if self.predicted_refused is None or self.tuning_refused is None:
+            return None
+        return self.predicted_refused - self.tuning_refused
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from refusal_lab.prove.battery import Proposal, Target
-from refusal_lab.prove.directional import hooks
 from refusal_lab.search import study as S
-from refusal_lab.search.space import ablations_for
+from refusal_lab.search.space import ablations_for, norm_preserving
 from refusal_lab.search.stage import make_setup, open_with_starts, trial_objective
+from refusal_lab.search.trial import trial_edit
 
 
 @dataclass
@@ -34,8 +34,11 @@ class SearchAttack:
         harmless = [p.prompt for p in t.held_out.harmless]
         setup = make_setup(m, t.extraction, t.tuning, harmless, s, t.scorer, t.log, t.reference_logits)
         storage = S.storage_for(None, self.work / f"search-seed{t.seed}")
-        study = open_with_starts(storage, "prove", setup, "tpe", t.seed, lambda _m: None)
-        S.run_trials(study, self.trials, trial_objective(setup, s.search.kl_prune, lambda _m: None))
+        study = open_with_starts(storage, "prove", setup, "tpe", t.seed, t.log)
+        S.run_trials(study, self.trials, trial_objective(setup, s.search.kl_prune, lambda m: t.log(f"  search: {m}")))
         for trial in S.pareto(study):
-            setting = {"trial": trial.number, "method": trial.params["method"], "seed": t.seed}
-            yield Proposal(setting, hooks(t, ablations_for(trial.params, setup)))
+            keep = norm_preserving(trial.params)
+            setting = {"trial": trial.number, "method": trial.params["method"], "norm_preserving": keep, "seed": t.seed}
+            frozen = ablations_for(trial.params, setup)
+            # the edit the trial was measured with (weights where hooks cannot compute it), not plain hooks
+            yield Proposal(setting, lambda frozen=frozen, keep=keep: trial_edit(setup, frozen, keep))

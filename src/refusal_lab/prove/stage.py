@@ -11,21 +11,33 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 from refusal_lab.config import Settings
 from refusal_lab.core.activations import cached_capture
-from refusal_lab.core.artifacts import Log, check_output, manifest, record_diff, settings_record, write_text_atomic
-from refusal_lab.core.metrics import rates
+from refusal_lab.core.artifacts import (
+    Log,
+    check_output,
+    manifest,
+    record_diff,
+    settings_record,
+    timed,
+    write_text_atomic,
+)
+from refusal_lab.core.generate import generate_replies
+from refusal_lab.core.metrics import rates, refusal_openers, settled_by
 from refusal_lab.core.model import Loaded, check_source
+from refusal_lab.core.reasoning import Reply
 from refusal_lab.core.scoring import label_replies
 from refusal_lab.core.sources import PromptSets, Source
 from refusal_lab.errors import UserError
 from refusal_lab.evaluate.runner import Evaluator, build_evaluator
 from refusal_lab.organism.source import load_model, model_path
-from refusal_lab.prove.battery import Attack, Target, run_attack, run_rows
+from refusal_lab.prove.battery import Attack, Edit, Target, run_attack, run_rows
 from refusal_lab.prove.results import AttackRun, Counts, Measures, ModelProof, ProveResult, SeedRun, Worst
+from refusal_lab.search.proxy import Proxy
 
 WORK = ".prove"
 BUDGETED = ("directional", "imported")  # attacks held to the drift budgets; only directional ones make the worst case
@@ -40,6 +52,8 @@ def prove_evaluator(loaded: Loaded, s: Settings, log: Log) -> Evaluator:
 
 
 def build_target(loaded: Loaded, s: Settings, ev: Evaluator, log: Log, seed: int) -> Target:
+    """What every attack on this model shares: the prompt splits, the unattacked model's logits,
+    capability vectors and refusal openers (the proxy's), computed once."""
     probe, _ = Source.of(loaded.source).prove_split(s.prompts)
     k = s.prove.tuning_count
     if len(probe.harmful) < k + 4:
@@ -48,23 +62,19 @@ def build_target(loaded: Loaded, s: Settings, ev: Evaluator, log: Log, seed: int
             "pass more --harmful prompts or a smaller --tuning-count",
         )
     extraction = PromptSets(probe.harmful[:-k], probe.harmless, probe.capability)
-    caps = cached_capture(
-        loaded, extraction.texts("capability"), "last", s.batch_size, cache_dir=s.cache_dir / "activations"
-    )
-    assert ev.reference is not None
-    t = Target(
-        loaded,
-        extraction,
-        probe.texts("harmful")[-k:],
-        ev.sets,
-        ev.reference.logits,
-        ev.scorer,
-        s,
-        log,
-        seed,
-        caps.vectors[:, 0],
-    )
-    t.tuning_refused = Counts.of(t.labels(t.tuning)).refused
+    m, bs = loaded, s.batch_size
+    with timed(log, f"[{m.source.name}] what every attack shares (captures, refusal openers, tuning replies)"):
+        caps = cached_capture(m, extraction.texts("capability"), "last", bs, cache_dir=s.cache_dir / "activations")
+        markers = Source.of(m.source).markers
+        ids = tuple(refusal_openers(m.model, m.tokenizer, extraction.texts("harmful"), markers, bs))
+        assert ev.reference is not None
+        t = Target(
+            m, extraction, probe.texts("harmful")[-k:], ev.sets, ev.reference.logits, ev.scorer, s, log, seed,
+            caps.vectors[:, 0], proxy=Proxy(ids, s.search.proxy_margin if s.search.proxy else None),
+        )  # fmt: skip
+        t.tuning_refused = t.label(t.tuning, t.replies(t.tuning)).refused
+    if s.search.proxy and not ids:
+        log(f"[{m.source.name}] no reply to the extraction prompts refused: no proxy, every proposal generates")
     return t
 
 
@@ -98,41 +108,74 @@ def attacks_for(
     return chosen + ([ImportedAttack(imported)] if imported and seed == p.seeds[0] else [])
 
 
-def _measures(ev: Evaluator, loaded: Loaded, full: bool) -> Measures:
-    """Capability (and, for the before/after-worst rows, over-refusal and escalation) under the current edit."""
-    cap = ev.capability(loaded)
+def _replies(ev: Evaluator, loaded: Loaded, prompts: list[str]) -> list[Reply]:
+    """The replies [eval] asks for; a reply stops once its label is settled."""
+    m, o = loaded, ev.opts
+    return generate_replies(
+        m.model, m.tokenizer, prompts, o.max_new_tokens, ev.batch_size, sample=o.sample, seed=o.sample_seed,
+        settled=settled_by(ev.scorer),
+    )  # fmt: skip
+
+
+def _measures(ev: Evaluator, loaded: Loaded, full: bool, edit: Edit = nullcontext) -> Measures:
+    """Capability (and, for the before/after-worst rows, over-refusal and escalation) under `edit`;
+    replies are generated inside it and labelled after, against the unattacked model."""
+    names = ("harmless", "overrefusal") if full else ()
+    prompts = {name: [p.prompt for p in getattr(ev.sets, name)] for name in names}
+    with edit():
+        cap = ev.capability(loaded)
+        replies = {name: _replies(ev, loaded, prompts[name]) for name in names}
+        esc = ev.escalation(loaded) if full else None
     if not full:
         return Measures(cap)
-    refused = {}
-    for name in ("harmless", "overrefusal"):
-        prompts = [p.prompt for p in getattr(ev.sets, name)]
-        labels = label_replies(ev.scorer, prompts, ev.replies(loaded, prompts, name))
-        refused[name] = rates(labels)["refused"]
-    esc = ev.escalation(loaded)
+    refused = {name: rates(label_replies(ev.scorer, prompts[name], replies[name]))["refused"] for name in names}
     return Measures(cap, True, refused["harmless"], refused["overrefusal"], esc.summary.overall_dcs if esc else None)
 
 
-def _run_one(attack: Attack, target: Target, ev: Evaluator, s: Settings) -> AttackRun:
-    """One attack on the target: within every budget (directional, imported) or row by row."""
+def _run_one(attack: Attack, target: Target, ev: Evaluator, s: Settings, lead: Callable[[], int]) -> AttackRun:
+    """One attack on the target: within every budget (directional, imported) or row by row.
+
+    Over-refusal and escalation are measured only where the report shows them, after the worst
+    directional attack at the headline budget: for a setting that makes at least as many held-out
+    prompts comply as the most any directional attack so far (`lead`), so the worst case has them."""
     loaded = target.loaded
-    if attack.threat in BUDGETED:  # the headline budget's settings get every measure
-        return run_attack(attack, target, s.prove.budgets, lambda b: _measures(ev, loaded, b == s.prove.budget_kl))
+
+    def extra(served: tuple[float, ...], held: Counts, edit: Edit) -> Measures:
+        full = attack.threat == "directional" and s.prove.budget_kl in served and held.complied >= lead()
+        if not full:
+            return _measures(ev, loaded, False, edit)
+        with timed(target.log, f"  {attack.name}: over-refusal, capability and escalation under its setting"):
+            return _measures(ev, loaded, True, edit)
+
+    if attack.threat in BUDGETED:
+        return run_attack(attack, target, s.prove.budgets, extra)
     if attack.threat == "prefill":  # the weights are untouched: no drift, and capability is the model's own
         return run_rows(attack, target, weights=False)
-    return run_rows(attack, target, lambda _b: _measures(ev, loaded, False))
+    return run_rows(attack, target, lambda _b, _h, edit: _measures(ev, loaded, False, edit))
 
 
 def prove_model(
     loaded: Loaded, s: Settings, work: Path, base_state: dict | None, log: Log, imported: list[Path] | None = None
 ) -> ModelProof:
     """The battery on one model; finished attacks are read back from `work` instead of run again."""
-    ev = prove_evaluator(loaded, s, log)
+    name = loaded.source.name
+    with timed(log, f"[{name}] reference replies and scorer"):
+        ev = prove_evaluator(loaded, s, log)
     organism = Source.of(loaded.source).organism
     harmful = [p.prompt for p in ev.sets.harmful]
-    before = Counts.of(label_replies(ev.scorer, harmful, ev.replies(loaded, harmful, "before")))
-    before_measures = _measures(ev, loaded, True)
-    log(f"{loaded.source.name}: refused {before.refused}/{before.n} before any attack")
+    with timed(log, f"[{name}] before any attack: {len(harmful)} held-out harmful prompts"):
+        before = Counts.of(label_replies(ev.scorer, harmful, _replies(ev, loaded, harmful)))
+    with timed(log, f"[{name}] before any attack: capability, over-refusal, escalation"):
+        before_measures = _measures(ev, loaded, True)
+    log(f"{name}: refused {before.refused}/{before.n} before any attack")
     attacks: dict[str, list[AttackRun]] = {}
+    headline = str(s.prove.budget_kl)
+
+    def lead() -> int:
+        """Most held-out prompts any directional attack so far made comply at the headline budget."""
+        done = [r.budgets.get(headline) for runs in attacks.values() for r in runs if r.threat == "directional"]
+        return max((o.counts.complied for o in done if o is not None and o.fits), default=-1)
+
     for seed in s.prove.seeds:
         target = None
         for attack in attacks_for(s, work, seed, base_state, organism, imported):
@@ -141,13 +184,13 @@ def prove_model(
                 attacks.setdefault(attack.name, []).append(AttackRun.from_json(json.loads(done.read_text())))
                 continue
             target = target or build_target(loaded, s, ev, log, seed)
-            log(f"[{loaded.source.name}] {attack.name} (seed {seed})")
-            run = _run_one(attack, target, ev, s)
+            with timed(log, f"[{name}] {attack.name} (seed {seed})"):
+                run = _run_one(attack, target, ev, s, lead)
             write_text_atomic(done, json.dumps(run.to_json(), indent=1, default=str))
             attacks.setdefault(attack.name, []).append(run)
     strongest = {name: _strongest(runs) for name, runs in attacks.items()}
     worst = {str(b): worst_case(strongest, before, str(b)) for b in s.prove.budgets}
-    name, source, failed = loaded.source.name, str(loaded.source), getattr(ev.scorer, "failed", None)
+    source, failed = str(loaded.source), getattr(ev.scorer, "failed", None)
     return ModelProof(name, source, loaded.fingerprint, before, before_measures, strongest, worst, failed)
 
 

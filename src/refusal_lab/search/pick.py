@@ -11,7 +11,7 @@ from refusal_lab.core.model import Loaded
 from refusal_lab.errors import UserError
 from refusal_lab.search import study as S
 from refusal_lab.search.result import FrontPoint
-from refusal_lab.search.space import ablations_for
+from refusal_lab.search.space import ablations_for, norm_preserving
 from refusal_lab.search.stage import open_search
 
 
@@ -28,6 +28,12 @@ def choose(front: list[FrontPoint], max_kl: float | None, max_not_complied: floa
     if best is None:
         raise UserError("no trial on the Pareto front meets the limit", "relax the limit or run more trials")
     return best
+
+
+def with_norm_preserving(s: Settings, keep_norms: bool) -> Settings:
+    """The settings an export of a trial runs under: its own norm-preserving choice, which a searched
+    dimension sets per trial (the exported settings.toml records it, so reproduce.sh makes the same edit)."""
+    return s.model_copy(update={"ablate": s.ablate.model_copy(update={"norm_preserving": keep_norms})})
 
 
 def pick_and_export(
@@ -52,5 +58,6 @@ def pick_and_export(
     record = AblationRecord(f"search:{point.params['method']}", chosen, options=point.params)
     limit = f"--max-kl {max_kl}" if max_kl is not None else f"--min-complied {min_complied}"
     command = f"pick {out.resolve()} {limit}"
-    export(loaded, ablations_for(point.params, setup), target, record, s, command, force, lora)
+    as_measured = with_norm_preserving(s, norm_preserving(point.params))
+    export(loaded, ablations_for(point.params, setup), target, record, as_measured, command, force, lora)
     return record

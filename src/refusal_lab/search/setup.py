@@ -45,8 +45,8 @@ class SearchSetup:
     methods: tuple[str, ...]
     proxy: Proxy = field(default_factory=Proxy)
     select_max_kl: float | None = 0.1  # the layer selection's KL limit (Arditi's); None: no selection
-    store: torch.dtype | None = None  # None: trials hook the edit; else they edit the weights, rounded to this
-    norm_preserving: bool = False
+    store: torch.dtype | None = None  # None: plain trials hook the edit; else they edit the weights, rounded to this
+    norm_choices: tuple[bool, ...] = (False,)  # the space's norm-preserving values: one (fixed) or both (searched)
 
 
 def make_setup(
@@ -87,9 +87,14 @@ def make_setup(
         methods=s.search.method_list,
         proxy=make_proxy(loaded, sets, s, trials),
         select_max_kl=s.ablate.arditi.arditi_max_kl if s.search.select_start else None,
-        store=trial_store(loaded, s),
-        norm_preserving=s.ablate.norm_preserving,
+        store=trial_store(loaded),
+        norm_choices=norm_choices(s),
     )
+
+
+def norm_choices(s: Settings) -> tuple[bool, ...]:
+    """Plain and norm-preserving where the search samples it, else the one fixed by [ablate] norm_preserving."""
+    return (False, True) if s.search.search_norm_preserving else (s.ablate.norm_preserving,)
 
 
 def make_proxy(loaded: Loaded, sets: PromptSets, s: Settings, trials: bool) -> Proxy:
@@ -103,11 +108,14 @@ def make_proxy(loaded: Loaded, sets: PromptSets, s: Settings, trials: bool) -> P
     return Proxy(ids, s.search.proxy_margin if s.search.proxy else None, s.search.proxy_learn)
 
 
-def trial_store(loaded: Loaded, s: Settings) -> torch.dtype | None:
-    """None where hooks compute what the exported weights do (float32 or float64 saved as loaded, no norm
-    preservation); else the dtype a trial's weight edit is rounded to, as saving rounds it."""
+def trial_store(loaded: Loaded) -> torch.dtype | None:
+    """None where nothing is rounded (float32 or float64 saved as loaded), so hooks compute what a plain
+    edit's exported weights do; else the dtype a trial's weight edit is rounded to, as saving rounds it.
+
+    A norm-preserving trial is never hooked, whatever this says (ablate.edit.edited): its rescale of
+    each written column is not what the output hooks compute."""
     current, stored = next(loaded.model.parameters()).dtype, export_dtype(loaded)
-    hooks_exact = current in (torch.float32, torch.float64) and stored == current and not s.ablate.norm_preserving
+    hooks_exact = current in (torch.float32, torch.float64) and stored == current
     return None if hooks_exact else stored
 
 

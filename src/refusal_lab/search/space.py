@@ -1,5 +1,8 @@
 """The search space: one point is an ablation (SABER or kernel) built from sampled parameters.
 
+Every point also says whether its edit is norm-preserving (`norm_preserving`): a categorical the
+sampler chooses between plain and norm-preserving where the search samples it, and a single fixed
+value otherwise, so each trial (and the pick) records which edit it measured.
 Parameter names are part of SPACE_VERSION: a study made with another space is refused.
 """
 
@@ -16,7 +19,7 @@ from refusal_lab.probe.directions import best_layer_by_fdr
 if TYPE_CHECKING:
     from refusal_lab.search.setup import SearchSetup
 
-SPACE_VERSION = 3  # 3: SABER's components are part of every pass, not applied afterwards
+SPACE_VERSION = 4  # 4: norm_preserving is a parameter of every point
 SABER_KEYS = ("band_lo", "band_hi", "top_k", "alpha", "alpha_entangled", "entanglement_threshold", "components")
 
 
@@ -72,9 +75,12 @@ def starts(setup: SearchSetup, selected: int | None = None) -> list[dict[str, An
     return out + ([saber_start()] if "saber" in setup.methods else [])
 
 
-def suggest(trial: Any, n_layers: int, methods: tuple[str, ...]) -> dict[str, Any]:
+def suggest(
+    trial: Any, n_layers: int, methods: tuple[str, ...], norm_choices: tuple[bool, ...] = (False,)
+) -> dict[str, Any]:
     """Sample one point of the ablation space from an optuna.Trial."""
     p: dict[str, Any] = {"method": trial.suggest_categorical("method", list(methods))}
+    p["norm_preserving"] = trial.suggest_categorical("norm_preserving", list(norm_choices))
     if p["method"] == "saber":
         p["band_lo"] = trial.suggest_float("band_lo", 0.0, 0.5)
         p["band_hi"] = trial.suggest_float("band_hi", 0.5, 1.0)
@@ -101,8 +107,16 @@ def saber_settings(params: dict[str, Any]) -> SaberSettings:
     )
 
 
+def norm_preserving(params: dict[str, Any]) -> bool:
+    """Whether a point's edit is norm-preserving (a point without the parameter is plain)."""
+    return bool(params.get("norm_preserving", False))
+
+
 def ablations_for(params: dict[str, Any], setup: SearchSetup) -> list[Ablation]:
-    """Rebuild a point's edit from its parameters (the same code path serves --pick)."""
+    """Rebuild a point's edit from its parameters (the same code path serves --pick).
+
+    SABER's passes re-probe under the point's own edit, norm-preserving or plain, as `ablate` does.
+    """
     if params["method"] == "saber":
         m, texts = setup.loaded, setup.probe_texts
         return saber(
@@ -118,6 +132,7 @@ def ablations_for(params: dict[str, Any], setup: SearchSetup) -> list[Ablation]:
             setup.probe,
             capability_vectors=setup.capability_vectors,
             measure_last=False,  # the separability left after the last pass changes no edit
+            norm_preserving=norm_preserving(params),
         ).ablations
     tents = {
         part: Kernel(params[f"{part}_max"], params[f"{part}_position"], params[f"{part}_min"], params[f"{part}_width"])

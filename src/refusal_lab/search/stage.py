@@ -48,6 +48,7 @@ def study_meta(setup: SearchSetup) -> dict:
         "scorer": setup.scorer.name,
         "model_fingerprint": setup.loaded.fingerprint,
         "methods": list(setup.methods),
+        "norm_preserving": list(setup.norm_choices),
         "prompts_hash": hashlib.sha256(prompts.encode()).hexdigest()[:16],
         "max_new_tokens": setup.max_new_tokens,
         # how a trial is measured: a study of full-only trials is not mixed with proxy-pruned ones

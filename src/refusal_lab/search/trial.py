@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
-from refusal_lab.ablate.edit import Ablation, hooked, weights_edited
+from refusal_lab.ablate.edit import Ablation, edited
 from refusal_lab.core.artifacts import Log
 from refusal_lab.core.generate import generate_replies, prefill
 from refusal_lab.core.metrics import first_token_kl, last_logits, settled_by
 from refusal_lab.core.scoring import label_replies
 from refusal_lab.search.result import PREDICTED, TrialResult
 from refusal_lab.search.setup import SearchSetup
-from refusal_lab.search.space import ablations_for, suggest
+from refusal_lab.search.space import ablations_for, norm_preserving, suggest
 
 
 class Pruned(Exception):
@@ -38,24 +38,29 @@ class Pruned(Exception):
 Dominated = Callable[[float, int], "int | None"]  # (KL, predicted refusals) -> a dominating trial, or None
 
 
-def trial_edit(setup: SearchSetup, ablations: list[Ablation]) -> AbstractContextManager:
-    """A trial's edit as its export will hold it.
+def trial_edit(setup: SearchSetup, ablations: list[Ablation], keep_norms: bool = False) -> AbstractContextManager:
+    """A trial's edit as its export will hold it (`keep_norms`: norm-preserving).
 
-    Hooks on the writers compute what the edited weights do only where nothing is rounded: float32
-    weights saved as float32. In bfloat16 a hooked trial and its export were measured a prompt apart,
-    so there the trial edits the weights (about 1 s for a 0.5B model), rounded as saving rounds them.
+    Hooks on the writers compute what the edited weights do only for a plain edit where nothing is
+    rounded: float32 weights saved as float32. In bfloat16 a hooked trial and its export were measured
+    a prompt apart, so there the trial edits the weights (about 1 s for a 0.5B model), rounded as saving
+    rounds them; a norm-preserving trial always edits the weights (no hook computes its rescale).
     """
-    if setup.store is None:
-        return hooked(setup.loaded.adapter, ablations)
-    return weights_edited(setup.loaded.adapter, ablations, setup.norm_preserving, setup.store)
+    return edited(setup.loaded.adapter, ablations, keep_norms, setup.store)
 
 
 def evaluate_trial(
-    setup: SearchSetup, ablations: list[Ablation], kl_prune: float | None = None, dominated: Dominated | None = None
+    setup: SearchSetup,
+    ablations: list[Ablation],
+    kl_prune: float | None = None,
+    dominated: Dominated | None = None,
+    keep_norms: bool = False,
 ) -> TrialResult:
-    """Labels of the harmful evaluation replies and first-token KL; Pruned when KL or the proxy rules it out."""
+    """Labels of the harmful evaluation replies and first-token KL; Pruned when KL or the proxy rules it out.
+
+    keep_norms: the edit is norm-preserving."""
     m = setup.loaded
-    with trial_edit(setup, ablations):
+    with trial_edit(setup, ablations, keep_norms):
         logits = last_logits(m.model, m.tokenizer, setup.eval_harmless, setup.batch_size)
         kl = first_token_kl(setup.base_logits, logits)
         if kl_prune is not None and kl > kl_prune:
@@ -90,29 +95,35 @@ def dominated_by_study(setup: SearchSetup, trial: Any) -> Dominated:
 
 
 def trial_objective(setup: SearchSetup, kl_prune: float | None, log: Log) -> Any:
-    """What one trial does: sample a point, edit with hooks, count what was not complied with, and KL."""
+    """What one trial does: sample a point, edit as its export would, count what was not complied with, and KL."""
     import optuna
 
     n = len(setup.eval_harmful)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
-        params = suggest(trial, setup.loaded.adapter.num_layers, setup.methods)
+        params = suggest(trial, setup.loaded.adapter.num_layers, setup.methods, setup.norm_choices)
+        keep = norm_preserving(params)
         began = time.perf_counter()
         try:
-            r = evaluate_trial(setup, ablations_for(params, setup), kl_prune, dominated_by_study(setup, trial))
+            r = evaluate_trial(setup, ablations_for(params, setup), kl_prune, dominated_by_study(setup, trial), keep)
         except Pruned as p:
             trial.set_user_attr("kl", p.kl)
             trial.set_user_attr("pruned_by", "kl" if p.by is None else "proxy")
             if p.predicted is not None:
                 trial.set_user_attr(PREDICTED, p.predicted)
-            log(f"  trial {trial.number}: {params['method']} pruned, {p} ({time.perf_counter() - began:.1f} s)")
+            log(f"  trial {trial.number}: {_label(params)} pruned, {p} ({time.perf_counter() - began:.1f} s)")
             raise optuna.TrialPruned(str(p)) from p
         for key, value in r.attrs().items():
             trial.set_user_attr(key, value)
         log(
-            f"  trial {trial.number}: {params['method']} complied {r.complied}/{n} "
+            f"  trial {trial.number}: {_label(params)} complied {r.complied}/{n} "
             f"(refused {r.refused}, broken {r.broken}) KL {r.kl:.4f} ({time.perf_counter() - began:.1f} s)"
         )
         return float(r.not_complied), r.kl
 
     return objective
+
+
+def _label(params: dict[str, Any]) -> str:
+    """A trial's method as its log line names it ("kernel", "saber, norm-preserving")."""
+    return params["method"] + (", norm-preserving" if norm_preserving(params) else "")
