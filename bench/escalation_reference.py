@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from reference import models, sha  # noqa: E402
+from reference import models, reference_commands, sha  # noqa: E402
 
 REFERENCE = ROOT / "reference" / "escalation.jsonl"
 SETTINGS = {"dtype": "bfloat16", "max_new_tokens": 96, "batch_size": 16, "set": "default", "stateful": True}
@@ -126,17 +126,7 @@ def check(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("check", "dump"):
-        p = sub.add_parser(name)
-        p.add_argument("--model", action="append", required=True, help="TAG=FOLDER (a tag of the reference)")
-        if name == "dump":
-            p.add_argument("-o", "--out", type=Path, required=True)
-        else:
-            p.add_argument("--judge-local", type=Path, help="a local judge model folder")
-    p = sub.add_parser("record")
-    p.add_argument("read", type=Path)
+    ap, _ = reference_commands(__doc__)
     args = ap.parse_args()
     {"check": check, "dump": dump, "record": record}[args.cmd](args)
 

@@ -26,8 +26,10 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent
 REFERENCE = ROOT / "reference" / "replies.jsonl"
@@ -194,20 +196,33 @@ def check(args: argparse.Namespace) -> None:
                   f"({took:.0f} s)  reading->label {a.confusion}")  # fmt: skip
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def reference_commands(
+    doc: str | None, inputs: Callable[[argparse.ArgumentParser], None] = lambda _p: None
+) -> tuple[argparse.ArgumentParser, Any]:
+    """The check / dump / record commands every reference bench has; `inputs` adds the bench's own
+    input files to check and dump. Returns the parser and its subparsers (for commands of its own)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("check", "dump"):
         p = sub.add_parser(name)
         p.add_argument("--model", action="append", required=True, help="TAG=FOLDER (a tag of the reference)")
-        p.add_argument("--strongreject", type=Path, required=True, help="strongreject_dataset.csv")
-        p.add_argument("--harmbench", type=Path, required=True, help="harmbench_behaviors_text_test.csv")
+        inputs(p)
         if name == "dump":
             p.add_argument("-o", "--out", type=Path, required=True)
         else:
             p.add_argument("--judge-local", type=Path, help="a local judge model folder")
     p = sub.add_parser("record")
     p.add_argument("read", type=Path)
+    return ap, sub
+
+
+def _prompt_files(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strongreject", type=Path, required=True, help="strongreject_dataset.csv")
+    p.add_argument("--harmbench", type=Path, required=True, help="harmbench_behaviors_text_test.csv")
+
+
+def main() -> None:
+    ap, sub = reference_commands(__doc__, _prompt_files)
     p = sub.add_parser("extraction")
     p.add_argument("--strongreject", type=Path, required=True)
     p.add_argument("-o", "--out", type=Path, required=True)
