@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -79,10 +79,17 @@ def _judge_summary(own: list[str], verdicts: list[Verdict], agreed_with: str) ->
 
 
 def generate_for(
-    loaded: Loaded | Remote, prompts: Sequence, opts: EvalSettings, batch_size: int, desc: str, opener: str = ""
+    loaded: Loaded | Remote,
+    prompts: Sequence,
+    opts: EvalSettings,
+    batch_size: int,
+    desc: str,
+    opener: str = "",
+    settled: Callable[[str], bool] | None = None,
 ) -> list:
     """Replies (answer and reasoning) of a loaded model or an endpoint, as [eval] asks (greedy or seeded);
-    `opener`: each reply begins with it (a prefill), which needs the weights."""
+    `opener`: each reply begins with it (a prefill), which needs the weights; `settled`: a loaded
+    model's reply stops once its label is settled (only counts are wanted, not the whole reply)."""
     if opener and isinstance(loaded, Remote):
         raise UserError("--prefill needs the model itself: an endpoint's replies cannot be begun", "drop --endpoint")
     with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=None, leave=False) as bar:
@@ -90,7 +97,9 @@ def generate_for(
             return loaded.replies(prompts, opts.max_new_tokens, bar.update, opts.sample, opts.sample_seed)
         m, tok, o = loaded.model, loaded.tokenizer, opts
         n, seed = o.max_new_tokens, o.sample_seed
-        return generate_replies(m, tok, prompts, n, batch_size, bar.update, o.sample, seed=seed, opener=opener)
+        return generate_replies(
+            m, tok, prompts, n, batch_size, bar.update, o.sample, seed=seed, settled=settled, opener=opener
+        )
 
 
 @dataclass(frozen=True)
@@ -138,8 +147,15 @@ class Evaluator:
         """The model-free scorer (exact, coherence or keyword)."""
         return model_free(self.scorer)
 
-    def replies(self, loaded: Loaded | Remote, prompts: Sequence, desc: str, opener: str = "") -> list:
-        return generate_for(loaded, prompts, self.opts, self.batch_size, desc, opener)
+    def replies(
+        self,
+        loaded: Loaded | Remote,
+        prompts: Sequence,
+        desc: str,
+        opener: str = "",
+        settled: Callable[[str], bool] | None = None,
+    ) -> list:
+        return generate_for(loaded, prompts, self.opts, self.batch_size, desc, opener, settled)
 
     def _verdicts(self, pairs: list[tuple[str, str]], markers: Sequence[str]) -> list[Verdict] | None:
         if self.judge is None or self.judge_failed:

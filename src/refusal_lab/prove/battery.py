@@ -231,9 +231,11 @@ def run_rows(attack: Attack, t: Target, extra: Extra | None = None, weights: boo
     tried: list[Tried] = []
     outcomes: dict[str, Outcome] = {}
     for i, prop in enumerate(attack.proposals(t)):
-        with prop.edit():
+        prompts = [p.prompt for p in t.held_out.harmful]
+        with prop.edit():  # drift and replies under one edit, labels after it
             kl = t.kl() if weights else 0.0
-        held = t.measure(prop.edit, [p.prompt for p in t.held_out.harmful])
+            replies = t.replies(prompts)
+        held = t.label(prompts, replies)
         more = extra((), held, prop.edit) if extra else Measures()
         tried.append(Tried(prop.setting, kl, None, None))
         outcomes[f"row{i}"] = Outcome(True, prop.setting, kl, held, more)

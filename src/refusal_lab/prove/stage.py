@@ -26,10 +26,8 @@ from refusal_lab.core.artifacts import (
     timed,
     write_text_atomic,
 )
-from refusal_lab.core.generate import generate_replies
 from refusal_lab.core.metrics import rates, refusal_openers, settled_by
 from refusal_lab.core.model import Loaded, check_source
-from refusal_lab.core.reasoning import Reply
 from refusal_lab.core.scoring import label_replies
 from refusal_lab.core.sources import PromptSets, Source
 from refusal_lab.errors import UserError
@@ -108,15 +106,6 @@ def attacks_for(
     return chosen + ([ImportedAttack(imported)] if imported and seed == p.seeds[0] else [])
 
 
-def _replies(ev: Evaluator, loaded: Loaded, prompts: list[str]) -> list[Reply]:
-    """The replies [eval] asks for; a reply stops once its label is settled."""
-    m, o = loaded, ev.opts
-    return generate_replies(
-        m.model, m.tokenizer, prompts, o.max_new_tokens, ev.batch_size, sample=o.sample, seed=o.sample_seed,
-        settled=settled_by(ev.scorer),
-    )  # fmt: skip
-
-
 def _measures(ev: Evaluator, loaded: Loaded, full: bool, edit: Edit = nullcontext) -> Measures:
     """Capability (and, for the before/after-worst rows, over-refusal and escalation) under `edit`;
     replies are generated inside it and labelled after, against the unattacked model."""
@@ -124,7 +113,8 @@ def _measures(ev: Evaluator, loaded: Loaded, full: bool, edit: Edit = nullcontex
     prompts = {name: [p.prompt for p in getattr(ev.sets, name)] for name in names}
     with edit():
         cap = ev.capability(loaded)
-        replies = {name: _replies(ev, loaded, prompts[name]) for name in names}
+        settled = settled_by(ev.scorer)  # only counts are kept: a reply stops once its label is settled
+        replies = {name: ev.replies(loaded, prompts[name], name, settled=settled) for name in names}
         esc = ev.escalation(loaded) if full else None
     if not full:
         return Measures(cap)
@@ -164,7 +154,8 @@ def prove_model(
     organism = Source.of(loaded.source).organism
     harmful = [p.prompt for p in ev.sets.harmful]
     with timed(log, f"[{name}] before any attack: {len(harmful)} held-out harmful prompts"):
-        before = Counts.of(label_replies(ev.scorer, harmful, _replies(ev, loaded, harmful)))
+        replies = ev.replies(loaded, harmful, "before", settled=settled_by(ev.scorer))
+        before = Counts.of(label_replies(ev.scorer, harmful, replies))
     with timed(log, f"[{name}] before any attack: capability, over-refusal, escalation"):
         before_measures = _measures(ev, loaded, True)
     log(f"{name}: refused {before.refused}/{before.n} before any attack")
