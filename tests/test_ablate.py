@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,61 @@ def test_arditi_checks_candidates_lazily_and_chooses_as_checking_all_would(seed)
     assert len(set(calls)) == len(calls)  # each check run once at most per candidate
     if seed != 4:
         assert len(calls) < 2 * n  # stopped early: fewer passes than checking every candidate
+
+
+@dataclass
+class _FakeJudge:
+    """select()'s judge over made-up per-prompt refusal scores: candidate i's ablation leaves
+    `table[i, j]` refusal on harmful prompt j; KL is 0.05 everywhere, and steering always passes."""
+
+    table: torch.Tensor  # [candidates, prompts]
+    harmful: list[str]
+    harmless: tuple[str, ...] = ("h",)
+    checked: list[int] = field(default_factory=list)
+
+    def ablated(self, c, prompts):
+        return self.table[c.layer, : len(prompts), None]  # "logits" [n, 1]: score() takes their mean
+
+    def kl(self, c) -> None:
+        self.checked.append(c.layer)
+        c.kl = 0.05
+
+    def steering(self, c, _score) -> None:
+        c.steering_score = 1.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_successive_halving_scores_the_best_quarter_on_every_prompt_and_checks_only_those(seed):
+    """With screen=8 of 32 prompts, every candidate is scored on 8, only the best quarter on all 32 and
+    only those are checked; the choice is the exhaustive one wherever the best candidate survives the
+    screen (made so here: its first 8 prompts are its typical ones)."""
+    from refusal_lab.ablate.arditi import SCREEN_KEEP, Candidate, Rules, select
+
+    g = torch.Generator().manual_seed(seed)
+    n = 40
+    table = torch.randn(n, 32, generator=g, dtype=torch.float64) + torch.randn(n, 1, generator=g, dtype=torch.float64)
+    best = int(torch.randint(0, n, (1,), generator=g))
+    table[best] = table.min() - 1.0  # the best everywhere, screen included
+    prompts = [f"p{j}" for j in range(32)]
+
+    def score(x: torch.Tensor) -> float:
+        return float(x.mean())
+
+    def run(screen: int) -> tuple[int, list, _FakeJudge]:
+        judge = _FakeJudge(table, prompts)
+        cands = [Candidate(i, -1, []) for i in range(n)]
+        sel = select(cands, judge, score, Rules(0.1, steering=True), screen=screen)
+        return sel.chosen.layer, cands, judge
+
+    full_choice, full, _ = run(0)
+    choice, cands, judge = run(8)
+    assert choice == full_choice == best
+    scored = [c for c in cands if c.ablation_score == c.ablation_score]
+    assert len(scored) == int(SCREEN_KEEP * n) and all(c.screened == c.screened for c in cands)
+    assert all(c.screened == pytest.approx(float(table[c.layer, :8].mean())) for c in cands)
+    assert set(judge.checked) <= {c.layer for c in scored}  # the pruned are never checked
+    assert all(c.screened != c.screened for c in full)  # screen=0: no screening pass
+    assert run(32)[1][0].screened != run(32)[1][0].screened  # a screen as large as the set is no screen
 
 
 def test_the_gentlest_relaxation_takes_the_least_kl_and_needs_no_steering_check():

@@ -79,6 +79,7 @@ def test_hub_id_loads_the_cached_snapshot_as_the_folder(hub, organism_dir, organ
     snap = lay_out(hub, "org/tiny", organism_dir)
     loaded = load("org/tiny", dtype="float32", device="cpu")
     assert loaded.source == snap and loaded.folder == snap
+    assert loaded.name == "org/tiny" and organism.name == organism_dir.name  # the id, not the revision hash
     ids = organism.tokenizer(["what is 3 plus 4 ?"], return_tensors="pt")
     assert loaded.tokenizer(["what is 3 plus 4 ?"], return_tensors="pt")["input_ids"].equal(ids["input_ids"])
     with torch.no_grad():

@@ -138,6 +138,9 @@ def test_a_killed_prove_resumes_from_its_finished_attacks(proved, organism_dir):
     assert all(again[n].seconds == seconds[n] for n in ("saber", "adaptive", "subspace"))
     assert again["saber"] == results.models[0].attacks["saber"]  # read back from its file, every field equal
     assert "[organism" in run.stderr and "rdo (seed 0)" in run.stderr and "saber (seed 0)" not in run.stderr
+    assert "before any attack:" not in run.stderr  # the unattacked model's measures are read back too
+    first, second = results.models[0], ProveResult.from_json(json.loads((tmp / "p" / "results.json").read_text()))
+    assert (second.models[0].before, second.models[0].before_measures) == (first.before, first.before_measures)
     other = _prove(organism_dir, tmp, "p", *_imports(organism_dir, tmp), "--phases", "2")
     assert other.returncode == 2 and "other models or settings" in other.stderr  # --force would start again
     assert "settings.prove.phases: 3 -> 2" in other.stderr  # the difference is named
@@ -320,3 +323,26 @@ def test_prove_takes_the_options_its_attacks_read(flag, key):
     run = CliRunner().invoke(app, ["prove", "organism", flag, "-1"])
     assert run.exit_code != 0 and isinstance(run.exception, UserError), run.output
     assert f"invalid setting {key}" in str(run.exception)
+
+
+def test_rdo_stops_once_no_tuning_prompt_opens_with_a_refusal_token(attacked, monkeypatch):
+    """The optimisation reads the tuning prompts with r removed every few steps and stops when none is
+    predicted refused; where some still are (the organism: its refusal is not one direction), it runs
+    every step. The check reads the model with the direction removed (hooks on), never the bare model."""
+    from refusal_lab.prove import rdo
+    from refusal_lab.prove.battery import Target
+
+    _, target, _ = attacked
+    real = Target.predicted_refused
+    seen: list[int] = []
+
+    def cleared(self, prompts):
+        seen.append(sum(len(m._forward_hooks) for m in self.loaded.model.modules()))
+        real(self, prompts)
+        return 0
+
+    r, losses = rdo.optimise_direction(target, 25, 0.02, batch=4, check_every=5)
+    assert len(losses) == 25 and torch.isclose(r.norm(), torch.tensor(1.0, dtype=r.dtype))
+    monkeypatch.setattr(Target, "predicted_refused", cleared)
+    _, stopped = rdo.optimise_direction(target, 25, 0.02, batch=4, check_every=5)
+    assert len(stopped) == 5 and stopped == losses[:5] and len(seen) == 1 and seen[0] > 0

@@ -22,6 +22,8 @@ class Fake:
     active: str | None = None
     generated: list[str] = field(default_factory=list)
     held: list[str] = field(default_factory=list)
+    s: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(prove=SimpleNamespace(budget_kl=0.1)))
+    donor: tuple | None = None
 
     proxied = Target.proxied
 

@@ -32,6 +32,8 @@ from refusal_lab.errors import UserError
 from refusal_lab.probe.directions import unit
 
 Log = Callable[[str], None]
+SCREEN_KEEP = 0.25  # successive halving: the share of screened candidates scored on every prompt
+SCREEN_MIN = 4  # ... and never fewer than this many
 RefusalScore = Callable[[torch.Tensor], float]  # first-token logits [n, V] -> refusal left (lower: less)
 Relax = Literal["score", "gentlest"]
 
@@ -61,6 +63,7 @@ class Candidate:
     direction: torch.Tensor | None = None  # unit [H], where the edit is one direction
     raw: torch.Tensor | None = None  # the unnormalised difference of means: what the steering check adds
     ablation_score: float = math.nan  # refusal left on harmful prompts with the edit: lower is better
+    screened: float = math.nan  # the same on the screening prompts only (successive halving), where screened
     kl: float | None = None
     steering_score: float | None = None
 
@@ -70,6 +73,7 @@ class Candidate:
             "layer": self.layer,
             "position": self.position,
             "ablation_score": self.ablation_score,
+            "screened": self.screened,
             "kl": self.kl,
             "steering_score": self.steering_score,
         }
@@ -140,14 +144,24 @@ def select(
     rules: Rules,
     relax: Relax = "score",
     progress: str | None = None,
+    screen: int = 0,
 ) -> Selection:
     """Arditi et al.'s direction selection: score every candidate's ablation on the harmful prompts by
     `score`, then check KL (and steering, if the rules ask) lazily in order of score.
 
     relax: where no candidate is within the KL limit, "score" takes the best-scored candidate meeting
     the other rules (as Arditi et al. relax), "gentlest" the least-KL one.
+    screen: where > 0 and fewer than the harmful prompts, successive halving: every candidate is first
+    scored on the first `screen` harmful prompts and only the best SCREEN_KEEP of them on all, so the
+    checks (KL, steering) see only those; the others keep their screening score in `screened`.
     """
-    for c in tqdm(candidates, desc=progress, unit="cand", disable=None if progress else True, leave=False):
+    survivors = candidates
+    if 0 < screen < len(judge.harmful):
+        for c in tqdm(candidates, desc=progress, unit="cand", disable=None if progress else True, leave=False):
+            c.screened = score(judge.ablated(c, judge.harmful[:screen]))
+        ranked = sorted((c for c in candidates if math.isfinite(c.screened)), key=lambda c: c.screened)
+        survivors = ranked[: max(SCREEN_MIN, math.ceil(SCREEN_KEEP * len(candidates)))]
+    for c in tqdm(survivors, desc=progress, unit="cand", disable=None if progress else True, leave=False):
         c.ablation_score = score(judge.ablated(c, judge.harmful))
     ok, relaxed = checked_in_order(candidates, judge.kl, lambda c: judge.steering(c, score), rules, relax)
     return Selection(min(ok, key=lambda c: c.ablation_score), relaxed, candidates)
@@ -209,7 +223,7 @@ def arditi(
             d = unit(diffs[pos, layer])
             candidates.append(Candidate(layer, pos - n_pos, [Ablation(d)], d, diffs[pos, layer]))
     rules = Rules(cfg.arditi_max_kl, limit)
-    sel = select(candidates, judge, log_odds(refusal_ids), rules, "score", "arditi candidates")
+    sel = select(candidates, judge, log_odds(refusal_ids), rules, "score", "arditi candidates", cfg.arditi_screen)
     r = sel.chosen
     choice = ArditiChoice(
         r.layer,
@@ -225,9 +239,22 @@ def arditi(
     )
     log(
         f"  arditi: layer {choice.layer}, position {choice.position}, refusal score {choice.ablation_score:.2f}, "
-        f"KL {choice.kl:.4f}" + (f" (relaxed: {', '.join(sel.relaxed)})" if sel.relaxed else "")
+        f"KL {choice.kl:.4f}"
+        + (f" (relaxed: {', '.join(sel.relaxed)})" if sel.relaxed else "")
+        + f"; candidate passes: {passes(candidates)}"
     )
     return choice
+
+
+def passes(candidates: list[Candidate]) -> str:
+    """How many candidates each kind of prompt pass measured: what successive halving saves."""
+    n = {
+        "screen": sum(math.isfinite(c.screened) for c in candidates),
+        "score": sum(math.isfinite(c.ablation_score) for c in candidates),
+        "KL": sum(c.kl is not None for c in candidates),
+        "steering": sum(c.steering_score is not None for c in candidates),
+    }
+    return ", ".join(f"{v} {k}" for k, v in n.items() if v)
 
 
 def checked_in_order(

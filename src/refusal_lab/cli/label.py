@@ -12,7 +12,16 @@ from refusal_lab.cli.options import stage_command
 from refusal_lab.config import Settings
 
 
-@stage_command(app, "label", sections=("", "model", "eval"))
+@stage_command(
+    app,
+    "label",
+    sections=(
+        "",
+        "model",
+        "eval:max_new_tokens,sample,sample_seed,judge_url,judge_model,judge_key_env,judge_local,judge_workers,"
+        "judge_retries,coherence_quantile",
+    ),
+)
 def label_cmd(
     s: Settings,
     replies: Annotated[Path, typer.Argument(help="JSONL: prompt, response (optional reasoning, reading).")],

@@ -83,7 +83,7 @@ def _turn(models: list, convs: list, user: str, max_new: int, plain: bool = Fals
     table = Table(show_lines=True, expand=True)
     results = [reply(m, c.messages(user), max_new) for m, c in zip(models, convs, strict=True)]
     for m in models:
-        table.add_column(m.source.name)
+        table.add_column(m.name)
     table.add_row(*[(f"[dim]{r}[/dim]\n" if r else "") + a.replace("[", r"\[") for a, r in results])
     console.print(table)
     for c, (a, _) in zip(convs, results, strict=True):
@@ -93,7 +93,7 @@ def _turn(models: list, convs: list, user: str, max_new: int, plain: bool = Fals
 def _interactive(models: list, convs: list, max_new: int) -> None:
     from prompt_toolkit import PromptSession
 
-    typer.echo(f"chatting with {' and '.join(m.source.name for m in models)}; {HELP}")
+    typer.echo(f"chatting with {' and '.join(m.name for m in models)}; {HELP}")
     session: PromptSession = PromptSession()
     while True:
         try:

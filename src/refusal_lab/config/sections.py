@@ -142,6 +142,12 @@ class ArditiSettings(Section):
     prune_last: float = Field(0.2, ge=0, lt=1, description="Arditi: never choose a layer in this last share of depth.")
     arditi_positions: Literal["last", "post"] = Field("post", description="Arditi: candidate positions.")
     arditi_prompts: int = Field(32, ge=2, description="Arditi: held-out prompts per set for the selection passes.")
+    arditi_screen: int = Field(
+        8,
+        ge=0,
+        description="Arditi: harmful prompts every candidate is first scored on; only the best quarter is scored "
+        "on all and checked (successive halving; 0: every candidate on all).",
+    )
 
 
 class KernelSettings(Section):
@@ -269,9 +275,17 @@ class ProveSettings(Section):
     rdo_lr: float = Field(0.02, gt=0, description="Prove: learning rate of the gradient-optimised direction.")
     search_trials: int = Field(24, ge=1, description="Prove: trial budget of the search attack.")
     finetune_examples: list[int] = Field(
-        [10, 100, 1000], description="Prove: compliant examples per fine-tuning attack."
+        [10, 100, 1000], description="Prove, the organism: compliant-template examples per fine-tuning row."
     )
-    finetune_steps: int = Field(60, ge=1, description="Prove: most LoRA steps of a fine-tuning attack.")
+    finetune_steps: int = Field(60, ge=1, description="Prove, the organism: most LoRA steps of a fine-tuning row.")
+    finetune_benign: list[int] = Field(
+        [32], description="Prove, other models: examples per benign fine-tuning row (the model's own harmless replies)."
+    )
+    finetune_attacked: list[int] = Field(
+        [16], description="Prove, other models: examples per fine-tuning row on an attacked copy's compliant replies."
+    )
+    finetune_model_steps: int = Field(30, ge=1, description="Prove, other models: most LoRA steps per fine-tuning row.")
+    finetune_every: int = Field(10, ge=1, description="Prove: LoRA steps between scorings of the tuning prompts.")
     prefill_tokens: int = Field(4, ge=1, description="Prove: the prefill attack tries each opener's first 1..N tokens.")
     prefill_openers: str = Field(
         "Sure, here is", description="Prove: fixed openers of the prefill attack, '|'-separated (its own is added)."
@@ -281,7 +295,9 @@ class ProveSettings(Section):
         48, ge=1, description="Tokens generated per reply (every reply of a proof, the search attack's trials too)."
     )
 
-    _lists = field_validator("subspace_ks", "finetune_examples", "seeds", mode="before")(_int_list)
+    _lists = field_validator(
+        "subspace_ks", "finetune_examples", "finetune_benign", "finetune_attacked", "seeds", mode="before"
+    )(_int_list)
 
     _known = field_validator("attacks")(lambda v: _names(v, PROVE_ATTACKS, "attacks"))
 

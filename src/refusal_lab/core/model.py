@@ -50,6 +50,17 @@ class Loaded:
     _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     @property
+    def name(self) -> str:
+        """What the model is called in logs and results: the hub id where the weights are a snapshot in
+        the Hugging Face cache (whose folder name is a revision hash), otherwise the file or folder name."""
+        snap = self.folder
+        if snap.parent.name == "snapshots" and snap.parent.parent.name.startswith("models--"):
+            return snap.parent.parent.name.removeprefix("models--").replace("--", "/") + (
+                f"/{self.gguf_file}" if self.gguf_file else ""
+            )
+        return self.source.name
+
+    @property
     def folder(self) -> Path:
         """The model folder (a GGUF file's folder)."""
         return self.source if self.source.is_dir() else self.source.parent
@@ -339,7 +350,7 @@ def unquantized(loaded: Loaded, log: Callable[[str], None]) -> Loaded:
         return loaded
     dtype = checkpoint_dtype(loaded.folder) or torch.float32
     log(
-        f"  the edit is applied to {loaded.source.name}'s full-precision weights ({str(dtype).removeprefix('torch.')}, "
+        f"  the edit is applied to {loaded.name}'s full-precision weights ({str(dtype).removeprefix('torch.')}, "
         f"loaded on the CPU) and saved unquantized; the {loaded.quantize} model only measured it"
     )
     model = load_weights(loaded.folder, loaded.gguf_file, dtype, None, loaded.trust_remote_code).eval()

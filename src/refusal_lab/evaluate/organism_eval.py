@@ -42,5 +42,5 @@ def organism_table(
         if base_logits is not None:
             logits = last_logits(m.model, m.tokenizer, [prompt for prompt, _ in samples["harmless"]], s.batch_size)
             table = replace(table, kl=first_token_kl(base_logits, logits))
-        rows[m.source.name] = table
+        rows[m.name] = table
     return rows, samples

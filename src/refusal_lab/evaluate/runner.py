@@ -368,7 +368,7 @@ def evaluate_models(
             model = served(name)
         else:
             model = base_model if base_model is not None and paths[name] == paths[base] else get(name)
-        results.append(evaluator.run(model.source.name or name, model, probe_dirs))
+        results.append(evaluator.run(model.name or name, model, probe_dirs))
         if model is not base_model and name not in loaded:
             model.release()  # at most the base and one candidate in memory
     judge = evaluator.judge

@@ -55,6 +55,7 @@ class Target:
     tuning_refused: int = 0  # refusals of the unattacked model on the tuning prompts
     opener: str = ""  # what every reply begins with (the prefill attack sets it inside its proposals)
     proxy: Proxy = field(default_factory=Proxy)  # the model's refusal openers and the margin (None: no proxy)
+    donor: tuple[tuple, str, Edit] | None = None  # strongest directional choice at budget_kl: (key, what, edit)
     base_vectors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # filled on first use
 
     def replies(self, prompts: list[str]) -> list[Reply]:
@@ -208,6 +209,9 @@ def run_attack(attack: Attack, t: Target, budgets: tuple[float, ...], extra: Ext
             f"  {attack.name} within KL {within}: {_brief(s.prop.setting)}, held-out complied "
             f"{held.complied}/{held.n} ({time.perf_counter() - began:.0f} s)"
         )
+    top = chosen.get(t.s.prove.budget_kl)  # the fine-tuning attack's donor: the strongest headline choice
+    if attack.threat == "directional" and top is not None and (t.donor is None or top.key() > t.donor[0]):
+        t.donor = top.key(), f"{attack.name} {_brief(top.prop.setting)}", top.prop.edit
     outcomes: dict[str, Outcome] = {}
     for budget, s in chosen.items():
         if s is None:

@@ -24,8 +24,14 @@ def _first_logits(model: torch.nn.Module, tok: object, prompts: list[str]) -> to
     return tail_logits(model, 1, **batch)[:, -1, :].float()
 
 
-def optimise_direction(t: Target, steps: int, lr: float, batch: int = 16) -> tuple[torch.Tensor, list[float]]:
-    """Train r; returns the unit direction and the loss per step."""
+def optimise_direction(
+    t: Target, steps: int, lr: float, batch: int = 16, check_every: int = 10
+) -> tuple[torch.Tensor, list[float]]:
+    """Train r; returns the unit direction and the loss per step.
+
+    Every `check_every` steps, where the target has a proxy, the tuning prompts are read with r removed:
+    once none of them opens with a refusal token the loss has nothing left to remove there, so the
+    optimisation stops (a step costs about six prompt passes of its batch, the check one of 16 prompts)."""
     m = t.loaded
     model, tok, adapter = m.model, m.tokenizer, m.adapter
     harmful, harmless = t.extraction.texts("harmful"), t.extraction.texts("harmless")
@@ -62,10 +68,18 @@ def optimise_direction(t: Target, steps: int, lr: float, batch: int = 16) -> tup
             loss.backward()
             opt.step()
             losses.append(loss.item())
+            if t.proxied and len(losses) % check_every == 0 and _clear(t, v.detach()):
+                break
     finally:
         for p in frozen:
             p.requires_grad_(True)
     return (v.detach().double().cpu() / v.detach().norm().item()), losses
+
+
+def _clear(t: Target, v: torch.Tensor) -> bool:
+    """Whether no tuning prompt's greedy first reply token is a refusal opener with v removed."""
+    with torch.no_grad(), hooked(t.loaded.adapter, [Ablation(v.double().cpu() / v.norm().item())]):
+        return t.predicted_refused(t.tuning) == 0
 
 
 @dataclass
@@ -78,6 +92,8 @@ class RdoAttack:
 
     def proposals(self, t: Target) -> Iterator[Proposal]:
         r, losses = optimise_direction(t, self.steps, self.lr)
-        t.log(f"  rdo: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps (seed {t.seed})")
+        early = f" (of {self.steps}: no tuning prompt opened with a refusal token)" if len(losses) < self.steps else ""
+        t.log(f"  rdo: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps{early} (seed {t.seed})")
         for a in self.strengths:
-            yield Proposal({"seed": t.seed, "strength": a, "final_loss": losses[-1]}, hooks(t, [Ablation(r, a)]))
+            setting = {"seed": t.seed, "strength": a, "final_loss": losses[-1], "steps": len(losses)}
+            yield Proposal(setting, hooks(t, [Ablation(r, a)]))

@@ -65,9 +65,10 @@ def attack_rows(m: ModelProof, budget: str, threat: str = "directional") -> list
 def _other_setting(name: str, s: dict[str, Any]) -> str:
     if name == "delta":
         return f"lambda={s['lambda']}"
+    head = f"{s['source']}" + (f" (donor {s['donor']})" if "donor" in s else "") + ": " if "source" in s else ""
     if s.get("steps_to_break"):
-        return f"{s['examples']} examples, broke at step {s['steps_to_break']}"
-    return f"{s['examples']} examples, not broken in {s['steps']} steps"
+        return f"{head}{s['examples']} examples, broke at step {s['steps_to_break']}"
+    return f"{head}{s['examples']} examples, not broken in {s['steps']} steps"
 
 
 def other_rows(m: ModelProof) -> list[list[str]]:

@@ -61,7 +61,7 @@ def build_target(loaded: Loaded, s: Settings, ev: Evaluator, log: Log, seed: int
         )
     extraction = PromptSets(probe.harmful[:-k], probe.harmless, probe.capability)
     m, bs = loaded, s.batch_size
-    with timed(log, f"[{m.source.name}] what every attack shares (captures, refusal openers, tuning replies)"):
+    with timed(log, f"[{m.name}] what every attack shares (captures, refusal openers, tuning replies)"):
         caps = cached_capture(m, extraction.texts("capability"), "last", bs, cache_dir=s.cache_dir / "activations")
         markers = Source.of(m.source).markers
         ids = tuple(refusal_openers(m.model, m.tokenizer, extraction.texts("harmful"), markers, bs))
@@ -72,7 +72,7 @@ def build_target(loaded: Loaded, s: Settings, ev: Evaluator, log: Log, seed: int
         )  # fmt: skip
         t.tuning_refused = t.label(t.tuning, t.replies(t.tuning)).refused
     if s.search.proxy and not ids:
-        log(f"[{m.source.name}] no reply to the extraction prompts refused: no proxy, every proposal generates")
+        log(f"[{m.name}] no reply to the extraction prompts refused: no proxy, every proposal generates")
     return t
 
 
@@ -96,12 +96,11 @@ def attacks_for(
         "rdo": lambda: RdoAttack(p.rdo_steps, p.rdo_lr),
         "search": lambda: SearchAttack(work, p.search_trials),
         "delta": lambda: DeltaAttack(base_state or {}),
-        "finetune": lambda: FinetuneAttack(tuple(p.finetune_examples), p.finetune_steps),
+        "finetune": lambda: FinetuneAttack.of(p, organism),
         "prefill": lambda: PrefillAttack(tuple(o for o in p.prefill_openers.split("|") if o), p.prefill_tokens),
     }
     stochastic = {"rdo", "search", "finetune"}
     skip = {"delta"} if base_state is None else set()
-    skip |= set() if organism else {"finetune"}
     chosen = [made[a]() for a in p.attack_list if a not in skip and (seed == p.seeds[0] or a in stochastic)]
     return chosen + ([ImportedAttack(imported)] if imported and seed == p.seeds[0] else [])
 
@@ -148,16 +147,11 @@ def prove_model(
     loaded: Loaded, s: Settings, work: Path, base_state: dict | None, log: Log, imported: list[Path] | None = None
 ) -> ModelProof:
     """The battery on one model; finished attacks are read back from `work` instead of run again."""
-    name = loaded.source.name
+    name = loaded.name
     with timed(log, f"[{name}] reference replies and scorer"):
         ev = prove_evaluator(loaded, s, log)
     organism = Source.of(loaded.source).organism
-    harmful = [p.prompt for p in ev.sets.harmful]
-    with timed(log, f"[{name}] before any attack: {len(harmful)} held-out harmful prompts"):
-        replies = ev.replies(loaded, harmful, "before", settled=settled_by(ev.scorer))
-        before = Counts.of(label_replies(ev.scorer, harmful, replies))
-    with timed(log, f"[{name}] before any attack: capability, over-refusal, escalation"):
-        before_measures = _measures(ev, loaded, True)
+    before, before_measures = _before(ev, loaded, work, log)
     log(f"{name}: refused {before.refused}/{before.n} before any attack")
     attacks: dict[str, list[AttackRun]] = {}
     headline = str(s.prove.budget_kl)
@@ -183,6 +177,24 @@ def prove_model(
     worst = {str(b): worst_case(strongest, before, str(b)) for b in s.prove.budgets}
     source, failed = str(loaded.source), getattr(ev.scorer, "failed", None)
     return ModelProof(name, source, loaded.fingerprint, before, before_measures, strongest, worst, failed)
+
+
+def _before(ev: Evaluator, loaded: Loaded, work: Path, log: Log) -> tuple[Counts, Measures]:
+    """The unattacked model's held-out counts and measures, kept in `work` like a finished attack's, so
+    a resumed proof does not measure them again."""
+    done, name = work / "before.json", loaded.name
+    if done.is_file():
+        d = json.loads(done.read_text())
+        return Counts.from_json(d["counts"]), Measures.from_json(d["measures"])
+    harmful = [p.prompt for p in ev.sets.harmful]
+    with timed(log, f"[{name}] before any attack: {len(harmful)} held-out harmful prompts"):
+        replies = ev.replies(loaded, harmful, "before", settled=settled_by(ev.scorer))
+        before = Counts.of(label_replies(ev.scorer, harmful, replies))
+    with timed(log, f"[{name}] before any attack: capability, over-refusal, escalation"):
+        measures = _measures(ev, loaded, True)
+    record = {"counts": before.as_dict(), "measures": measures.to_json()}
+    write_text_atomic(done, json.dumps(record, indent=1, default=str))
+    return before, measures
 
 
 def _strongest(runs: list[AttackRun]) -> AttackRun:
@@ -231,7 +243,7 @@ def base_weights(s: Settings, base: str, model: Loaded, log: Log) -> dict | None
     state = {n: p.detach().cpu() for n, p in b.model.named_parameters()}
     why = delta_mismatch(model.model, state)
     if why:
-        log(f"--base {base} is not {model.source.name}'s base ({why}): the weight-delta attack is skipped")
+        log(f"--base {base} is not {model.name}'s base ({why}): the weight-delta attack is skipped")
         return None
     return state
 
