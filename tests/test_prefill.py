@@ -135,3 +135,15 @@ def test_eval_prefill_opens_the_refusal_sets_replies_and_not_capability(tmp_path
     assert all(r["response"].startswith("sure") for r in m["harmful"]["rows"])
     assert m["harmful"]["complied"] >= 0.75 and m["harmful"]["refused"] == 0.0, m["harmful"]
     assert m["capability"]["recognition"] == 1.0
+
+
+def test_the_own_opener_stops_where_the_replies_part_ways():
+    """The opener grows token by token while at least half the replies sharing it go on alike: a start
+    that only one topic's replies share ("A rainbow ...") is not the model's way of opening a reply."""
+    from refusal_lab.prove.prefill import common_start
+
+    sure = [[1, 2, 3, 9], [1, 2, 3, 8], [1, 2, 4], [1, 2, 3, 7]]  # "Sure , here ..." in most replies
+    assert common_start(sure, 4) == [1, 2, 3]
+    topical = [[5, 6, 7], [5, 8, 9], [5, 10], [5, 11], [1, 2]]  # "A" then a different topic each time
+    assert common_start(topical, 4) == [5]
+    assert common_start([], 4) == [] and common_start(sure, 2) == [1, 2]

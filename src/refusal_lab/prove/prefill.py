@@ -35,16 +35,28 @@ def own_opener(
     batch_size: int = 16,
 ) -> list[int]:
     """The model's most likely opener when it helps: token by token, the most common next token of its
-    replies to harmless prompts that do not refuse and share the start chosen so far."""
+    replies to harmless prompts that do not refuse and share the start chosen so far, while at least
+    half of those replies go on with it (past that the start is one topic's, e.g. "A rainbow", not the
+    model's way of opening a reply)."""
     # a refusal word settles that a reply is left out, so replies stop there
     replies = generate(model, tok, list(harmless), n_tokens + 12, batch_size, settled=lambda r: is_refusal(r, markers))
     rows = [tok(r, add_special_tokens=False)["input_ids"] for r in replies if r.strip() and not is_refusal(r, markers)]
+    return common_start(rows, n_tokens)
+
+
+def common_start(rows: Sequence[Sequence[int]], n_tokens: int) -> list[int]:
+    """Up to n_tokens: each the most common next token of the rows sharing the start so far, kept only
+    while at least half of them (and always the first token) go on with it."""
     chosen: list[int] = []
     for i in range(n_tokens):
-        following = Counter(r[i] for r in rows if len(r) > i and r[:i] == chosen)
+        sharing = [r for r in rows if list(r[:i]) == chosen]
+        following = Counter(r[i] for r in sharing if len(r) > i)
         if not following:
             break
-        chosen.append(following.most_common(1)[0][0])
+        token, count = following.most_common(1)[0]
+        if i and 2 * count < len(sharing):
+            break
+        chosen.append(token)
     return chosen
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from refusal_lab.ablate.edit import Ablation, hooked
+from refusal_lab.core.artifacts import timed
 from refusal_lab.core.generate import encode, tail_logits
 from refusal_lab.prove.battery import Proposal, Target
 from refusal_lab.prove.directional import hooks, last_token_vectors
@@ -91,7 +92,8 @@ class RdoAttack:
     threat: str = "directional"
 
     def proposals(self, t: Target) -> Iterator[Proposal]:
-        r, losses = optimise_direction(t, self.steps, self.lr)
+        with timed(t.log, f"  rdo: optimising a direction, up to {self.steps} steps"):
+            r, losses = optimise_direction(t, self.steps, self.lr)
         early = f" (of {self.steps}: no tuning prompt opened with a refusal token)" if len(losses) < self.steps else ""
         t.log(f"  rdo: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps{early} (seed {t.seed})")
         for a in self.strengths:
