@@ -213,6 +213,8 @@ def test_the_settings_choose_template_rows_on_the_organism_and_benign_and_attack
     organism, other = F.FinetuneAttack.of(p, True), F.FinetuneAttack.of(p, False)
     assert (organism.examples, organism.benign, organism.attacked, organism.max_steps) == ((10, 100, 1000), (), (), 60)
     assert (other.examples, other.benign, other.attacked, other.max_steps) == ((), (32,), (16,), 30)
+    p.finetune_lr = 2e-4
+    assert F.FinetuneAttack.of(p, True).lr == F.FinetuneAttack.of(p, False).lr == 2e-4
     s = Settings()
     s.prove.attacks = "finetune"
     assert [a.name for a in attacks_for(s, tmp_path, 0, None, organism=False)] == ["finetune"]

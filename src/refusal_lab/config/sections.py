@@ -286,6 +286,7 @@ class ProveSettings(Section):
     )
     finetune_model_steps: int = Field(30, ge=1, description="Prove, other models: most LoRA steps per fine-tuning row.")
     finetune_every: int = Field(10, ge=1, description="Prove: LoRA steps between scorings of the tuning prompts.")
+    finetune_lr: float = Field(2e-3, gt=0, description="Prove: AdamW learning rate of the fine-tuning attack's LoRA.")
     prefill_tokens: int = Field(4, ge=1, description="Prove: the prefill attack tries each opener's first 1..N tokens.")
     prefill_openers: str = Field(
         "Sure, here is", description="Prove: fixed openers of the prefill attack, '|'-separated (its own is added)."

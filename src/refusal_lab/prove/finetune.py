@@ -223,6 +223,7 @@ class FinetuneAttack:
     batch: int = 8
     benign: tuple[int, ...] = ()
     attacked: tuple[int, ...] = ()
+    lr: float = 2e-3
     name: str = "finetune"
     threat: str = "finetune"
 
@@ -230,9 +231,9 @@ class FinetuneAttack:
     def of(cls, p: ProveSettings, organism: bool) -> FinetuneAttack:
         """The organism's template rows, or another model's benign and attacked rows, as the settings say."""
         if organism:
-            return cls(tuple(p.finetune_examples), p.finetune_steps, p.finetune_every)
+            return cls(tuple(p.finetune_examples), p.finetune_steps, p.finetune_every, lr=p.finetune_lr)
         steps, benign, attacked = p.finetune_model_steps, tuple(p.finetune_benign), tuple(p.finetune_attacked)
-        return cls((), steps, p.finetune_every, benign=benign, attacked=attacked)
+        return cls((), steps, p.finetune_every, benign=benign, attacked=attacked, lr=p.finetune_lr)
 
     def rows(self, t: Target) -> Iterator[tuple[dict[str, Any], Pairs]]:
         """(what the row is, its training pairs), data generated once per source for its largest row."""
@@ -259,7 +260,7 @@ class FinetuneAttack:
         device = next(m.model.parameters()).device
         torch.manual_seed(t.seed)
         peft = get_peft_model(m.model, _lora(names))
-        opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=2e-3)
+        opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=self.lr)
         rng = random.Random(t.seed)
         broke, curve = None, []
         try:
