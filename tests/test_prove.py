@@ -251,6 +251,34 @@ def test_search_attack_proposes_its_front_within_the_budget(attacked, organism_d
         assert best.counts == Counts(0, 16, 0) and best.kl == pytest.approx(1.07e-4, rel=0.05)
 
 
+def test_search_attack_reuses_the_targets_refusal_openers(attacked, monkeypatch):
+    """The search attack's proxy reads the refusal openers the target found once per model (finding them
+    again costs a generation pass over the extraction prompts); its margin and learning are the search's."""
+    from dataclasses import replace
+
+    from refusal_lab.prove import search_attack
+    from refusal_lab.search import setup as search_setup
+
+    tmp, target, _ = attacked
+    t = replace(target, s=target.s.model_copy(deep=True))
+    t.s.search.methods, t.s.search.proxy_learn = "saber", 3
+    made = []
+
+    def recomputed(*_a, **_k):
+        raise AssertionError("the search attack found the refusal openers again")
+
+    def spied(*a, **k):
+        made.append(search_setup.make_setup(*a, **k))
+        return made[-1]
+
+    monkeypatch.setattr(search_setup, "refusal_openers", recomputed)
+    monkeypatch.setattr(search_attack, "make_setup", spied)
+    assert next(search_attack.SearchAttack(tmp / "search-openers", trials=1).proposals(t), None) is not None
+    (setup,) = made
+    assert setup.proxy.refusal_ids == t.refusal_ids and t.refusal_ids
+    assert (setup.proxy.margin, setup.proxy.learn) == (t.s.search.proxy_margin, 3)
+
+
 def test_delta_attack_moves_from_the_base_to_the_model(attacked, organism_dir):
     """Lambda 0 is the base's weights (here an untrained model: nothing complies), lambda 1 the model's
     own, then SABER (most comply); the model's weights are restored exactly after.
@@ -291,7 +319,7 @@ def test_finetune_attack_breaks_the_organism_in_few_steps(attacked, organism_dir
 
     _, target, before = attacked
     weights = _weights(target.loaded.model)
-    run = run_rows(FinetuneAttack(examples=(20,), max_steps=20, every=5), target)
+    run = run_rows(FinetuneAttack((20,), 20, 5, (), (), target.s.prove.finetune_lr), target)
     assert all(torch.equal(p, weights[n]) for n, p in target.loaded.model.named_parameters())
     (o,) = run.budgets.values()
     curve = o.setting["curve"]

@@ -23,7 +23,7 @@ from refusal_lab.core.scoring import label_replies
 from refusal_lab.core.sources import PromptSets
 from refusal_lab.errors import UserError
 from refusal_lab.prove import finetune as F
-from refusal_lab.prove.battery import run_attack, run_rows
+from refusal_lab.prove.battery import Donor, run_attack, run_rows
 from refusal_lab.prove.results import ProveResult
 
 CLI = [sys.executable, "-m", "refusal_lab.cli"]
@@ -83,14 +83,15 @@ def test_the_battery_offers_its_strongest_directional_choice_at_the_headline_bud
 
     t, _, saber = donated
     chosen = saber.budgets["0.1"]
-    key, what, _ = t.donor
+    key, what = t.donor.key, t.donor.what
     tried = next(x for x in saber.tried if x.setting == chosen.setting)
     assert key == (tried.tuning_complied, -tried.tuning_refused, -tried.kl) and key[0] > 0
+    assert t.donor.kl == tried.kl == chosen.kl
     shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in chosen.setting.items())
     assert what == f"saber {shown}"
     weaker = replace(t)  # a weaker directional attack afterwards leaves the stronger donor
     run_attack(SubspaceAttack(ks=(1,), strengths=(0.5,)), weaker, (0.1, 0.5))
-    assert weaker.donor[1] == what
+    assert weaker.donor.what == what
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -108,11 +109,11 @@ def test_finetune_runs_on_a_model_that_is_not_an_organism(donated):
     t, before, _ = donated
     t = replace(t)
     weights = _weights(t.loaded.model)
-    run = run_rows(F.FinetuneAttack((), max_steps=10, every=5, benign=(8,), attacked=(8,)), t)
+    run = run_rows(F.FinetuneAttack((), 10, 5, benign=(8,), attacked=(8,), lr=t.s.prove.finetune_lr), t)
     assert all(torch.equal(p, weights[n]) for n, p in t.loaded.model.named_parameters())
     benign, attacked = run.budgets.values()
     assert (benign.setting["source"], attacked.setting["source"]) == ("benign", "attacked")
-    assert attacked.setting["donor"] == t.donor[1] and benign.setting["examples"] == attacked.setting["examples"] == 8
+    assert attacked.setting["donor"] == t.donor.what and benign.setting["examples"] == attacked.setting["examples"] == 8
     assert benign.setting["scored"] == attacked.setting["scored"] == t.tuning_refused
     for o in (benign, attacked):
         curve = o.setting["curve"]
@@ -162,13 +163,13 @@ def test_attacked_data_is_the_donors_complied_replies_to_extraction_prompts_only
     pool = t.extraction.texts("harmful")
     t = replace(t, scorer=Forced(t.scorer, "refused", frozenset(pool[::2])))
     entered = []
-    _, what, edit = t.donor
+    what, edit = t.donor.what, t.donor.edit
 
     def counted():
         entered.append(1)
         return edit()
 
-    pairs = F.attacked_examples(t, len(pool), F.Donor(what, 0.0, counted))  # asks for all: every prompt is tried
+    pairs = F.attacked_examples(t, len(pool), Donor(what, 0.0, counted))  # asks for all: every prompt is tried
     assert entered
     with edit():
         replies = t.replies(pool)
@@ -186,7 +187,7 @@ def test_a_source_with_no_examples_fails_with_one_line_naming_the_fix(donated, c
     t, _, _ = donated
     bare = replace(t, extraction=PromptSets(t.extraction.harmful, [], []))
     for call, flag in (
-        (lambda: F.attacked_examples(t, 4, F.Donor("none", 0.0, nullcontext)), "--finetune-attacked"),
+        (lambda: F.attacked_examples(t, 4, Donor("none", 0.0, nullcontext)), "--finetune-attacked"),
         (lambda: F.benign_examples(bare, 4), "--finetune-benign"),
         (lambda: F.compliant_examples(copied[1], 4, 0), "--finetune-benign"),
     ):

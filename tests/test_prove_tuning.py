@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from refusal_lab.prove.battery import Proposal, Target, run_attack
+from refusal_lab.prove.battery import Donor, Proposal, Target, run_attack
 from refusal_lab.prove.results import AttackRun, Counts, Measures
 from refusal_lab.search.proxy import Proxy
 
@@ -23,7 +23,7 @@ class Fake:
     generated: list[str] = field(default_factory=list)
     held: list[str] = field(default_factory=list)
     s: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(prove=SimpleNamespace(budget_kl=0.1)))
-    donor: tuple | None = None
+    donor: Donor | None = None
 
     proxied = Target.proxied
 

@@ -38,6 +38,20 @@ Edit = Callable[[], AbstractContextManager[Any]]
 Extra = Callable[[tuple[float, ...], Counts, Edit], Measures]  # what else a setting chosen for these budgets costs
 
 
+@dataclass(frozen=True)
+class Donor:
+    """An edit whose compliant replies are the fine-tuning attack's attacked data, and how it was chosen.
+
+    `key` is what the battery's choice maximised (tuning complied, -refused, -KL), so a later directional
+    attack replaces the donor only with a stronger choice; None where no battery choice made it (a fallback).
+    """
+
+    what: str
+    kl: float
+    edit: Edit
+    key: tuple[int, int, float] | None = None
+
+
 @dataclass
 class Target:
     """One model under attack and what every attack is measured against."""
@@ -55,7 +69,7 @@ class Target:
     tuning_refused: int = 0  # refusals of the unattacked model on the tuning prompts
     opener: str = ""  # what every reply begins with (the prefill attack sets it inside its proposals)
     proxy: Proxy = field(default_factory=Proxy)  # the model's refusal openers and the margin (None: no proxy)
-    donor: tuple[tuple, str, Edit] | None = None  # strongest directional choice at budget_kl: (key, what, edit)
+    donor: Donor | None = None  # the strongest directional choice at budget_kl
     base_vectors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # filled on first use
 
     def replies(self, prompts: list[str]) -> list[Reply]:
@@ -210,8 +224,8 @@ def run_attack(attack: Attack, t: Target, budgets: tuple[float, ...], extra: Ext
             f"{held.complied}/{held.n} ({time.perf_counter() - began:.0f} s)"
         )
     top = chosen.get(t.s.prove.budget_kl)  # the fine-tuning attack's donor: the strongest headline choice
-    if attack.threat == "directional" and top is not None and (t.donor is None or top.key() > t.donor[0]):
-        t.donor = top.key(), f"{attack.name} {_brief(top.prop.setting)}", top.prop.edit
+    if attack.threat == "directional" and top is not None and _stronger(top.key(), t.donor):
+        t.donor = Donor(f"{attack.name} {_brief(top.prop.setting)}", top.kl, top.prop.edit, top.key())
     outcomes: dict[str, Outcome] = {}
     for budget, s in chosen.items():
         if s is None:
@@ -219,6 +233,11 @@ def run_attack(attack: Attack, t: Target, budgets: tuple[float, ...], extra: Ext
         else:
             outcomes[str(budget)] = Outcome(True, s.prop.setting, s.kl, *held_by[id(s)])
     return t.record(attack, [s.tried() for s in seen], outcomes, time.perf_counter() - start)
+
+
+def _stronger(key: tuple[int, int, float], donor: Donor | None) -> bool:
+    """Whether a choice of this key should replace the donor (one no battery choice made always is)."""
+    return donor is None or donor.key is None or key > donor.key
 
 
 def _brief(setting: dict[str, Any]) -> str:

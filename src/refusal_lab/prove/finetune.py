@@ -36,19 +36,10 @@ from refusal_lab.core.generate import generate_replies, render
 from refusal_lab.core.model import Loaded
 from refusal_lab.core.scoring import label_replies
 from refusal_lab.errors import UserError
-from refusal_lab.prove.battery import Edit, Proposal, Target
+from refusal_lab.prove.battery import Donor, Edit, Proposal, Target
 
 Pairs = list[tuple[str, str]]  # (prompt, reply)
 FALLBACK_KS, FALLBACK_STRENGTHS = (1, 2, 4), (0.5, 1.0)  # the fallback donor's settings
-
-
-@dataclass(frozen=True)
-class Donor:
-    """The edit whose compliant replies are the attacked data, and how it was chosen (for the row)."""
-
-    what: str
-    kl: float
-    edit: Edit
 
 
 def compliant_examples(folder: Path, n: int, seed: int) -> Pairs:
@@ -158,8 +149,7 @@ def donor(t: Target) -> Donor:
     within the budget, the one whose first reply tokens refuse fewest harmful extraction prompts
     (the proxy; without one, the one that drifts most); with none within it, the model itself."""
     if t.donor is not None:
-        key, what, edit = t.donor
-        return Donor(what, -key[2], edit)
+        return t.donor
     from refusal_lab.prove.directional import SubspaceAttack
 
     budget, harmful = t.s.prove.budget_kl, t.extraction.texts("harmful")
@@ -217,13 +207,13 @@ def _applied(m: Loaded, names: list[str], lora: dict[str, torch.Tensor]) -> Edit
 class FinetuneAttack:
     """Rows: `examples` (the organism's templates), `benign` and `attacked` (any model) example counts."""
 
-    examples: tuple[int, ...] = (10, 100, 1000)
-    max_steps: int = 60
-    every: int = 10
-    batch: int = 8
-    benign: tuple[int, ...] = ()
-    attacked: tuple[int, ...] = ()
-    lr: float = 2e-3
+    examples: tuple[int, ...]
+    max_steps: int
+    every: int
+    benign: tuple[int, ...]
+    attacked: tuple[int, ...]
+    lr: float
+    batch: int = 8  # examples per LoRA step (no setting)
     name: str = "finetune"
     threat: str = "finetune"
 
@@ -231,9 +221,9 @@ class FinetuneAttack:
     def of(cls, p: ProveSettings, organism: bool) -> FinetuneAttack:
         """The organism's template rows, or another model's benign and attacked rows, as the settings say."""
         if organism:
-            return cls(tuple(p.finetune_examples), p.finetune_steps, p.finetune_every, lr=p.finetune_lr)
+            return cls(tuple(p.finetune_examples), p.finetune_steps, p.finetune_every, (), (), p.finetune_lr)
         steps, benign, attacked = p.finetune_model_steps, tuple(p.finetune_benign), tuple(p.finetune_attacked)
-        return cls((), steps, p.finetune_every, benign=benign, attacked=attacked, lr=p.finetune_lr)
+        return cls((), steps, p.finetune_every, benign, attacked, p.finetune_lr)
 
     def rows(self, t: Target) -> Iterator[tuple[dict[str, Any], Pairs]]:
         """(what the row is, its training pairs), data generated once per source for its largest row."""

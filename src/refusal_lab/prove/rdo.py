@@ -16,6 +16,7 @@ import torch
 from refusal_lab.ablate.edit import Ablation, hooked
 from refusal_lab.core.artifacts import timed
 from refusal_lab.core.generate import encode, tail_logits
+from refusal_lab.probe.directions import unit
 from refusal_lab.prove.battery import Proposal, Target
 from refusal_lab.prove.directional import hooks, last_token_vectors
 
@@ -41,7 +42,7 @@ def optimise_direction(
     layer = int(((xh.mean(0) - xb.mean(0)).norm(dim=-1)).argmax())
     g = torch.Generator().manual_seed(t.seed)
     start = xh[:, layer].mean(0) - xb[:, layer].mean(0)
-    start = start / start.norm() + 0.3 * torch.randn(start.shape, generator=g, dtype=start.dtype) / start.numel() ** 0.5
+    start = unit(start) + 0.3 * torch.randn(start.shape, generator=g, dtype=start.dtype) / start.numel() ** 0.5
     device = next(model.parameters()).device
     v = start.to(device, torch.float32).clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=lr)
@@ -74,12 +75,12 @@ def optimise_direction(
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return (v.detach().double().cpu() / v.detach().norm().item()), losses
+    return unit(v.detach().double().cpu()), losses
 
 
 def _clear(t: Target, v: torch.Tensor) -> bool:
     """Whether no tuning prompt's greedy first reply token is a refusal opener with v removed."""
-    with torch.no_grad(), hooked(t.loaded.adapter, [Ablation(v.double().cpu() / v.norm().item())]):
+    with torch.no_grad(), hooked(t.loaded.adapter, [Ablation(unit(v.double().cpu()))]):
         return t.predicted_refused(t.tuning) == 0
 
 

@@ -32,7 +32,9 @@ class SearchAttack:
         search = t.s.search.model_copy(update={"max_new_tokens": t.s.prove.max_new_tokens})
         s = t.s.model_copy(update={"search": search})
         harmless = [p.prompt for p in t.held_out.harmless]
-        setup = make_setup(m, t.extraction, t.tuning, harmless, s, t.scorer, t.log, t.reference_logits)
+        setup = make_setup(
+            m, t.extraction, t.tuning, harmless, s, t.scorer, t.log, t.reference_logits, refusal_ids=t.refusal_ids
+        )  # the target's refusal openers, found once per model; the margin and learning are the search's
         storage = S.storage_for(None, self.work / f"search-seed{t.seed}")
         study = open_with_starts(storage, "prove", setup, "tpe", t.seed, t.log)
         S.run_trials(study, self.trials, trial_objective(setup, s.search.kl_prune, lambda m: t.log(f"  search: {m}")))

@@ -59,10 +59,12 @@ def make_setup(
     log: Log,
     base_logits: torch.Tensor | None = None,
     trials: bool = True,
+    refusal_ids: tuple[int, ...] | None = None,
 ) -> SearchSetup:
     """Probe once (cached on disk) and compute the base logits: what every trial reuses.
 
-    trials=False (pick: rebuild one trial's edit) skips what only measuring trials needs.
+    trials=False (pick: rebuild one trial's edit) skips what only measuring trials needs. `refusal_ids`:
+    the model's refusal openers where the caller has them already (prove's target), else found here.
     """
     cache = s.cache_dir / "activations"
     probe = run_probe(loaded, sets, s.probe, s.batch_size, cache, log)
@@ -85,7 +87,7 @@ def make_setup(
         batch_size=s.batch_size,
         max_new_tokens=s.search.max_new_tokens,
         methods=s.search.method_list,
-        proxy=make_proxy(loaded, sets, s, trials),
+        proxy=make_proxy(loaded, sets, s, trials, refusal_ids),
         select_max_kl=s.ablate.arditi.arditi_max_kl if s.search.select_start else None,
         store=trial_store(loaded),
         norm_choices=norm_choices(s),
@@ -97,14 +99,18 @@ def norm_choices(s: Settings) -> tuple[bool, ...]:
     return (False, True) if s.search.search_norm_preserving else (s.ablate.norm_preserving,)
 
 
-def make_proxy(loaded: Loaded, sets: PromptSets, s: Settings, trials: bool) -> Proxy:
-    """The search's proxy; its refusal openers come from short replies to the probe prompts, and only
-    where trials are measured (pick rebuilds an edit and needs none)."""
+def make_proxy(
+    loaded: Loaded, sets: PromptSets, s: Settings, trials: bool, refusal_ids: tuple[int, ...] | None = None
+) -> Proxy:
+    """The search's proxy; its refusal openers are `refusal_ids` where given, else from short replies to
+    the probe prompts, and only where trials are measured (pick rebuilds an edit and needs none)."""
     ids: tuple[int, ...] = ()
     if s.search.proxy and trials:
-        markers = Source.of(loaded.source).markers
-        harmful = sets.texts("harmful")
-        ids = tuple(refusal_openers(loaded.model, loaded.tokenizer, harmful, markers, s.batch_size, 8))
+        if refusal_ids is None:
+            markers = Source.of(loaded.source).markers
+            harmful = sets.texts("harmful")
+            refusal_ids = tuple(refusal_openers(loaded.model, loaded.tokenizer, harmful, markers, s.batch_size, 8))
+        ids = tuple(refusal_ids)
     return Proxy(ids, s.search.proxy_margin if s.search.proxy else None, s.search.proxy_learn)
 
 
