@@ -125,6 +125,24 @@ def test_prove_writes_the_published_table_and_a_self_contained_page(proved):
     assert "<svg" in page and not any(ref in page for ref in ("src=", "href=", "<script"))
 
 
+def test_the_page_plots_the_fine_tuning_curve_of_each_data_source(proved):
+    """Retained refusals against LoRA steps, one series per source, starting from all retained at step 0."""
+    from dataclasses import replace
+
+    from refusal_lab.prove.report import report_html
+    from refusal_lab.prove.results import AttackRun, Tried
+
+    _, res = proved
+    curve = [{"step": 5, "retained": 0.75}, {"step": 10, "retained": 0.25}]
+    tried = tuple(Tried({"source": src, "curve": curve}, 0.1, 2, 2) for src in ("benign", "attacked"))
+    ft = AttackRun("finetune", "finetune", tried, {}, 1.0, 0, 8, 4)
+    plain = report_html(res)
+    m = replace(res.models[0], attacks={**res.models[0].attacks, "finetune": ft})
+    page = report_html(replace(res, models=(m,)))
+    assert "fine-tuning attack" not in plain and page.count("<svg") == plain.count("<svg") + 1
+    assert "fine-tuning attack" in page and ">benign<" in page and ">attacked<" in page and "LoRA steps" in page
+
+
 @pytest.mark.slow
 def test_a_killed_prove_resumes_from_its_finished_attacks(proved, organism_dir):
     """Every finished attack is on disk; a rerun reads them instead of attacking again."""

@@ -231,7 +231,26 @@ def _curves(m: ModelProof) -> str:
                 {"complied": (xs, [t.tuning_complied / n for t in phases]), "KL": (xs, [t.kl for t in phases])},
             )
         )
+    figs += _finetune_curve(m)
     return "".join(figs)
+
+
+def _finetune_curve(m: ModelProof) -> list[str]:
+    """The fine-tuning attack's refusals retained (of the tuning prompts the model refused) against LoRA
+    steps, one series per data source: how fast ordinary and attacked fine-tuning remove safety."""
+    ft = m.attacks.get("finetune")
+    series = {
+        str(t.setting.get("source", "templates")): (
+            [0.0] + [float(p["step"]) for p in t.setting["curve"]],
+            [1.0] + [float(p["retained"]) for p in t.setting["curve"]],
+        )
+        for t in (ft.tried if ft else [])
+        if t.setting.get("curve")
+    }
+    if not series:
+        return []
+    title = f"{m.model}: fine-tuning attack"
+    return [line_plot_svg(title, "LoRA steps", "retained (refused tuning prompts)", series)]
 
 
 def report_html(results: ProveResult) -> str:
