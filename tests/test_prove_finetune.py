@@ -182,18 +182,28 @@ def test_attacked_data_is_the_donors_complied_replies_to_extraction_prompts_only
 
 
 def test_a_source_with_no_examples_fails_with_one_line_naming_the_fix(donated, copied):
-    from contextlib import nullcontext
 
     t, _, _ = donated
     bare = replace(t, extraction=PromptSets(t.extraction.harmful, [], []))
     for call, flag in (
-        (lambda: F.attacked_examples(t, 4, Donor("none", 0.0, nullcontext)), "--finetune-attacked"),
         (lambda: F.benign_examples(bare, 4), "--finetune-benign"),
         (lambda: F.compliant_examples(copied[1], 4, 0), "--finetune-benign"),
     ):
         with pytest.raises(UserError) as err:
             call()
         assert "\n" not in str(err.value) and flag in err.value.fix
+
+
+def test_a_donor_that_breaks_nothing_leaves_the_attacked_rows_out_and_says_so(donated):
+    """A model that withstands its strongest edit (a hardened one) still gets its other rows, not an error."""
+    from contextlib import nullcontext
+
+    t, _, _ = donated
+    logged: list[str] = []
+    t = replace(t, donor=Donor("the unedited model", 0.0, nullcontext), log=logged.append)
+    assert F.attacked_examples(t, 4, t.donor) == []  # the organism's copy refuses every extraction prompt
+    assert list(F.FinetuneAttack((), 5, 5, (), (4,), t.s.prove.finetune_lr).rows(t)) == []
+    assert any("attacked rows left out: the donor (the unedited model)" in m for m in logged)
 
 
 def test_without_a_donor_a_cheap_fallback_within_the_budget_is_named(donated):

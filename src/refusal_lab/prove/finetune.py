@@ -113,7 +113,8 @@ def benign_examples(t: Target, n: int) -> Pairs:
 
 def attacked_examples(t: Target, n: int, donor: Donor) -> Pairs:
     """Up to n harmful extraction prompts the donor edit made comply, with those replies (labelled
-    outside the edit); prompts are tried in a seeded order until n comply or none are left."""
+    outside the edit); prompts are tried in a seeded order until n comply or none are left (none
+    comply: no pairs, and the attacked rows are left out)."""
     pool = _shuffled(t.extraction.texts("harmful"), t.seed)
     tokens = t.s.prove.max_new_tokens
 
@@ -131,15 +132,7 @@ def attacked_examples(t: Target, n: int, donor: Donor) -> Pairs:
 
     scorer = type(t.scorer).__name__
     key = {"prompts": pool, "n": n, "tokens": tokens, "donor": donor.what, "kl": f"{donor.kl:.12g}", "scorer": scorer}
-    pairs = _cached(t, "attacked", key, make)
-    if not pairs:
-        raise UserError(
-            f"the donor edit ({donor.what}) made none of {len(pool)} harmful extraction prompts comply: "
-            "no attacked fine-tuning data",
-            "run a directional attack that breaks the model before finetune (e.g. --attacks saber,finetune), "
-            "or --finetune-attacked '' to leave these rows out",
-        )
-    return pairs
+    return _cached(t, "attacked", key, make)
 
 
 def donor(t: Target) -> Donor:
@@ -238,7 +231,12 @@ class FinetuneAttack:
             d = donor(t)
             with timed(t.log, f"  finetune: attacked data, up to {max(self.attacked)} complied replies under {d.what}"):
                 data = attacked_examples(t, max(self.attacked), d)
-            for n in self.attacked:
+            if not data:  # a finding, not a fault: the model withstood the strongest edit within the budget
+                t.log(
+                    f"  finetune: attacked rows left out: the donor ({d.what}) made none of the harmful "
+                    "extraction prompts comply, so there are no compliant replies to train on"
+                )
+            for n in self.attacked if data else ():
                 yield {"source": "attacked", "donor": d.what, "examples": min(n, len(data))}, data[:n]
 
     def train(self, t: Target, data: Pairs, names: list[str], scored: list[str]) -> tuple[int | None, list[dict], dict]:
