@@ -430,3 +430,31 @@ def test_help_shows_the_ablation_study_options_apart_and_not_the_removed_ones():
     panel = shown[shown.index("Experimental") :]
     assert "--matching" in panel and "--extended-refusals" in panel and "--invariance " not in panel
     assert not any(f in shown for f in ("--retain-first", "--answer-hinge", "--reask-lookalikes"))
+
+
+def test_a_second_estimation_pass_adds_directions_found_with_the_first_removed(organism_dir, tmp_path):
+    """--aware-passes 2 (SABER's passes, adaptive re-extraction): the first pass's subspace and more."""
+    from refusal_lab.config import load_settings
+    from refusal_lab.core.model import load
+    from refusal_lab.harden import train as T
+    from refusal_lab.harden.stage import harden_inputs
+
+    organism = load(organism_dir, dtype="float32", device="cpu")
+    s = load_settings(**{"cache_dir": tmp_path / "cache"})
+    examples, _, _ = harden_inputs(organism, s, print)
+    harmful = [e.prompt for e in examples if e.kind == "harmful"][:16]
+    probes = (harmful, [e.prompt for e in examples if e.kind != "harmful"][:16])
+    rows = [encode_example(organism.tokenizer, examples[0], 96)]
+    subs = []
+    for passes in (1, 2):
+        cfg = s.harden.model_copy(update={"aware_passes": passes, "aware_directions": 2})
+        plan = T.make_plan(0, [[0]], 1, 0)
+        trainer = T.Trainer(organism, cfg, plan, None, rows, probes, tmp_path / str(passes), print)
+        trainer.reestimate()
+        subs.append(trainer.subspace)
+        organism.model = trainer.model.unload()  # the next trainer wraps the plain model again
+    one, two = subs
+    assert two.global_dirs.shape[1] == 2 * one.global_dirs.shape[1]
+    for a, b in zip(one.per_layer, two.per_layer, strict=True):
+        assert b.shape[1] > a.shape[1]  # new directions, not the first pass's again
+        torch.testing.assert_close(b @ (b.T @ a), a, atol=1e-6, rtol=0)  # and the first pass's kept

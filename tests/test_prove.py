@@ -126,7 +126,7 @@ def test_prove_writes_the_published_table_and_a_self_contained_page(proved):
 
 
 def test_the_page_plots_the_fine_tuning_curve_of_each_data_source(proved):
-    """Retained refusals against LoRA steps, one series per source, starting from all retained at step 0."""
+    """Retained refusals against LoRA steps, one series per row, starting from all retained at step 0."""
     from dataclasses import replace
 
     from refusal_lab.prove.report import report_html
@@ -134,13 +134,16 @@ def test_the_page_plots_the_fine_tuning_curve_of_each_data_source(proved):
 
     _, res = proved
     curve = [{"step": 5, "retained": 0.75}, {"step": 10, "retained": 0.25}]
-    tried = tuple(Tried({"source": src, "curve": curve}, 0.1, 2, 2) for src in ("benign", "attacked"))
+    rows = [{"source": "benign", "examples": 32}, {"source": "attacked", "examples": 16}]
+    rows += [{"examples": 10}, {"examples": 100}]  # the organism's template rows
+    tried = tuple(Tried({**row, "curve": curve}, 0.1, 2, 2) for row in rows)
     ft = AttackRun("finetune", "finetune", tried, {}, 1.0, 0, 8, 4)
     plain = report_html(res)
     m = replace(res.models[0], attacks={**res.models[0].attacks, "finetune": ft})
     page = report_html(replace(res, models=(m,)))
     assert "fine-tuning attack" not in plain and page.count("<svg") == plain.count("<svg") + 1
-    assert "fine-tuning attack" in page and ">benign<" in page and ">attacked<" in page and "LoRA steps" in page
+    names = (">benign, 32 ex.<", ">attacked, 16 ex.<", ">templates, 10 ex.<", ">templates, 100 ex.<")
+    assert "fine-tuning attack" in page and all(n in page for n in names) and "LoRA steps" in page
 
 
 @pytest.mark.slow

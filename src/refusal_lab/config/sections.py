@@ -340,6 +340,9 @@ class HardenSettings(Section):
     ablation_aware: bool = Field(True, description="Harden: ablate the current refusal subspace on harmful examples.")
     reestimate_every: int = Field(20, ge=1, description="Harden: steps between refusal-subspace estimates.")
     aware_directions: int = Field(4, ge=1, description="Harden: directions per layer in the estimated subspace.")
+    aware_passes: int = Field(
+        1, ge=1, description="Harden: estimation passes, each with the directions found so far removed."
+    )
     full_ablation: float = Field(0.3, ge=0, le=1, description="Harden: share of ablated steps that ablate everything.")
     aware_harmless: bool = Field(
         True,

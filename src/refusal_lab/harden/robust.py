@@ -29,6 +29,12 @@ class RefusalSubspace:
     per_layer: list[torch.Tensor]  # [H, k_l] orthonormal, one per layer
     global_dirs: torch.Tensor  # [H, g] unit differences of means of the most separable layers
 
+    def joined(self, other: RefusalSubspace) -> RefusalSubspace:
+        """Both subspaces at once (a later pass's directions, found with this one removed, added to it)."""
+        pairs = zip(self.per_layer, other.per_layer, strict=True)
+        per_layer = [orthonormal_basis(torch.cat([a, b], 1)) for a, b in pairs]
+        return RefusalSubspace(per_layer, torch.cat([self.global_dirs, other.global_dirs], 1))
+
 
 def estimate_subspace(xh: torch.Tensor, xb: torch.Tensor, k: int, n_global: int = 2) -> RefusalSubspace:
     """From last-token activations [n, L, H] of harmful and harmless prompts (float64)."""

@@ -13,6 +13,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,7 +31,7 @@ from refusal_lab.harden.checkpoint import Checkpoint, load_checkpoint, save_chec
 from refusal_lab.harden.data import Encoded
 from refusal_lab.harden.lora import adapter_state, attach, is_4bit, lora_config, merge_onto
 from refusal_lab.harden.losses import Counts, Stage2Loss, share
-from refusal_lab.harden.robust import RefusalSubspace, estimate_subspace
+from refusal_lab.harden.robust import RefusalSubspace, ablating, estimate_subspace
 
 T = TypeVar("T")
 
@@ -163,13 +164,21 @@ class Trainer:
 
     # --- pieces of a step -----------------------------------------------------------------------
     def reestimate(self) -> None:
-        """The refusal subspace of the model as it is now, from the probe prompts' last-token activations."""
+        """The refusal subspace of the model as it is now, from the probe prompts' last-token activations;
+        with --aware-passes N, each later pass estimates again with the directions so far removed (as SABER's
+        passes and adaptive re-extraction do) and adds what it finds."""
         m, a = self.loaded, self.loaded.adapter
         harmful, harmless = self.probes
         self.model.eval()
-        xh = capture(m.model, m.tokenizer, a, harmful, "last", self.batch_size, keep=len(harmful)).vectors[:, 0]
-        xb = capture(m.model, m.tokenizer, a, harmless, "last", self.batch_size, keep=len(harmless)).vectors[:, 0]
-        self.subspace = estimate_subspace(xh.double(), xb.double(), self.cfg.aware_directions)
+        sub: RefusalSubspace | None = None
+        for _ in range(self.cfg.aware_passes):
+            removed = nullcontext() if sub is None else ablating(a, sub, resolve=self.loss.writer_module)
+            with removed:
+                xh = capture(m.model, m.tokenizer, a, harmful, "last", self.batch_size, keep=len(harmful)).vectors
+                xb = capture(m.model, m.tokenizer, a, harmless, "last", self.batch_size, keep=len(harmless)).vectors
+            found = estimate_subspace(xh[:, 0].double(), xb[:, 0].double(), self.cfg.aware_directions)
+            sub = found if sub is None else sub.joined(found)
+        self.subspace = sub
         self.model.train()
 
     def needs_subspace(self, rows: Sequence[Encoded]) -> bool:

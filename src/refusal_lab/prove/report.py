@@ -237,10 +237,10 @@ def _curves(m: ModelProof) -> str:
 
 def _finetune_curve(m: ModelProof) -> list[str]:
     """The fine-tuning attack's refusals retained (of the tuning prompts the model refused) against LoRA
-    steps, one series per data source: how fast ordinary and attacked fine-tuning remove safety."""
+    steps, one series per row (data source and size): how fast ordinary and attacked fine-tuning remove safety."""
     ft = m.attacks.get("finetune")
     series = {
-        str(t.setting.get("source", "templates")): (
+        f"{t.setting.get('source', 'templates')}, {t.setting.get('examples', '?')} ex.": (
             [0.0] + [float(p["step"]) for p in t.setting["curve"]],
             [1.0] + [float(p["retained"]) for p in t.setting["curve"]],
         )
