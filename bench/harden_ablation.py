@@ -1,13 +1,17 @@
-"""Which hardening option makes refusals survive the battery: the ablation study, over organism seeds.
+"""Which hardening option makes refusals survive the battery: the ablation study, over seeds.
 
-For every seed: the base organism is proved, then hardened once per variant and each hardened
-model proved with the same battery (directional attacks; the fine-tuning attack is its own threat
-model and is left out here). Printed per variant and seed: refusals retained under the worst
-attack within KL 0.1 and 0.5, that attack, and what hardening cost (over-refusal, capability,
-harmless compliance against the base). Usage:
+For every organism seed (or one real model): the base is proved, then hardened once per variant and
+training seed and each hardened model proved with the same battery (directional attacks; the
+fine-tuning attack is its own threat model and is left out here). Printed per row: refusals retained
+under the worst attack within KL 0.1 and 0.5, that attack, and what hardening cost (over-refusal,
+capability, harmless compliance against the base). A killed sweep resumes: a finished row is read
+back from its row.json when its settings are the same. Usage:
 
     python bench/harden_ablation.py --seeds 0 1 2 --out bench-out/harden
     python bench/harden_ablation.py --seeds 0 --variants plain,default
+    python bench/harden_ablation.py --model MODEL --harden-seeds 0 1 2 --variants default \
+        --set prompts.harmful=FILE --set prompts.column=forbidden_prompt --set model.dtype=bfloat16 \
+        --set harden.train_batch_size=2 --out bench-out/harden-real
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from refusal_lab.config import load_settings
+from refusal_lab.config import Settings, load_settings
 from refusal_lab.core.kernels import use_kernels
 from refusal_lab.harden.stage import run_harden
 from refusal_lab.organism.source import load_model, model_path
@@ -34,6 +40,16 @@ VARIANTS = {
     "default-aware-harmful-only": {"aware_harmless": False},
     "default-no-stage1": {"stage1_tokens": 0},
     "all": {"matching": 0.1, "extended_refusals": True},
+    "aware8": {"aware_directions": 8},
+    "aware8-full": {"aware_directions": 8, "full_ablation": 0.6},
+    "full06": {"full_ablation": 0.6},
+    "full10": {"full_ablation": 1.0},
+    "aware8-full10": {"aware_directions": 8, "full_ablation": 1.0},
+    "aware8-full-retain3": {"aware_directions": 8, "full_ablation": 0.6, "retain": 3.0},
+    "strength": {"aware_min_strength": 0.25},
+    "strength-full10": {"aware_min_strength": 0.25, "full_ablation": 1.0},
+    "passes2": {"aware_passes": 2},
+    "passes2-full10": {"aware_passes": 2, "full_ablation": 1.0},
 }
 ATTACKS = "arditi,saber,adaptive,subspace,rdo,search"
 
@@ -58,34 +74,79 @@ def row(label: str, m: dict, base: dict | None) -> str:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--out", type=Path, default=Path("bench-out/harden"))
-    args = ap.parse_args()
+def resumed(folder: Path, key: dict[str, Any], run: Callable[[], dict]) -> dict:
+    """A row's proof: read back from folder/row.json when it was made with the same key, else run and kept."""
+    saved = folder / "row.json"
+    if saved.is_file():
+        old = json.loads(saved.read_text())
+        if old.get("key") == key:
+            return old
+    res = run()
+    row_ = {"key": key, "worst": res["worst"], "before": res["before"]}
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row_, default=str))
+    tmp.replace(saved)
+    return row_
+
+
+def overrides(pairs: list[str]) -> dict[str, str]:
+    """--set section.key=value pairs as load_settings' dotted overrides."""
+    out = {}
+    for p in pairs:
+        k, sep, v = p.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {p!r}: expected section.key=value, e.g. --set harden.train_batch_size=2")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def sweep(s: Settings, name: str, variants: list[str], hseeds: list[int], out: Path) -> None:
+    """The base and every (variant, training seed) row of one model, printed as they finish."""
     quiet = lambda _m: None  # noqa: E731
-    table: dict[str, list[str]] = {}
-    for seed in args.seeds:
-        s = load_settings(**{"organism.seed": seed, "prove.attacks": ATTACKS, "eval.escalation": "none"})
-        use_kernels(s.model.cpu_kernels, s.model.path)  # the organism's: pinned, as the CLI would
-        base = str(model_path(s, "organism"))
-        start = time.perf_counter()
-        proof = run_prove([base], s, None, args.out / f"seed{seed}" / "prove-base", True, quiet)
-        base_res = proof.to_json()["models"][0]
-        print(row(f"seed {seed} base", base_res, None), f"({time.perf_counter() - start:.0f} s)", flush=True)
-        for name in args.variants.split(","):
+    use_kernels(s.model.cpu_kernels, s.model.path)  # as the CLI would (the organism's: pinned)
+    base = str(model_path(s, s.model.path))
+    key = {"model": base, "settings": s.model_dump(mode="json", exclude={"cache_dir"})}
+    start = time.perf_counter()
+    proved = lambda: run_prove([base], s, None, out / "prove-base", True, quiet).to_json()["models"][0]  # noqa: E731
+    base_res = resumed(out / "prove-base", key, proved)
+    print(row(f"{name} base", base_res, None), f"({time.perf_counter() - start:.0f} s)", flush=True)
+    for variant in variants:
+        for hs in hseeds:
             start = time.perf_counter()
             sv = s.model_copy(deep=True)
-            for k, v in VARIANTS[name].items():
+            for k, v in {**VARIANTS[variant], "harden_seed": hs}.items():
                 setattr(sv.harden, k, v)
-            out = args.out / f"seed{seed}" / name
-            run_harden(load_model(sv), sv, out / "model", True, quiet)
-            res = run_prove([str(out / "model")], sv, None, out / "prove", True, quiet).to_json()["models"][0]
-            line = row(f"seed {seed} {name}", res, base_res)
-            table.setdefault(name, []).append(line)
-            print(line, f"({time.perf_counter() - start:.0f} s)", flush=True)
-            (out / "row.json").write_text(json.dumps({"worst": res["worst"], "before": res["before"]}, default=str))
+            folder = out / variant / f"harden-seed{hs}"
+
+            def run(sv: Settings = sv, folder: Path = folder) -> dict:
+                run_harden(load_model(sv), sv, folder / "model", True, quiet)
+                return run_prove([str(folder / "model")], sv, None, folder / "prove", True, quiet).to_json()["models"][
+                    0
+                ]
+
+            res = resumed(folder, {**key, "settings": sv.model_dump(mode="json", exclude={"cache_dir"})}, run)
+            label = f"{name} {variant}" + (f" h{hs}" if len(hseeds) > 1 or hs else "")
+            print(row(label, res, base_res), f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="organism", help="the organism (default) or a model folder or hub id")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="organism seeds (the organism only)")
+    ap.add_argument("--harden-seeds", type=int, nargs="+", default=[0], help="training seeds per variant")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any other setting")
+    ap.add_argument("--out", type=Path, default=Path("bench-out/harden"))
+    args = ap.parse_args()
+    variants = args.variants.split(",")
+    common = {"model.path": args.model, "prove.attacks": ATTACKS, "eval.escalation": "none", **overrides(args.set)}
+    if args.model == "organism":
+        for seed in args.seeds:
+            s = load_settings(**common, **{"organism.seed": seed})
+            sweep(s, f"seed {seed}", variants, args.harden_seeds, args.out / f"seed{seed}")
+    else:
+        sweep(load_settings(**common), Path(args.model).name, variants, args.harden_seeds, args.out)
 
 
 if __name__ == "__main__":
