@@ -46,8 +46,6 @@ VARIANTS = {
     "full10": {"full_ablation": 1.0},
     "aware8-full10": {"aware_directions": 8, "full_ablation": 1.0},
     "aware8-full-retain3": {"aware_directions": 8, "full_ablation": 0.6, "retain": 3.0},
-    "strength": {"aware_min_strength": 0.25},
-    "strength-full10": {"aware_min_strength": 0.25, "full_ablation": 1.0},
     "passes2": {"aware_passes": 2},
     "passes2-full10": {"aware_passes": 2, "full_ablation": 1.0},
 }

@@ -344,13 +344,6 @@ class HardenSettings(Section):
         1, ge=1, description="Harden: estimation passes, each with the directions found so far removed."
     )
     full_ablation: float = Field(0.3, ge=0, le=1, description="Harden: share of ablated steps that ablate everything.")
-    aware_min_strength: float = Field(
-        1.0,
-        gt=0,
-        le=1,
-        description="Harden: each training ablation removes the subspace at a strength drawn from [this, 1] "
-        "(1: always fully), since attacks scale their edits.",
-    )
     aware_harmless: bool = Field(
         True,
         description="Harden: ablate on harmless examples too, their helpful replies still asked for, so "

@@ -140,17 +140,16 @@ def ablation(
     ids: torch.Tensor,
     rng: random.Random | None,
     resolve: Callable[[torch.nn.Module], torch.nn.Module],
-    strength: float = 1.0,
 ) -> Any:
-    """The subspace removed (scaled by `strength`) as an attacker would from the rows `ids`: everywhere
-    (no `rng`), or at layers and positions drawn from `rng`."""
+    """The subspace removed as an attacker would from the rows `ids`: everywhere (no `rng`), or at layers
+    and positions drawn from `rng`."""
     if rng is None:
-        return ablating(adapter, sub, None, None, use_global=True, resolve=resolve, strength=strength)
+        return ablating(adapter, sub, None, None, use_global=True, resolve=resolve)
     n = adapter.num_layers
     layers = {i for i in range(n) if rng.random() < 0.5} or {rng.randrange(n)}
     g = torch.Generator().manual_seed(rng.randrange(2**31))
     positions = (torch.rand(ids.shape, generator=g) < 0.5).to(ids.device)
-    return ablating(adapter, sub, layers, positions, use_global=rng.random() < 0.5, resolve=resolve, strength=strength)
+    return ablating(adapter, sub, layers, positions, use_global=rng.random() < 0.5, resolve=resolve)
 
 
 class Stage2Loss:
@@ -162,13 +161,6 @@ class Stage2Loss:
 
     def needs_subspace(self) -> bool:
         return self.cfg.ablation_aware or self.cfg.invariance > 0
-
-    def strength(self, rng: random.Random) -> float:
-        """How strongly this ablation removes the subspace: 1, or uniform in [aware_min_strength, 1] (attacks
-        scale their edits; a model invariant only to full removal may not be to a partial one). Draws from
-        `rng` only when the range is open, so the default's random stream is unchanged."""
-        lo = self.cfg.aware_min_strength
-        return 1.0 if lo >= 1.0 else rng.uniform(lo, 1.0)
 
     def writer_module(self, module: torch.nn.Module) -> torch.nn.Module:
         """The LoRA layer that wraps a writer, so the adapter's own contribution is ablated too."""
@@ -204,7 +196,7 @@ class Stage2Loss:
                 loss, parts["aware"] = loss + scaled(aware, share(part, total, processes)), aware.item()
                 parts["aware_rows"], parts["harmful_rows"] = rows_aware, int(b.harmful.sum())
             if cfg.invariance > 0 and (b.harmful & b.survives).any():
-                inv = self.invariance(b, logits, start, subspace, self.strength(rng))
+                inv = self.invariance(b, logits, start, subspace)
                 weight = share(mine.invariance_rows, whole.invariance_rows, processes)
                 loss, parts["invariance"] = loss + cfg.invariance * scaled(inv, weight), inv.item()
         if cfg.matching > 0 and b.harmful.any() and (~b.harmful).any():  # a statistic of the rows at hand
@@ -226,20 +218,17 @@ class Stage2Loss:
         """The SFT loss under the ablation, on every row (--aware-harmless) or the harmful ones; and their number."""
         rows = b.tensors if self.cfg.aware_harmless else b.rows(b.harmful)
         full = rng.random() < self.cfg.full_ablation
-        strength = self.strength(rng)
-        with ablation(self.adapter, subspace, rows["input_ids"], None if full else rng, self.writer_module, strength):
+        with ablation(self.adapter, subspace, rows["input_ids"], None if full else rng, self.writer_module):
             begin = first_predicting(rows["labels"])
             loss = reply_loss(tail_pass(self.model, rows, begin)[1], rows["labels"], begin)
         return loss, len(rows["input_ids"])
 
-    def invariance(
-        self, b: Stage2Batch, logits: torch.Tensor, start: int, subspace: RefusalSubspace, strength: float = 1.0
-    ) -> torch.Tensor:
-        """First-reply-token invariance to the ablation everywhere, over the harmful rows whose reply survived."""
+    def invariance(self, b: Stage2Batch, logits: torch.Tensor, start: int, subspace: RefusalSubspace) -> torch.Tensor:
+        """Invariance of the first reply token to the full ablation, over the harmful rows whose reply survived."""
         keep = b.harmful & b.survives
         sub, pe = b.rows(keep), b.prompt_end[keep]
         begin = max(int(pe.min()) - 1, start)  # only the first reply token is compared
-        with ablation(self.adapter, subspace, sub["input_ids"], None, self.writer_module, strength):
+        with ablation(self.adapter, subspace, sub["input_ids"], None, self.writer_module):
             ablated = tail_pass(self.model, sub, begin)[1]
         target = sub["labels"][torch.arange(len(pe)), pe]
         return invariance_loss(

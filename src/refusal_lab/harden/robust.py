@@ -47,10 +47,10 @@ def estimate_subspace(xh: torch.Tensor, xb: torch.Tensor, k: int, n_global: int 
 
 
 def subspace_ablations(
-    sub: RefusalSubspace, n_layers: int, layers: set[int] | None, use_global: bool, strength: float = 1.0
+    sub: RefusalSubspace, n_layers: int, layers: set[int] | None, use_global: bool
 ) -> list[Ablation]:
-    """The subspace as edits of `strength` (1: removed): each layer's writers lose that layer's directions
-    (on `layers`, None: all) together with the global ones (use_global), and the embedding the global ones."""
+    """The subspace as full-strength edits: each layer's writers lose that layer's directions (on `layers`,
+    None: all) together with the global ones (use_global), and the embedding the global ones."""
     out = []
     for layer in range(n_layers):
         dirs = [sub.per_layer[layer]] if layers is None or layer in layers else []
@@ -58,9 +58,9 @@ def subspace_ablations(
         if dirs:
             only = torch.zeros(n_layers, dtype=torch.float64)
             only[layer] = 1.0
-            out.append(Ablation(torch.cat(dirs, 1), strength, only, embedding=False))
+            out.append(Ablation(torch.cat(dirs, 1), 1.0, only, embedding=False))
     if use_global:
-        out.append(Ablation(sub.global_dirs, strength, torch.zeros(n_layers, dtype=torch.float64), embedding=True))
+        out.append(Ablation(sub.global_dirs, 1.0, torch.zeros(n_layers, dtype=torch.float64), embedding=True))
     return out
 
 
@@ -71,13 +71,12 @@ def ablating(
     positions: torch.Tensor | None = None,
     use_global: bool = False,
     resolve: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-    strength: float = 1.0,
 ) -> AbstractContextManager[None]:
     """The subspace removed from writer outputs while the model trains (gradients reach the model): per
     layer on `layers` (None: all), at the positions where `positions` [batch, seq] is 1 (None: all);
     with use_global, the global directions from every writer and the embedding too. `resolve` maps a
     writer to the module that wraps it (a LoRA layer), so the adapter's own contribution is ablated too."""
-    ablations = subspace_ablations(sub, adapter.num_layers, layers, use_global, strength)
+    ablations = subspace_ablations(sub, adapter.num_layers, layers, use_global)
     return hooked(adapter, ablations, positions=positions, resolve=resolve)
 
 
