@@ -99,15 +99,22 @@ def overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def quiet(_m: str) -> None:
+    pass
+
+
+def proof(model: str, s: Settings, out: Path) -> dict:
+    """The battery's record of one model (its worst cases and measures before any attack)."""
+    return run_prove([model], s, None, out, True, quiet).to_json()["models"][0]
+
+
 def sweep(s: Settings, name: str, variants: list[str], hseeds: list[int], out: Path) -> None:
     """The base and every (variant, training seed) row of one model, printed as they finish."""
-    quiet = lambda _m: None  # noqa: E731
     use_kernels(s.model.cpu_kernels, s.model.path)  # as the CLI would (the organism's: pinned)
     base = str(model_path(s, s.model.path))
     key = {"model": base, "settings": s.model_dump(mode="json", exclude={"cache_dir"})}
     start = time.perf_counter()
-    proved = lambda: run_prove([base], s, None, out / "prove-base", True, quiet).to_json()["models"][0]  # noqa: E731
-    base_res = resumed(out / "prove-base", key, proved)
+    base_res = resumed(out / "prove-base", key, lambda: proof(base, s, out / "prove-base"))
     print(row(f"{name} base", base_res, None), f"({time.perf_counter() - start:.0f} s)", flush=True)
     for variant in variants:
         for hs in hseeds:
@@ -119,9 +126,7 @@ def sweep(s: Settings, name: str, variants: list[str], hseeds: list[int], out: P
 
             def run(sv: Settings = sv, folder: Path = folder) -> dict:
                 run_harden(load_model(sv), sv, folder / "model", True, quiet)
-                return run_prove([str(folder / "model")], sv, None, folder / "prove", True, quiet).to_json()["models"][
-                    0
-                ]
+                return proof(str(folder / "model"), sv, folder / "prove")
 
             res = resumed(folder, {**key, "settings": sv.model_dump(mode="json", exclude={"cache_dir"})}, run)
             label = f"{name} {variant}" + (f" h{hs}" if len(hseeds) > 1 or hs else "")

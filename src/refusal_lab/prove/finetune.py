@@ -236,7 +236,8 @@ class FinetuneAttack:
                     f"  finetune: attacked rows left out: the donor ({d.what}) made none of the harmful "
                     "extraction prompts comply, so there are no compliant replies to train on"
                 )
-            for n in self.attacked if data else ():
+                return
+            for n in self.attacked:
                 yield {"source": "attacked", "donor": d.what, "examples": min(n, len(data))}, data[:n]
 
     def train(self, t: Target, data: Pairs, names: list[str], scored: list[str]) -> tuple[int | None, list[dict], dict]:
