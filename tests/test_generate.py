@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refusal_lab.core.generate import _finish_unshrunk, greedy_shrinking, plain_greedy
+from refusal_lab.core.generate import (
+    _finish_unshrunk,
+    encode,
+    greedy_shrinking,
+    headed,
+    plain_greedy,
+    prompt_forward,
+    shared_head,
+)
 from tiny_models import FAMILIES, tiny_model
 
 
@@ -95,8 +103,8 @@ def test_replies_continued_from_a_kept_prompt_pass_are_the_replies(organism, mon
     from refusal_lab.core import generate as G
 
     repeated = []
-    real = G._prompt_pass
-    monkeypatch.setattr(G, "_prompt_pass", lambda *a: repeated.append(1) or real(*a))
+    real = G.prompt_forward
+    monkeypatch.setattr(G, "prompt_forward", lambda *a: repeated.append(1) or real(*a))
     again = generate(m, tok, prompts, 8, 3, prefilled=passes)
     assert again == plain and not repeated  # the kept passes were used, not made again
     with torch.no_grad():
@@ -104,3 +112,53 @@ def test_replies_continued_from_a_kept_prompt_pass_are_the_replies(organism, mon
     assert firsts == [want[i] for i in G.length_order(tok, prompts)]  # batched shortest first
     with pytest.raises(ValueError, match="prefilled batches"):
         generate(m, tok, prompts, 8, 2, prefilled=passes)
+
+
+def _batch_with_head(head: int, lengths: list[int], seed: int = 2) -> dict[str, torch.Tensor]:
+    """Left-padded rows that begin with the same `head` ids (a system prompt) and go on apart."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(3, 96, (head,), generator=g)
+    width = head + max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n - head :] = torch.cat([shared, torch.randint(3, 96, (n,), generator=g)])
+        mask[i, width - n - head :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_shared_head_runs_once_and_each_row_reads_as_it_would_alone(family):
+    model = tiny_model(family)
+    batch = headed(_batch_with_head(6, [3, 7, 5, 1]))
+    assert batch["attention_mask"][:, :6].all() and not batch["attention_mask"].all()  # padded after the head
+    widths: list[tuple[int, ...]] = []
+    hook = model.register_forward_pre_hook(
+        lambda mod, args, kw: widths.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    rows = [ids[mask.bool()][None] for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+    with torch.no_grad():
+        shared = prompt_forward(model, batch).logits[:, -1]
+        assert widths == [(1, 6), (4, 7)]  # the head once, then every row from there
+        hook.remove()
+        alone = torch.cat([model(input_ids=r).logits[:, -1] for r in rows])
+        torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-5)
+        # greedy replies from the shared pass: each row's own greedy continuation
+        got = greedy_shrinking(model, batch, 6, [-1])
+        for r, ids in zip(rows, got, strict=True):
+            assert _reference(model, {"input_ids": r, "attention_mask": torch.ones_like(r)}, 6, [-1])[0] == ids
+
+
+def test_a_batch_without_a_long_shared_head_is_left_as_it_is():
+    batch = _batch_with_head(2, [3, 7, 5])
+    assert headed(batch) is batch
+
+
+def test_a_chat_batch_keeps_each_prompt_when_its_padding_moves_after_the_shared_head(organism):
+    tok = organism.tokenizer
+    prompts = ["how do i paint the fence ?", "how do i fix my car ?", "how do i wash the car today ?"]
+    batch = encode(tok, prompts, torch.device("cpu"))
+    moved = headed(batch)
+    assert moved is not batch and shared_head(moved) >= 4  # BOS, the user turn, "how do i"
+    for ids, mask, p in zip(moved["input_ids"], moved["attention_mask"], prompts, strict=True):
+        assert ids[mask.bool()].tolist() == encode(tok, [p], torch.device("cpu"))["input_ids"][0].tolist()

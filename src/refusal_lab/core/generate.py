@@ -56,6 +56,45 @@ def encode(
     return {k: v.to(device) for k, v in enc.items()}
 
 
+def common_head(rows: Sequence[Sequence[int]]) -> int:
+    """How many first tokens every row shares, each row keeping at least one of its own."""
+    n = max(min(len(r) for r in rows) - 1, 0)
+    for i in range(n):
+        if any(r[i] != rows[0][i] for r in rows):
+            return i
+    return n
+
+
+MIN_SHARED_HEAD = 4  # below this, one more forward call costs more than the positions it saves
+
+
+def headed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A left-padded batch with its padding moved after the head every row shares (a chat template's
+    system prompt and the turn's opening), so `prompt_forward` can run that head once. Rows read the
+    same only where position ids follow the mask (`prompt_forward` and the decoding loop pass them)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    lengths = mask.sum(1).tolist()
+    width = ids.shape[1]
+    head = common_head([r[width - n :].tolist() for r, n in zip(ids, lengths, strict=True)]) if len(ids) > 1 else 0
+    if head < MIN_SHARED_HEAD:
+        return batch
+    new_ids, new_mask = ids.clone(), mask.clone()
+    for i, n in enumerate(lengths):
+        pad = width - n
+        new_ids[i, :head], new_mask[i, :head] = ids[i, pad : pad + head], 1
+        new_ids[i, head : head + pad], new_mask[i, head : head + pad] = ids[i, :pad], 0
+    return {**batch, "input_ids": new_ids, "attention_mask": new_mask}
+
+
+def shared_head(batch: dict[str, torch.Tensor]) -> int:
+    """The first columns that every row of `batch` holds alike and unpadded (0 for a single row)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if len(ids) < 2:
+        return 0
+    same = ((ids == ids[:1]).all(0) & mask.bool().all(0)).int()
+    return min(int(same.cumprod(0).sum()), ids.shape[1] - 1)
+
+
 def length_order(tok: PreTrainedTokenizerBase, prompts: Sequence[str | Messages]) -> list[int]:
     """Prompt indices, shortest chat-templated prompt first: a left-padded batch of like lengths
     computes little padding. Ties keep their order, so the order depends on the prompts alone."""
@@ -183,9 +222,23 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _prompt_pass(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> Any:
+def prompt_forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], keep: int = 1) -> Any:
+    """A prompt pass (logits of the last `keep` positions, and the KV cache) with position ids that follow
+    the mask. On a `headed` batch the rows' shared head runs once and its cache is copied to every row,
+    which then runs from there: the same outputs up to float rounding, for a chat model with a system
+    prompt a third or more of the prompt's positions saved. Hooks must treat positions alike (edits do;
+    captures, which read every position, must not use it)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    return tail_forward(model, 1, input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+    pos = _positions(mask)
+    head = shared_head(batch)
+    if head >= MIN_SHARED_HEAD and head + keep <= ids.shape[1]:
+        one = {"input_ids": ids[:1, :head], "attention_mask": mask[:1, :head], "position_ids": pos[:1, :head]}
+        cache = tail_forward(model, 1, use_cache=True, **one).past_key_values
+        if hasattr(cache, "batch_repeat_interleave"):
+            cache.batch_repeat_interleave(len(ids))
+            rest = {"input_ids": ids[:, head:], "position_ids": pos[:, head:], "past_key_values": cache}
+            return tail_forward(model, keep, attention_mask=mask, use_cache=True, **rest)
+    return tail_forward(model, keep, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
 
 
 @torch.inference_mode()
@@ -197,8 +250,8 @@ def prefill(
     out = []
     prompts = [prompts[i] for i in length_order(tok, prompts)]
     for start in range(0, len(prompts), batch_size):
-        batch = encode(tok, prompts[start : start + batch_size], device)
-        out.append(Prefill(batch, _prompt_pass(model, batch)))
+        batch = headed(encode(tok, prompts[start : start + batch_size], device))
+        out.append(Prefill(batch, prompt_forward(model, batch)))
     return out
 
 
@@ -219,11 +272,13 @@ def greedy_shrinking(
     padding as `model.generate` computes them. `first`: this batch's prompt pass, already made (a
     Prefill's output).
     """
+    if first is None:
+        batch = headed(batch)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     n = ids.shape[0]
     out: list[list[int]] = [[] for _ in range(n)]
     rows = torch.arange(n, device=ids.device)
-    res = first if first is not None else _prompt_pass(model, batch)
+    res = first if first is not None else prompt_forward(model, batch)
     cache, last = res.past_key_values, _positions(mask)[:, -1]
     stop = torch.tensor(eos, device=ids.device)
     for step in range(max_new_tokens):

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_lab.core.generate import encode, generate, length_order, render, tail_logits
+from refusal_lab.core.generate import encode, generate, headed, length_order, prompt_forward, render
 from refusal_lab.core.prompts import Prompt
 
 # "as an ai" is not one: on the 300-reply reference and the 0.5B panel, every reply whose only marker
@@ -271,7 +271,7 @@ def last_logits(
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="logits", unit="batch", disable=None if len(starts) > 4 else True, leave=False):
         batch = encode(tok, ordered[start : start + batch_size], device)
-        out.append(tail_logits(model, 1, **batch)[:, -1, :].float().cpu())
+        out.append(prompt_forward(model, headed(batch), 1).logits[:, -1, :].float().cpu())
     logits = torch.cat(out)
     return logits[torch.argsort(torch.tensor(order))]
 
@@ -324,6 +324,13 @@ def kept_tail(width: int, spans: list[tuple[int, int]]) -> tuple[int, list[slice
     return keep, [slice(first - (width - keep), end - (width - keep)) for first, end in spans]
 
 
+def _forced(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """The last `keep` positions' logits of a teacher-forced batch, its rows' shared head run once."""
+    device = next(model.parameters()).device
+    batch = headed({"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+    return prompt_forward(model, batch, keep).logits[:, -keep:]
+
+
 @torch.inference_mode()
 def continuation_logprobs(
     model: PreTrainedModel,
@@ -333,11 +340,10 @@ def continuation_logprobs(
     batch_size: int = 8,
 ) -> list[torch.Tensor]:
     """Log-probability of every continuation token given its prompt (float64, one tensor per row)."""
-    device = next(model.parameters()).device
     out = []
     for ids, mask, spans in continuation_batches(tok, prompts, continuations, batch_size):
         keep, tails = kept_tail(ids.shape[1], spans)
-        logits = tail_logits(model, keep, input_ids=ids.to(device), attention_mask=mask.to(device))
+        logits = _forced(model, ids, mask, keep)
         for row, ((first, end), at) in enumerate(zip(spans, tails, strict=True)):
             targets = ids[row, first + 1 : end + 1].to(logits.device)
             logp = torch.log_softmax(logits[row, at].double(), -1)
@@ -358,8 +364,7 @@ def teacher_forced_kl(
     total, count = 0.0, 0
     for ids, mask, spans in continuation_batches(tok, prompts, responses, batch_size):
         keep, tails = kept_tail(ids.shape[1], spans)
-        zb = tail_logits(base, keep, input_ids=ids.to(base.device), attention_mask=mask.to(base.device))
-        zm = tail_logits(model, keep, input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
+        zb, zm = _forced(base, ids, mask, keep), _forced(model, ids, mask, keep)
         for row, ((first, end), at) in enumerate(zip(spans, tails, strict=True)):
             p = torch.log_softmax(zb[row, at].double().cpu(), -1)
             q = torch.log_softmax(zm[row, at].double().cpu(), -1)
