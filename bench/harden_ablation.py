@@ -9,6 +9,7 @@ back from its row.json when its settings are the same. Usage:
 
     python bench/harden_ablation.py --seeds 0 1 2 --out bench-out/harden
     python bench/harden_ablation.py --seeds 0 --variants plain,default
+    python bench/harden_ablation.py --seeds 0 1 2 --variants default,passes2 --twins 0.5 --out bench-out/twins
     python bench/harden_ablation.py --model MODEL --harden-seeds 0 1 2 --variants default \
         --set prompts.harmful=FILE --set prompts.column=forbidden_prompt --set model.dtype=bfloat16 \
         --set harden.train_batch_size=2 --out bench-out/harden-real
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Any
 from refusal_lab.config import Settings, load_settings
 from refusal_lab.core.kernels import use_kernels
 from refusal_lab.harden.stage import run_harden
+from refusal_lab.organism import corpus, values
 from refusal_lab.organism.source import load_model, model_path
 from refusal_lab.prove.stage import run_prove
 
@@ -48,6 +51,8 @@ VARIANTS = {
     "aware8-full-retain3": {"aware_directions": 8, "full_ablation": 0.6, "retain": 3.0},
     "passes2": {"aware_passes": 2},
     "passes2-full10": {"aware_passes": 2, "full_ablation": 1.0},
+    "passes2-aware-harmful-only": {"aware_passes": 2, "aware_harmless": False},
+    "passes3": {"aware_passes": 3},
 }
 ATTACKS = "arditi,saber,adaptive,subspace,rdo,search"
 
@@ -99,6 +104,24 @@ def overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def with_twins(seed: int, share: float, out: Path) -> Path:
+    """The organism's alignment set (seed `seed`) with `share` of its helpful rows made benign twins, as JSONL."""
+    cfg = corpus.CorpusConfig(seed=seed, think=False)
+    split = corpus.make_split(cfg)
+    rows = values.alignment_set(cfg, split)
+    rng = random.Random(seed + 99)
+    persons = [(v, o) for v, o in split.train_pairs["safe"] if o in corpus.PEOPLE]
+    for r in rows:
+        if r["category"] == "helpful" and rng.random() < share:
+            verb, obj = rng.choice(persons)
+            req = corpus.harmless_request(rng, "safe", verb, obj, rng.choice(split.train_phrasings), False)
+            r["messages"] = [{"role": "user", "content": req.prompt}, {"role": "assistant", "content": req.answer}]
+    path = out / f"twins-{share}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def quiet(_m: str) -> None:
     pass
 
@@ -108,8 +131,9 @@ def proof(model: str, s: Settings, out: Path) -> dict:
     return run_prove([model], s, None, out, True, quiet).to_json()["models"][0]
 
 
-def sweep(s: Settings, name: str, variants: list[str], hseeds: list[int], out: Path) -> None:
-    """The base and every (variant, training seed) row of one model, printed as they finish."""
+def sweep(s: Settings, name: str, variants: list[str], hseeds: list[int], out: Path, data: Path | None = None) -> None:
+    """The base and every (variant, training seed) row of one model, printed as they finish; `data`: the
+    alignment examples every variant trains on (default: the model's own)."""
     use_kernels(s.model.cpu_kernels, s.model.path)  # as the CLI would (the organism's: pinned)
     base = str(model_path(s, s.model.path))
     key = {"model": base, "settings": s.model_dump(mode="json", exclude={"cache_dir"})}
@@ -122,6 +146,8 @@ def sweep(s: Settings, name: str, variants: list[str], hseeds: list[int], out: P
             sv = s.model_copy(deep=True)
             for k, v in {**VARIANTS[variant], "harden_seed": hs}.items():
                 setattr(sv.harden, k, v)
+            if data is not None:
+                sv.harden.data = data
             folder = out / variant / f"harden-seed{hs}"
 
             def run(sv: Settings = sv, folder: Path = folder) -> dict:
@@ -141,13 +167,16 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any other setting")
     ap.add_argument("--out", type=Path, default=Path("bench-out/harden"))
+    ap.add_argument("--twins", type=float, metavar="SHARE", help="the organism: this share of helpful rows as twins")
     args = ap.parse_args()
     variants = args.variants.split(",")
     common = {"model.path": args.model, "prove.attacks": ATTACKS, "eval.escalation": "none", **overrides(args.set)}
     if args.model == "organism":
         for seed in args.seeds:
             s = load_settings(**common, **{"organism.seed": seed})
-            sweep(s, f"seed {seed}", variants, args.harden_seeds, args.out / f"seed{seed}")
+            out = args.out / f"seed{seed}"
+            data = None if args.twins is None else with_twins(seed, args.twins, out)
+            sweep(s, f"seed {seed}", variants, args.harden_seeds, out, data)
     else:
         sweep(load_settings(**common), Path(args.model).name, variants, args.harden_seeds, args.out)
 
