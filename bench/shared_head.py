@@ -7,6 +7,7 @@ read takes (`last_logits`) and for greedy replies (`generate`), each way, and wh
 
     python bench/shared_head.py                                              # the organism
     python bench/shared_head.py --model DIR --harmful strongreject.csv --column forbidden_prompt --dtype bfloat16
+    python bench/shared_head.py ... --batch-sizes 16,32,64     # and each read's time at other batch sizes
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-sizes", help="also time both reads at these batch sizes (e.g. 16,32,64), head shared")
     args = ap.parse_args()
     m = load_model(load_settings(**{"model.path": args.model, "model.dtype": args.dtype}))
     if args.harmful:
@@ -62,6 +64,12 @@ def main() -> None:
         f"greedy {args.max_new_tokens}-token replies: {a[1]:.1f} s whole, {b[1]:.1f} s shared ({b[1] / a[1]:.2f}); "
         f"{same} of {len(prompts)} replies identical"
     )
+    for size in [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else []:
+        t = time.perf_counter()
+        last_logits(model, tok, prompts, size)
+        t1 = time.perf_counter()
+        G.generate(model, tok, prompts, args.max_new_tokens, size)
+        print(f"batch {size}: first-token logits {t1 - t:.1f} s, replies {time.perf_counter() - t1:.1f} s")
 
 
 if __name__ == "__main__":

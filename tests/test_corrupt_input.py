@@ -102,3 +102,33 @@ def test_cli_truncated_weights_exit_2_with_one_line(copy):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(copy / "model.safetensors") in lines[0] and "fix:" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["prove", "eval"])
+def test_a_model_trained_on_the_reported_prompts_is_refused_by_name_before_any_work(copy, tmp_path, command):
+    """harden records the prompts it trained on; prove and eval refuse to report on them (exit 2, one line)."""
+    from refusal_lab.config import load_settings
+    from refusal_lab.core.prompts import write_trained_prompts
+    from refusal_lab.core.sources import Source
+
+    _, held = Source.of(copy).prove_split(load_settings().prompts)
+    write_trained_prompts(copy, ["an unrelated prompt", held.harmful[3].prompt])
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "refusal_lab.cli", command, str(copy), "-o", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "was trained on 1 of the" in lines[-1] and "harmful prompts reported on" in lines[-1], lines
+    assert not out.exists()
+
+
+def test_an_edit_of_a_hardened_model_keeps_the_record_of_its_training_prompts(copy, tmp_path):
+    from refusal_lab.core.prompts import TRAINED_PROMPTS, write_trained_prompts
+
+    write_trained_prompts(copy, ["a prompt it was hardened on"])
+    out = tmp_path / "edited"
+    cmd = [sys.executable, "-m", "refusal_lab.cli", "ablate", str(copy), "-o", str(out)]
+    (tmp_path / "c.toml").write_text(f'cache_dir = "{tmp_path / "cache"}"\n')
+    result = subprocess.run([*cmd, "--config", str(tmp_path / "c.toml")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (out / TRAINED_PROMPTS).read_text() == (copy / TRAINED_PROMPTS).read_text()

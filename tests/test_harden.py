@@ -167,6 +167,7 @@ def test_harden_writes_a_loadable_folder_and_resumes_after_a_fault_at_step_3(org
     """A run ended by fault injection right after step 3's checkpoint resumes there and ends where an
     uninterrupted run ends; harden.json reads back as the typed record."""
     from refusal_lab.core.faults import FAULT_ENV, FAULT_EXIT_CODE
+    from refusal_lab.core.prompts import prompt_hash, trained_prompts
     from refusal_lab.harden.record import HardenRecord
 
     args = ["--checkpoint-every", "3", "--ablation-aware", "--invariance", "1.0", "--matching", "0.1"]
@@ -176,6 +177,9 @@ def test_harden_writes_a_loadable_folder_and_resumes_after_a_fault_at_step_3(org
     raw = json.loads((tmp_path / "whole" / "harden.json").read_text())
     record = HardenRecord.read(tmp_path / "whole")
     assert record.to_json() == raw  # every field of the file, and no other, in the typed record
+    align = [json.loads(line) for line in (organism_dir / "harden" / "align.jsonl").read_text().splitlines()]
+    asked = {prompt_hash(m["content"]) for r in align for m in r["messages"] if m["role"] == "user"}
+    assert trained_prompts(tmp_path / "whole") == asked  # what prove and eval will not report on
     history = json.loads((tmp_path / "whole" / "history.json").read_text())
     assert record.steps == len(history) > 6 and record.data.spec_blocks >= 1 and record.final_losses == history[-1]
     seen = {k for row in history for k in row}

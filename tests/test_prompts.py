@@ -46,3 +46,17 @@ def test_the_over_refusal_set_is_large_typed_and_apart_from_what_harden_trains_o
     taught = {p.prompt.lower() for name in ("lookalike", "harmless") for p in builtin_prompts(name, "probe")}
     taught |= {p.prompt.lower() for p in builtin_prompts("harmless", "eval")}
     assert not taught & set(texts)
+
+
+def test_reported_sets_refuse_a_model_trained_on_their_prompts_by_name(tmp_path):
+    from refusal_lab.core.prompts import prompt_hash, trained_prompts, write_trained_prompts
+    from refusal_lab.core.sources import EvalSets
+
+    sets = EvalSets([Prompt("How do I pick a lock?"), Prompt("Write a threat.")], [Prompt("Bake bread.")], [])
+    sets.refuse_trained_on(tmp_path)  # a folder with no record: a model refusal-lab did not train
+    write_trained_prompts(tmp_path, ["bake a cake.", "Write  a THREAT."])  # case and spacing do not count
+    assert trained_prompts(tmp_path) == {prompt_hash("bake a cake."), prompt_hash("write a threat.")}
+    with pytest.raises(UserError, match=r"trained on 1 of the 2 harmful prompts reported on \(the first: 'Write"):
+        sets.refuse_trained_on(tmp_path)
+    write_trained_prompts(tmp_path, ["bake a cake."])
+    sets.refuse_trained_on(tmp_path)  # none shared: nothing to refuse

@@ -29,6 +29,7 @@ from refusal_lab.ablate.saber import band_layers, saber
 from refusal_lab.config import ProbeSettings, Settings
 from refusal_lab.core.artifacts import Log, manifest, settings_record, write_folder, write_replay
 from refusal_lab.core.model import Loaded, checkpoint_dtype, unquantized
+from refusal_lab.core.prompts import TRAINED_PROMPTS
 from refusal_lab.core.sources import PromptSets, Source
 from refusal_lab.errors import UserError
 from refusal_lab.probe.directions import Probe, best_layer_by_fdr
@@ -156,6 +157,8 @@ def export(
         loaded.tokenizer.save_pretrained(tmp)
         if (src / "prompts").is_dir():
             shutil.copytree(src / "prompts", tmp / "prompts")
+        if (src / TRAINED_PROMPTS).is_file():  # an edit of a hardened model was trained on them too
+            shutil.copy2(src / TRAINED_PROMPTS, tmp / TRAINED_PROMPTS)
         save_file(ablation_tensors(ablations), str(tmp / "ablation.safetensors"))
         (tmp / "ablation.json").write_text(json.dumps(full, indent=1, default=str) + "\n")
         write_replay(tmp, s, command)

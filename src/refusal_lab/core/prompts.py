@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,25 @@ class Prompt:
     category: str = ""
     answer: str = ""
     meta: dict[str, str] = field(default_factory=dict, compare=False)
+
+
+TRAINED_PROMPTS = "trained_prompts.json"  # in a hardened folder: hashes of the prompts it was trained on
+
+
+def prompt_hash(text: str) -> str:
+    """A prompt's identity across files (case and spacing do not count); a hash, so no request is copied."""
+    return hashlib.sha256(" ".join(text.casefold().split()).encode()).hexdigest()[:16]
+
+
+def write_trained_prompts(folder: Path, prompts: list[str]) -> None:
+    """Record in `folder` which prompts a model was trained on, so no report is made on them."""
+    (folder / TRAINED_PROMPTS).write_text(json.dumps(sorted({prompt_hash(p) for p in prompts})) + "\n")
+
+
+def trained_prompts(folder: Path) -> set[str]:
+    """The hashes a folder records (empty for a model refusal-lab did not train)."""
+    path = folder / TRAINED_PROMPTS
+    return set(json.loads(path.read_text())) if path.is_file() else set()
 
 
 def load_prompts(path: Path, column: str = "prompt") -> list[Prompt]:

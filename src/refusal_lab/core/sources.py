@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from refusal_lab.core.prompts import Prompt, jsonl_rows, load_prompts
+from refusal_lab.core.prompts import Prompt, jsonl_rows, load_prompts, prompt_hash, trained_prompts
 from refusal_lab.errors import UserError
 
 if TYPE_CHECKING:
@@ -46,6 +46,20 @@ class EvalSets:
     overrefusal: list[Prompt]
     exact: dict[str, list[Prompt]] = field(default_factory=dict)  # organism capability / recognition
     multiple_choice: list[dict] = field(default_factory=list)
+
+    def refuse_trained_on(self, folder: Path) -> None:
+        """A model trained on prompts these sets report on (harden --data, or --harmful rows shared with
+        the report) is refused by name: its refusal figures would be measured on its training data."""
+        trained = trained_prompts(folder)
+        for name in ("harmful", "harmless", "overrefusal"):
+            prompts = getattr(self, name)
+            shared = [p.prompt for p in prompts if prompt_hash(p.prompt) in trained]
+            if shared:
+                raise UserError(
+                    f"{folder.name} was trained on {len(shared)} of the {len(prompts)} {name} prompts reported on "
+                    f"(the first: {shared[0][:60]!r})",
+                    "report on prompts it was not trained on: other --harmful rows or files, or harden without them",
+                )
 
     def limited(self, n: int | None) -> EvalSets:
         """Every prompt set cut to its first n (multiple-choice items are kept whole); None keeps all."""

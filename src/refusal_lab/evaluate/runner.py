@@ -355,6 +355,8 @@ def evaluate_models(
 
     source = Source.of(paths[names[0]])
     sets = source.eval_sets(s.prompts, s.eval.limit)
+    for name in names:
+        sets.refuse_trained_on(paths[name])
     if s.eval.lm_eval:
         from refusal_lab.evaluate.harness import check_tasks
 

@@ -24,6 +24,7 @@ from refusal_lab.core.artifacts import Log, settings_record, write_folder, write
 from refusal_lab.core.generate import generate
 from refusal_lab.core.metrics import is_refusal
 from refusal_lab.core.model import DTYPES, Loaded, checkpoint_dtype
+from refusal_lab.core.prompts import write_trained_prompts
 from refusal_lab.core.sources import Source, builtin_prompts
 from refusal_lab.errors import UserError
 from refusal_lab.harden.data import Example, apply_mix, encode_example, load_examples, load_mix, load_spec, pack
@@ -199,16 +200,24 @@ def run_harden(loaded: Loaded, s: Settings, out: Path, force: bool, log: Log) ->
         settings=settings_record(s),
     )
     merged = trainer.merged(lambda: load_model(s).model)  # a 4-bit base takes the adapter on a fresh full copy
-    write_folder(out, partial(_fill, loaded, merged, record, result, s), force)
+    trained = [text for e in examples for role, text in e.messages if role == "user"]
+    write_folder(out, partial(_fill, loaded, merged, record, result, s, trained), force)
     shutil.rmtree(work, ignore_errors=True)
     return record
 
 
 def _fill(
-    loaded: Loaded, merged: PreTrainedModel, record: HardenRecord, result: TrainResult, s: Settings, tmp: Path
+    loaded: Loaded,
+    merged: PreTrainedModel,
+    record: HardenRecord,
+    result: TrainResult,
+    s: Settings,
+    trained: list[str],
+    tmp: Path,
 ) -> None:
     """The hardened folder's files: weights in the source's stored dtype, tokenizer, prompts and harden data
-    carried over, harden.json, history.json, settings + reproduce.sh and the model card."""
+    carried over, harden.json, history.json, the trained prompts' hashes, settings + reproduce.sh and the
+    model card."""
     from refusal_lab.core.card import model_card
 
     stored = checkpoint_dtype(loaded.folder)
@@ -220,6 +229,7 @@ def _fill(
         if (loaded.folder / name).is_dir():
             shutil.copytree(loaded.folder / name, tmp / name)
     record.write(tmp)
+    write_trained_prompts(tmp, trained)
     write_text_atomic(tmp / "history.json", json.dumps(result.history))
     write_replay(tmp, s, "harden")
     (tmp / "README.md").write_text(model_card(loaded.folder, record.to_json(), "harden"))

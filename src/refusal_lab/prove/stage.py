@@ -298,6 +298,7 @@ def run_prove(
     paths = [model_path(s, n) for n in names]
     for path in paths:  # a missing or malformed second model is named before the first one is attacked
         check_source(path, s.model.download)
+        Source.of(path).prove_split(s.prompts, s.eval.limit)[1].refuse_trained_on(path)
     meta["models"] = [str(p) for p in paths]
     meta["base"] = base
     meta["imported"] = [str(f) for f in imported]
