@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_lab.config import Settings, load_settings
+from refusal_lab.core.artifacts import write_text_atomic
 from refusal_lab.core.kernels import use_kernels
 from refusal_lab.harden.stage import run_harden
 from refusal_lab.organism import corpus, values
@@ -87,9 +88,7 @@ def resumed(folder: Path, key: dict[str, Any], run: Callable[[], dict]) -> dict:
     res = run()
     row_ = {"key": key, "worst": res["worst"], "before": res["before"]}
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = saved.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row_, default=str))
-    tmp.replace(saved)
+    write_text_atomic(saved, json.dumps(row_, default=str))
     return row_
 
 
