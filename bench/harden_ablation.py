@@ -33,17 +33,16 @@ from refusal_lab.organism import corpus, values
 from refusal_lab.organism.source import load_model, model_path
 from refusal_lab.prove.stage import run_prove
 
-OFF = {"ablation_aware": False, "invariance": 0.0, "matching": 0.0}
+OFF = {"ablation_aware": False, "invariance": 0.0}
 VARIANTS = {
     "plain": dict(OFF),
     "+extended": {**OFF, "extended_refusals": True},
     "+aware": {**OFF, "ablation_aware": True},
     "+invariance": {**OFF, "invariance": 1.0},
-    "+matching": {**OFF, "matching": 0.1},
     "default": {},  # ablation-aware (harmful and harmless examples) + invariance: the stage's defaults
     "default-aware-harmful-only": {"aware_harmless": False},
     "default-no-stage1": {"stage1_tokens": 0},
-    "all": {"matching": 0.1, "extended_refusals": True},
+    "all": {"extended_refusals": True},
     "aware8": {"aware_directions": 8},
     "aware8-full": {"aware_directions": 8, "full_ablation": 0.6},
     "full06": {"full_ablation": 0.6},

@@ -1,8 +1,7 @@
 """Stage-2 hardening throughput (tokens per second) and what each ablation-aware option adds.
 
 Each configuration trains the same steps on the same examples from a fresh copy of the model, in
-one process, side by side: plain stage 2, + ablation-aware, + invariance, + distribution matching,
-and all three. Usage:
+one process, side by side: plain stage 2, + ablation-aware, + invariance, and both. Usage:
 
     python bench/harden_throughput.py                         # the organism
     python bench/harden_throughput.py --model DIR --harmful strongreject.csv --column forbidden_prompt --steps 10
@@ -24,12 +23,11 @@ from refusal_lab.harden.train import Trainer, make_plan
 from refusal_lab.organism.source import load_model
 
 CONFIGS = {
-    "plain stage 2": {"ablation_aware": False, "invariance": 0.0, "matching": 0.0},
-    "+ ablation-aware": {"ablation_aware": True, "invariance": 0.0, "matching": 0.0},
-    "+ aware, harmful only": {"ablation_aware": True, "aware_harmless": False, "invariance": 0.0, "matching": 0.0},
-    "+ invariance": {"ablation_aware": False, "invariance": 1.0, "matching": 0.0},
-    "+ matching": {"ablation_aware": False, "invariance": 0.0, "matching": 0.1},
-    "all three": {"ablation_aware": True, "invariance": 1.0, "matching": 0.1},
+    "plain stage 2": {"ablation_aware": False, "invariance": 0.0},
+    "+ ablation-aware": {"ablation_aware": True, "invariance": 0.0},
+    "+ aware, harmful only": {"ablation_aware": True, "aware_harmless": False, "invariance": 0.0},
+    "+ invariance": {"ablation_aware": False, "invariance": 1.0},
+    "both": {"ablation_aware": True, "invariance": 1.0},
 }
 
 

@@ -134,8 +134,8 @@ def test_ablating_during_training_equals_the_weight_edit_it_stands_for():
         assert (model(input_ids=ids).logits - mine).abs().max() > 1e-3  # the ablation did something
 
 
-def test_invariance_and_matching_terms():
-    from refusal_lab.harden.robust import invariance_loss, matching_loss
+def test_invariance_term():
+    from refusal_lab.harden.robust import invariance_loss
 
     logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
     target = torch.tensor([0, 1])
@@ -143,13 +143,6 @@ def test_invariance_and_matching_terms():
     assert float(invariance_loss(logits, logits.flip(0), target, 1.0)) > 1.0
     never = torch.tensor([[0.0, 9.0, 0.0], [9.0, 0.0, 0.0]])  # invariant, but the refusal is gone: the hinge bites
     assert float(invariance_loss(never, never, target, 1.0)) > 5.0
-    torch.manual_seed(0)
-    x = torch.randn(400, 3, 4) + 3.0  # one distribution for both classes: little to match
-    harmful, end = torch.tensor([True, False] * 200), torch.full((400,), 3)
-    same = float(matching_loss((x, x), end, harmful))
-    apart = x.clone()
-    apart[::2] += 2.0  # harmful rows moved along every axis: a separating direction
-    assert same < 0.05 and float(matching_loss((x, apart), end, harmful)) > 10 * same
 
 
 def _harden(organism_dir: Path, tmp_path: Path, out: str, *extra: str) -> list[str]:
@@ -170,7 +163,7 @@ def test_harden_writes_a_loadable_folder_and_resumes_after_a_fault_at_step_3(org
     from refusal_lab.core.prompts import prompt_hash, trained_prompts
     from refusal_lab.harden.record import HardenRecord
 
-    args = ["--checkpoint-every", "3", "--ablation-aware", "--invariance", "1.0", "--matching", "0.1"]
+    args = ["--checkpoint-every", "3", "--ablation-aware", "--invariance", "1.0"]
     clean = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
     whole = subprocess.run(_harden(organism_dir, tmp_path, "whole", *args), capture_output=True, text=True, env=clean)
     assert whole.returncode == 0, whole.stderr
@@ -183,7 +176,7 @@ def test_harden_writes_a_loadable_folder_and_resumes_after_a_fault_at_step_3(org
     history = json.loads((tmp_path / "whole" / "history.json").read_text())
     assert record.steps == len(history) > 6 and record.data.spec_blocks >= 1 and record.final_losses == history[-1]
     seen = {k for row in history for k in row}
-    assert {"spec", "sft", "retain", "aware", "invariance", "matching"} <= seen  # every switched-on term ran
+    assert {"spec", "sft", "retain", "aware", "invariance"} <= seen  # every switched-on term ran
     # ablation-aware rows: the harmless ones too (--aware-harmless, the default), not the harmful ones alone
     assert any(row["aware_rows"] > row["harmful_rows"] for row in history if "aware_rows" in row)
     hardened, base = _weights(tmp_path / "whole"), _weights(organism_dir)
@@ -432,8 +425,8 @@ def test_help_shows_the_ablation_study_options_apart_and_not_the_removed_ones():
     shown = CliRunner().invoke(app, ["harden", "--help"], env={"COLUMNS": "200"}, terminal_width=200).output
     assert "Experimental" in shown
     panel = shown[shown.index("Experimental") :]
-    assert "--matching" in panel and "--extended-refusals" in panel and "--invariance " not in panel
-    assert not any(f in shown for f in ("--retain-first", "--answer-hinge", "--reask-lookalikes"))
+    assert "--extended-refusals" in panel and "--invariance " not in panel
+    assert not any(f in shown for f in ("--retain-first", "--answer-hinge", "--reask-lookalikes", "--matching"))
 
 
 def test_a_second_estimation_pass_adds_directions_found_with_the_first_removed(organism_dir, tmp_path):

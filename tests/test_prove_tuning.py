@@ -157,3 +157,31 @@ def test_a_budget_no_proposal_fits_is_reported_with_the_least_kl_and_generates_n
     run = run_attack(Listed(), t, (0.1,))
     assert not run.budgets["0.1"].fits and run.budgets["0.1"].min_kl == 0.2
     assert t.generated == [] and t.held == []
+
+
+def test_replies_are_decoded_in_generation_batches_and_logits_read_in_forward_batches(monkeypatch):
+    """Decoding gains from a larger batch than a forward pass: each uses its own setting."""
+    import torch
+
+    import refusal_lab.prove.battery as battery
+    from refusal_lab.config import Settings
+
+    seen: dict[str, int] = {}
+
+    def replies(_model, _tok, prompts, _n, batch_size, **_kw):
+        seen["generate"] = batch_size
+        return []
+
+    def logits(_model, _tok, prompts, batch_size):
+        seen["read"] = batch_size
+        return torch.zeros(len(prompts), 3)
+
+    monkeypatch.setattr(battery, "generate_replies", replies)
+    monkeypatch.setattr(battery, "last_logits", logits)
+    s = Settings(batch_size=3, generation_batch_size=7)
+    loaded = SimpleNamespace(model=None, tokenizer=None)
+    held = SimpleNamespace(harmless=[SimpleNamespace(prompt="p")])
+    t = Target(loaded, None, [], held, torch.zeros(1, 3), None, s, lambda _m: None)  # type: ignore[arg-type]
+    t.replies(["a", "b"])
+    t.kl()
+    assert seen == {"generate": 7, "read": 3}

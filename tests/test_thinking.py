@@ -147,11 +147,11 @@ def test_eval_prove_and_search_label_an_unfinished_thinker_broken(tmp_path: Path
     script = "OPEN the user asks i cannot help"
     m.ids, m.step = m.tok.convert_tokens_to_ids(script.replace("OPEN", "<think>").split()), 0
     loaded = Loaded(m.model, m.tok, tmp_path)
-    ev = Evaluator(None, EvalSettings(max_new_tokens=7), 4, KeywordScorer(), None, None, print)  # type: ignore[arg-type]
+    ev = Evaluator(None, EvalSettings(max_new_tokens=7), 4, 4, KeywordScorer(), None, None, print)  # type: ignore[arg-type]
     got = ev.refusal_set(loaded, "harmless", [Prompt(p) for p in PROMPTS])
     assert (got.refused, got.broken, [r.label for r in got.rows]) == (0.0, 1.0, ["broken"] * 2)
 
-    s = SimpleNamespace(prove=SimpleNamespace(max_new_tokens=7), batch_size=4)
+    s = SimpleNamespace(prove=SimpleNamespace(max_new_tokens=7), batch_size=4, generation_batch_size=4)
     target = Target(loaded, None, [], None, None, KeywordScorer(), s, print)  # type: ignore[arg-type]
     m.step = 0
     assert target.label(PROMPTS, target.replies(PROMPTS)).broken == 2

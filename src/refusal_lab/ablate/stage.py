@@ -98,7 +98,7 @@ def choose_ablations(loaded: Loaded, sets: PromptSets, s: Settings, first: Probe
     if a.method == "arditi":
         from refusal_lab.core.metrics import refusal_openers
 
-        ids = refusal_openers(model, tok, harmful, Source.of(loaded.source).markers, s.batch_size)
+        ids = refusal_openers(model, tok, harmful, Source.of(loaded.source).markers, s.generation_batch_size)
         choice = arditi(model, tok, adapter, harmful, harmless, ids, a.arditi, s.batch_size, log, a.norm_preserving)
         record = {k: v for k, v in asdict(choice).items() if k not in ("direction", "table")}
         record |= {"refusal_tokens": tok.convert_ids_to_tokens(ids), "candidates": choice.table}

@@ -353,13 +353,6 @@ class HardenSettings(Section):
     invariance_margin: float = Field(
         1.0, ge=0, description="Harden: the refusal's first token keeps log-prob above -this."
     )
-    matching: float = Field(
-        0.0,
-        ge=0,
-        description="Harden (experimental): weight of harmful/harmless activation-statistics matching "
-        "(kept for the ablation study, bench/harden_ablation.py).",
-        json_schema_extra={"panel": "Experimental"},
-    )
     extended_refusals: bool = Field(
         False,
         description="Harden (experimental): train refusals that explain their reason "
@@ -380,7 +373,13 @@ class Settings(Section):
     cache_dir: Path = Field(
         default_factory=default_cache_dir, description="Where organisms, activations and judge answers are cached."
     )
-    batch_size: int = Field(16, ge=1, description="Prompts per forward pass or generation batch.")
+    batch_size: int = Field(16, ge=1, description="Prompts per forward pass (first-token logits, captures).")
+    generation_batch_size: int = Field(
+        16,
+        ge=1,
+        description="Prompts whose replies are decoded together: decoding reads every weight once per token "
+        "for the whole batch, so it gains from a larger batch than one forward pass does.",
+    )
     model: ModelSettings = Field(default_factory=ModelSettings)
     organism: OrganismSettings = Field(default_factory=OrganismSettings)
     prompts: PromptSettings = Field(default_factory=PromptSettings)

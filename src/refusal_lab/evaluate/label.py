@@ -218,7 +218,8 @@ def base_scorer(loaded: Loaded, s: Settings) -> Scorer:
     if own.name == "exact":
         return own  # the base's reference replies would go unread
     given = load_prompts(s.prompts.harmless, s.prompts.column) if s.prompts.harmless else None
-    ref = Reference.of(loaded, given or builtin_prompts("harmless", "eval"), s.eval, s.batch_size)
+    harmless = given or builtin_prompts("harmless", "eval")
+    ref = Reference.of(loaded, harmless, s.eval, s.batch_size, s.generation_batch_size)
     return choose_scorer(source, loaded, ref.prompts, ref.replies, s.eval.coherence_quantile, s.batch_size)
 
 

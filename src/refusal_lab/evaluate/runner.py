@@ -112,10 +112,12 @@ class Reference:
     replies: tuple[str, ...]  # the base's own replies to them (teacher-forced KL and coherence read these)
 
     @staticmethod
-    def of(base: Loaded, harmless: Sequence[Prompt], opts: EvalSettings, batch_size: int) -> Reference:
+    def of(
+        base: Loaded, harmless: Sequence[Prompt], opts: EvalSettings, batch_size: int, gen_batch_size: int
+    ) -> Reference:
         prompts = tuple(p.prompt for p in harmless)
         logits = last_logits(base.model, base.tokenizer, list(prompts), batch_size)
-        replies = tuple(r.answer for r in generate_for(base, list(prompts), opts, batch_size, "base replies"))
+        replies = tuple(r.answer for r in generate_for(base, list(prompts), opts, gen_batch_size, "base replies"))
         return Reference(base, prompts, logits, replies)
 
 
@@ -132,6 +134,7 @@ class Evaluator:
         sets: EvalSets,
         opts: EvalSettings,
         batch_size: int,
+        gen_batch_size: int,
         scorer: Scorer,
         judge: Backend | None,
         cache: JudgeCache,
@@ -139,6 +142,7 @@ class Evaluator:
         reference: Reference | None = None,
     ) -> None:
         self.sets, self.opts, self.batch_size, self.scorer = sets, opts, batch_size, scorer
+        self.gen_batch_size = gen_batch_size  # replies are decoded in larger batches than logits are read
         self.judge, self.cache, self.log, self.reference = judge, cache, log, reference
         self.judge_failed: str | None = None
 
@@ -155,7 +159,7 @@ class Evaluator:
         opener: str = "",
         settled: Callable[[str], bool] | None = None,
     ) -> list:
-        return generate_for(loaded, prompts, self.opts, self.batch_size, desc, opener, settled)
+        return generate_for(loaded, prompts, self.opts, self.gen_batch_size, desc, opener, settled)
 
     def _verdicts(self, pairs: list[tuple[str, str]], markers: Sequence[str]) -> list[Verdict] | None:
         if self.judge is None or self.judge_failed:
@@ -292,13 +296,13 @@ def build_evaluator(
 
     judge = make_judge(s, log)
     cache = JudgeCache(s.cache_dir / "judge" / "answers.jsonl")
-    ref = Reference.of(base, sets.harmless, opts, s.batch_size) if base is not None else None
+    ref = Reference.of(base, sets.harmless, opts, s.batch_size, s.generation_batch_size) if base else None
     judged = JudgeScorer(judge, cache, source.markers) if judge is not None else None
     q, bs = opts.coherence_quantile, s.batch_size
     scorer = choose_scorer(
         source, base, ref.prompts if ref else (), ref.replies if ref else (), q, bs, judged, (JudgeUnavailable,)
     )
-    return Evaluator(sets, opts, bs, scorer, judge, cache, log, ref)
+    return Evaluator(sets, opts, bs, s.generation_batch_size, scorer, judge, cache, log, ref)
 
 
 @dataclass(frozen=True)

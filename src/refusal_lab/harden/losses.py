@@ -6,13 +6,12 @@
 - aware: the SFT loss again with the refusal subspace removed as an attacker would (robust.py),
   on the harmful rows or on every row (--aware-harmless);
 - invariance: the first reply token's distribution kept equal with and without that removal on the
-  harmful rows, with a hinge that keeps the refusal likely;
-- matching (experimental): harmful and harmless activation statistics pulled together.
+  harmful rows, with a hinge that keeps the refusal likely.
 
 Each term is a mean over its own rows or tokens. A process that trains on a share of a batch
 weighs each term by its share of the batch's count (`Counts`), so the processes' averaged
-gradients are the gradient of the whole batch, however unevenly its tokens split. Two things stay
-per share: matching (a statistic of the rows at hand) and a partial ablation's random positions.
+gradients are the gradient of the whole batch, however unevenly its tokens split. A partial
+ablation's random positions stay per share.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from refusal_lab.harden.robust import (
     ablating,
     first_reply_logits,
     invariance_loss,
-    matching_loss,
 )
 
 
@@ -180,7 +178,7 @@ class Stage2Loss:
         mine = Counts.of(rows)
         whole = whole or mine
         start = first_predicting(b.labels)
-        out, logits = tail_pass(self.model, b.tensors, start, output_hidden_states=cfg.matching > 0)
+        _, logits = tail_pass(self.model, b.tensors, start)
         sft = reply_loss(logits, b.labels, start)
         loss, parts = scaled(sft, share(mine.tokens, whole.tokens, processes)), {"sft": sft.item()}
         if cfg.retain > 0 and (~b.harmful).any():
@@ -199,9 +197,6 @@ class Stage2Loss:
                 inv = self.invariance(b, logits, start, subspace)
                 weight = share(mine.invariance_rows, whole.invariance_rows, processes)
                 loss, parts["invariance"] = loss + cfg.invariance * scaled(inv, weight), inv.item()
-        if cfg.matching > 0 and b.harmful.any() and (~b.harmful).any():  # a statistic of the rows at hand
-            dm = matching_loss(out.hidden_states, b.prompt_end, b.harmful)
-            loss, parts["matching"] = loss + cfg.matching * dm, dm.item()
         return loss, parts
 
     def retain_kl(self, b: Stage2Batch, logits: torch.Tensor, start: int) -> torch.Tensor:

@@ -7,8 +7,6 @@
   and positions (partial) or at every layer and position, as a weight edit would (full).
 - Invariance: the next-token distribution with and without the ablation kept close on harmful
   prompts, with a margin that keeps the refusal itself likely.
-- Distribution matching: harmful and harmless activation statistics (means, covariances) pulled
-  together at the position an attacker reads, so no direction separates them there.
 """
 
 from __future__ import annotations
@@ -104,20 +102,3 @@ def keep_likely(logits: torch.Tensor, target: torch.Tensor, margin: float) -> to
     """
     logp = torch.log_softmax(logits.float(), -1).gather(-1, target[:, None]).squeeze(-1)
     return torch.relu(-margin - logp).mean()
-
-
-def matching_loss(hidden: tuple[torch.Tensor, ...], prompt_end: torch.Tensor, harmful: torch.Tensor) -> torch.Tensor:
-    """Mean and covariance gaps between harmful and harmless rows at the last prompt token, every layer,
-    each relative to the harmless statistics' own size."""
-    idx = (prompt_end - 1).clamp_min(0)
-    total = hidden[0].new_zeros(())
-    for h in hidden[1:]:
-        x = h[torch.arange(len(h)), idx].float()
-        xh, xb = x[harmful], x[~harmful]
-        if len(xh) < 2 or len(xb) < 2:
-            continue
-        mu_h, mu_b = xh.mean(0), xb.mean(0)
-        ch, cb = torch.cov(xh.T), torch.cov(xb.T)
-        total = total + (mu_h - mu_b).pow(2).sum() / mu_b.pow(2).sum().clamp_min(1e-6)
-        total = total + (ch - cb).pow(2).sum() / cb.pow(2).sum().clamp_min(1e-6)
-    return total / max(1, len(hidden) - 1)

@@ -104,7 +104,7 @@ def _refused(e: Example, src: Source) -> bool:
 def _refusals(loaded: Loaded, s: Settings, prompts: list[str], system: str, markers: tuple[str, ...]) -> list[Example]:
     """The base's reply to each harmful prompt, asked again under the refusal system prompt if it answered
     (every one, with --extended-refusals: the system prompt asks for the reason)."""
-    m, bs, n = loaded, s.batch_size, s.eval.max_new_tokens
+    m, bs, n = loaded, s.generation_batch_size, s.eval.max_new_tokens
     replies = generate(m.model, m.tokenizer, prompts, n, bs)
     retry = [i for i, r in enumerate(replies) if s.harden.extended_refusals or not is_refusal(r, markers)]
     if retry:
@@ -119,7 +119,7 @@ def _refusals(loaded: Loaded, s: Settings, prompts: list[str], system: str, mark
 def _answers(loaded: Loaded, s: Settings, prompts: list[str], category: str) -> list[Example]:
     """The base's replies (empty ones left out); the caller drops the refused ones, never asking again:
     a prompt set may hold a mislabelled harmful prompt, so a refusal is not pushed towards an answer."""
-    replies = generate(loaded.model, loaded.tokenizer, prompts, s.eval.max_new_tokens, s.batch_size)
+    replies = generate(loaded.model, loaded.tokenizer, prompts, s.eval.max_new_tokens, s.generation_batch_size)
     return [
         Example((("user", p), ("assistant", r)), category, "harmless")
         for p, r in zip(prompts, replies, strict=True)
@@ -177,7 +177,7 @@ def run_harden(loaded: Loaded, s: Settings, out: Path, force: bool, log: Log) ->
     plan = make_plan(data.spec_blocks, orders, h.train_batch_size, h.harden_seed)
     harmful = [e.prompt for e in examples if e.kind == "harmful"][:64]
     harmless = [e.prompt for e in examples if e.kind != "harmful"][:64]
-    if (h.ablation_aware or h.invariance > 0 or h.matching > 0) and (len(harmful) < 2 or len(harmless) < 2):
+    if (h.ablation_aware or h.invariance > 0) and (len(harmful) < 2 or len(harmless) < 2):
         raise UserError(
             "the ablation-aware terms need harmful and harmless examples", 'mark refusals with "kind": "harmful"'
         )

@@ -76,7 +76,7 @@ class Target:
         """Greedy replies of the model as it is now (inside an edit: the attacked model); where refusal
         words decide the label, a reply stops once one appears."""
         m, settled, n = self.loaded, settled_by(self.scorer), self.s.prove.max_new_tokens
-        bs = self.s.batch_size
+        bs = self.s.generation_batch_size
         return generate_replies(m.model, m.tokenizer, prompts, n, bs, settled=settled, opener=self.opener)
 
     def label(self, prompts: list[str], replies: list[Reply]) -> Counts:

@@ -105,7 +105,7 @@ def benign_examples(t: Target, n: int) -> Pairs:
     m, tokens = t.loaded, t.s.prove.max_new_tokens
 
     def make() -> Pairs:
-        replies = generate_replies(m.model, m.tokenizer, pool, tokens, t.s.batch_size)
+        replies = generate_replies(m.model, m.tokenizer, pool, tokens, t.s.generation_batch_size)
         return [(p, r.answer) for p, r in zip(pool, replies, strict=True)]
 
     return _cached(t, "benign", {"prompts": pool, "tokens": tokens}, make)

@@ -82,7 +82,7 @@ class PrefillAttack:
         m = t.loaded
         markers = Source.of(m.source).markers
         harmless = t.extraction.texts("harmless")[:OWN_PROMPTS]
-        own = own_opener(m.model, m.tokenizer, harmless, markers, self.tokens, t.s.batch_size)
+        own = own_opener(m.model, m.tokenizer, harmless, markers, self.tokens, t.s.generation_batch_size)
         out = [("own", own)] if own else []
         for text in self.fixed:
             ids = m.tokenizer(text, add_special_tokens=False)["input_ids"]

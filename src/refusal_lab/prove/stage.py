@@ -64,7 +64,8 @@ def build_target(loaded: Loaded, s: Settings, ev: Evaluator, log: Log, seed: int
     with timed(log, f"[{m.name}] what every attack shares (captures, refusal openers, tuning replies)"):
         caps = cached_capture(m, extraction.texts("capability"), "last", bs, cache_dir=s.cache_dir / "activations")
         markers = Source.of(m.source).markers
-        ids = tuple(refusal_openers(m.model, m.tokenizer, extraction.texts("harmful"), markers, bs))
+        harmful = extraction.texts("harmful")
+        ids = tuple(refusal_openers(m.model, m.tokenizer, harmful, markers, s.generation_batch_size))
         assert ev.reference is not None
         t = Target(
             m, extraction, probe.texts("harmful")[-k:], ev.sets, ev.reference.logits, ev.scorer, s, log, seed,

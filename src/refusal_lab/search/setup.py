@@ -109,7 +109,8 @@ def make_proxy(
         if refusal_ids is None:
             markers = Source.of(loaded.source).markers
             harmful = sets.texts("harmful")
-            refusal_ids = tuple(refusal_openers(loaded.model, loaded.tokenizer, harmful, markers, s.batch_size, 8))
+            gb = s.generation_batch_size
+            refusal_ids = tuple(refusal_openers(loaded.model, loaded.tokenizer, harmful, markers, gb, 8))
         ids = tuple(refusal_ids)
     return Proxy(ids, s.search.proxy_margin if s.search.proxy else None, s.search.proxy_learn)
 
@@ -150,5 +151,5 @@ def search_scorer(loaded: Loaded, harmless: list[str], s: Settings, calibrate_it
     if not calibrate_it:
         return Unscored("coherence")
     m, bs = loaded, s.batch_size
-    replies = generate(m.model, m.tokenizer, harmless, s.search.max_new_tokens, bs)
+    replies = generate(m.model, m.tokenizer, harmless, s.search.max_new_tokens, s.generation_batch_size)
     return choose_scorer(src, m, harmless, replies, s.eval.coherence_quantile, bs)
