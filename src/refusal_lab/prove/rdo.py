@@ -8,12 +8,13 @@ distributions where they were. Only r is trained; the model's weights stay froze
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from refusal_lab.ablate.edit import Ablation, hooked
+from refusal_lab.core.arch import Adapter
 from refusal_lab.core.artifacts import timed
 from refusal_lab.core.generate import encode, tail_logits
 from refusal_lab.probe.directions import unit
@@ -29,38 +30,71 @@ def _first_logits(model: torch.nn.Module, tok: object, prompts: list[str]) -> to
 def optimise_direction(
     t: Target, steps: int, lr: float, batch: int = 16, check_every: int = 10
 ) -> tuple[torch.Tensor, list[float]]:
-    """Train r; returns the unit direction and the loss per step.
+    """Train r on the target; returns the unit direction and the loss per step.
 
-    Every `check_every` steps, where the target has a proxy, the tuning prompts are read with r removed:
-    once none of them opens with a refusal token the loss has nothing left to remove there, so the
-    optimisation stops (a step costs about six prompt passes of its batch, the check one of 16 prompts)."""
+    It starts from the difference of means at the layer where harmful and harmless last-token
+    activations lie furthest apart, perturbed by the seed. Every `check_every` steps, where the target
+    has a proxy, the tuning prompts are read with r removed: once none of them opens with a refusal
+    token the loss has nothing left to remove there, so the optimisation stops (a step costs about six
+    prompt passes of its batch, the check one of 16 prompts)."""
     m = t.loaded
-    model, tok, adapter = m.model, m.tokenizer, m.adapter
-    harmful, harmless = t.extraction.texts("harmful"), t.extraction.texts("harmless")
-    ids = list(t.refusal_ids)
     xh, xb = last_token_vectors(t, [])
     layer = int(((xh.mean(0) - xb.mean(0)).norm(dim=-1)).argmax())
-    g = torch.Generator().manual_seed(t.seed)
     start = xh[:, layer].mean(0) - xb[:, layer].mean(0)
-    start = unit(start) + 0.3 * torch.randn(start.shape, generator=g, dtype=start.dtype) / start.numel() ** 0.5
+
+    def done(v: torch.Tensor, step: int) -> bool:
+        return t.proxied and step % check_every == 0 and _clear(t, v)
+
+    harmful, harmless = t.extraction.texts("harmful"), t.extraction.texts("harmless")
+    return train_direction(
+        m.model, m.tokenizer, m.adapter, harmful, harmless, list(t.refusal_ids), start, steps, lr, t.seed, batch, done
+    )
+
+
+def train_direction(
+    model: torch.nn.Module,
+    tok: object,
+    adapter: Adapter,
+    harmful: list[str],
+    harmless: list[str],
+    ids: list[int],
+    start: torch.Tensor,
+    steps: int,
+    lr: float,
+    seed: int,
+    batch: int = 16,
+    done: Callable[[torch.Tensor, int], bool] | None = None,
+    resolve: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    noise: float = 0.3,
+) -> tuple[torch.Tensor, list[float]]:
+    """A unit direction whose removal (every writer and the embedding) makes the refusal openers `ids`
+    unlikely on `harmful` while harmless first-token distributions stay put; and the loss per step.
+
+    Only the direction trains (every parameter is frozen meanwhile and restored after), from `start`
+    perturbed by `noise` (about its norm, drawn with `seed`); `done(v, step)` may end it early; `resolve`
+    maps a writer to the module that wraps it (a LoRA layer), so an adapter's own contribution is removed
+    too."""
+    g = torch.Generator().manual_seed(seed)
+    start = unit(start.double().cpu())
+    start = start + noise * torch.randn(start.shape, generator=g, dtype=start.dtype) / start.numel() ** 0.5
     device = next(model.parameters()).device
     v = start.to(device, torch.float32).clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=lr)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    losses = []
+    losses: list[float] = []
     try:
         with torch.no_grad():
             base = {
                 i: torch.log_softmax(_first_logits(model, tok, harmless[i : i + batch]), -1)
                 for i in range(0, len(harmless), batch)
             }
-        order = torch.Generator().manual_seed(t.seed)
+        order = torch.Generator().manual_seed(seed)
         for _ in range(steps):
             hi = torch.randint(0, max(1, len(harmful) - batch + 1), (1,), generator=order).item()
             bi = batch * torch.randint(0, len(base), (1,), generator=order).item()
-            with hooked(adapter, [Ablation(v)], differentiable=True):  # gradients reach v
+            with hooked(adapter, [Ablation(v)], differentiable=True, resolve=resolve):  # gradients reach v
                 p = torch.softmax(_first_logits(model, tok, harmful[hi : hi + batch]), -1)[:, ids].sum(-1)
                 refusal = -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()  # -log P(not a refusal opener)
                 q = torch.log_softmax(_first_logits(model, tok, harmless[bi : bi + batch]), -1)
@@ -70,7 +104,7 @@ def optimise_direction(
             loss.backward()
             opt.step()
             losses.append(loss.item())
-            if t.proxied and len(losses) % check_every == 0 and _clear(t, v.detach()):
+            if done is not None and done(v.detach(), len(losses)):
                 break
     finally:
         for p in frozen:
