@@ -375,7 +375,7 @@ class Settings(Section):
     )
     batch_size: int = Field(16, ge=1, description="Prompts per forward pass (first-token logits, captures).")
     generation_batch_size: int = Field(
-        16,
+        32,
         ge=1,
         description="Prompts whose replies are decoded together: decoding reads every weight once per token "
         "for the whole batch, so it gains from a larger batch than one forward pass does.",

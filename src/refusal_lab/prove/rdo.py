@@ -21,6 +21,9 @@ from refusal_lab.probe.directions import unit
 from refusal_lab.prove.battery import Proposal, Target
 from refusal_lab.prove.directional import hooks, last_token_vectors
 
+RDO_LR = 0.02  # the optimiser's step size, prove's default (--rdo-lr) and hardening's
+RDO_NOISE = 0.3  # how far the start is perturbed, about its norm: different seeds find different directions
+
 
 def _first_logits(model: torch.nn.Module, tok: object, prompts: list[str]) -> torch.Tensor:
     batch = encode(tok, prompts, next(model.parameters()).device)
@@ -65,7 +68,7 @@ def train_direction(
     batch: int = 16,
     done: Callable[[torch.Tensor, int], bool] | None = None,
     resolve: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-    noise: float = 0.3,
+    noise: float = RDO_NOISE,
 ) -> tuple[torch.Tensor, list[float]]:
     """A unit direction whose removal (every writer and the embedding) makes the refusal openers `ids`
     unlikely on `harmful` while harmless first-token distributions stay put; and the loss per step.
@@ -121,7 +124,7 @@ def _clear(t: Target, v: torch.Tensor) -> bool:
 @dataclass
 class RdoAttack:
     steps: int = 60
-    lr: float = 0.02
+    lr: float = RDO_LR
     strengths: tuple[float, ...] = (0.5, 0.75, 1.0)
     name: str = "rdo"
     threat: str = "directional"
