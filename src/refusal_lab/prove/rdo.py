@@ -21,7 +21,7 @@ from refusal_lab.probe.directions import unit
 from refusal_lab.prove.battery import Proposal, Target
 from refusal_lab.prove.directional import hooks, last_token_vectors
 
-RDO_LR = 0.02  # the optimiser's step size, prove's default (--rdo-lr) and hardening's
+RDO_LR = 0.02  # the optimiser's step size: the attack's default (the CLI's is --rdo-lr)
 RDO_NOISE = 0.3  # how far the start is perturbed, about its norm: different seeds find different directions
 
 
