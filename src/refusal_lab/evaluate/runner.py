@@ -296,13 +296,14 @@ def build_evaluator(
 
     judge = make_judge(s, log)
     cache = JudgeCache(s.cache_dir / "judge" / "answers.jsonl")
-    ref = Reference.of(base, sets.harmless, opts, s.batch_size, s.generation_batch_size) if base else None
+    gen_bs = s.generation_batch_size
+    ref = Reference.of(base, sets.harmless, opts, s.batch_size, gen_bs) if base is not None else None
     judged = JudgeScorer(judge, cache, source.markers) if judge is not None else None
     q, bs = opts.coherence_quantile, s.batch_size
     scorer = choose_scorer(
         source, base, ref.prompts if ref else (), ref.replies if ref else (), q, bs, judged, (JudgeUnavailable,)
     )
-    return Evaluator(sets, opts, bs, s.generation_batch_size, scorer, judge, cache, log, ref)
+    return Evaluator(sets, opts, bs, gen_bs, scorer, judge, cache, log, ref)
 
 
 @dataclass(frozen=True)

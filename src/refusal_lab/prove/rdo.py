@@ -67,19 +67,15 @@ def train_direction(
     seed: int,
     batch: int = 16,
     done: Callable[[torch.Tensor, int], bool] | None = None,
-    resolve: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-    noise: float = RDO_NOISE,
 ) -> tuple[torch.Tensor, list[float]]:
     """A unit direction whose removal (every writer and the embedding) makes the refusal openers `ids`
     unlikely on `harmful` while harmless first-token distributions stay put; and the loss per step.
 
     Only the direction trains (every parameter is frozen meanwhile and restored after), from `start`
-    perturbed by `noise` (about its norm, drawn with `seed`); `done(v, step)` may end it early; `resolve`
-    maps a writer to the module that wraps it (a LoRA layer), so an adapter's own contribution is removed
-    too."""
+    perturbed by RDO_NOISE (drawn with `seed`); `done(v, step)` may end it early."""
     g = torch.Generator().manual_seed(seed)
     start = unit(start.double().cpu())
-    start = start + noise * torch.randn(start.shape, generator=g, dtype=start.dtype) / start.numel() ** 0.5
+    start = start + RDO_NOISE * torch.randn(start.shape, generator=g, dtype=start.dtype) / start.numel() ** 0.5
     device = next(model.parameters()).device
     v = start.to(device, torch.float32).clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=lr)
@@ -97,7 +93,7 @@ def train_direction(
         for _ in range(steps):
             hi = torch.randint(0, max(1, len(harmful) - batch + 1), (1,), generator=order).item()
             bi = batch * torch.randint(0, len(base), (1,), generator=order).item()
-            with hooked(adapter, [Ablation(v)], differentiable=True, resolve=resolve):  # gradients reach v
+            with hooked(adapter, [Ablation(v)], differentiable=True):  # gradients reach v
                 p = torch.softmax(_first_logits(model, tok, harmful[hi : hi + batch]), -1)[:, ids].sum(-1)
                 refusal = -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()  # -log P(not a refusal opener)
                 q = torch.log_softmax(_first_logits(model, tok, harmless[bi : bi + batch]), -1)
