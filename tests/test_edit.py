@@ -245,3 +245,35 @@ def test_training_time_ablation_removes_nearly_parallel_global_directions_from_t
             after = a.embedding(IDS).double() @ glob
     assert before.abs().max() > 1e-2  # there was something to remove
     assert after.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_shared_head_pass_gives_the_direction_the_gradient_a_plain_pass_gives(family):
+    """rdo trains its direction through `prompt_forward` on a headed batch (the head once, its cache
+    copied to every row): the loss and the gradient reaching the direction must be the plain pass's."""
+    from refusal_lab.core.generate import headed, prompt_forward
+    from test_generate import _batch_with_head
+
+    model = tiny_model(family)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapter = adapt(model)
+    batch = _batch_with_head(6, [3, 7, 5, 1])
+    moved = headed(batch)
+    assert moved is not batch
+    w = torch.randn(model.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    got = []
+    for shared in (False, True):
+        v = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        with hooked(adapter, [Ablation(v / v.norm())], differentiable=True):
+            if shared:
+                logits = prompt_forward(model, moved, 1).logits[:, -1]
+            else:
+                logits = model(**batch, position_ids=pos).logits[:, -1]
+            loss = (torch.log_softmax(logits, -1) @ w).sum()
+        loss.backward()
+        got.append((loss.detach(), v.grad.clone()))
+    torch.testing.assert_close(got[1][0], got[0][0], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got[1][1], got[0][1], atol=1e-4, rtol=1e-4)
+    assert got[0][1].abs().sum() > 0  # the gradient reaches the direction at all

@@ -239,6 +239,28 @@ def test_teacher_forced_kl_equals_a_hand_computation_over_padded_batches(organis
     assert got == pytest.approx(total / count, rel=1e-5)
 
 
+def test_continuation_logprobs_come_back_in_input_order_as_each_row_alone_gives_them(organism):
+    """Rows are batched by length (long and short rows interleaved here, in batches of 2): every row's
+    token log-probabilities must come back at its own index, equal to an unpadded pass of that row."""
+    import torch
+
+    from refusal_lab.core.generate import render
+    from refusal_lab.core.metrics import continuation_logprobs
+
+    tok = organism.tokenizer
+    prompts = ["repeat after me : red cat .", "how do i fix the door ?", "what is 2 plus 2 ?", "hi ."]
+    replies = ["red cat .", "sure . here is how to fix the door and the old gate too .", "4 .", "hello there ."]
+    got = continuation_logprobs(organism.model, tok, prompts, replies, batch_size=2)
+    for prompt, reply, lp in zip(prompts, replies, got, strict=True):
+        head = tok(render(tok, [prompt])[0], add_special_tokens=False)["input_ids"]
+        body = tok(reply, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(organism.model(input_ids=torch.tensor([head + body])).logits[0].double(), -1)
+        want = logp[len(head) - 1 : len(head) + len(body) - 1].gather(-1, torch.tensor(body)[:, None])[:, 0]
+        assert lp.shape == want.shape
+        torch.testing.assert_close(lp, want, atol=1e-4, rtol=1e-5)
+
+
 def test_multiple_choice_accuracy_beats_chance_by_far(organism):
     """40 four-way questions: guessing passes 75% with probability below 1e-12."""
     import random

@@ -183,3 +183,31 @@ def test_python_floor_matches_what_the_code_needs():
 
     meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert meta["project"]["requires-python"] == ">=3.11"  # tomllib, transformers 5
+
+
+def test_a_loaded_model_projects_a_contiguous_slice_when_only_the_last_logits_are_kept(organism_dir):
+    """A keep-the-tail forward hands the vocabulary projection a strided slice; with the projection's
+    weight frozen (LoRA, rdo), matmul then copies the weight per row instead of one product. A loaded
+    model's projection must see a contiguous input; a model built without `load` (the negative
+    control) shows the slice is strided to begin with."""
+    from transformers import AutoModelForCausalLM
+
+    from refusal_lab.core.generate import tail_forward
+
+    seen: list[bool] = []
+
+    def watch(model: torch.nn.Module) -> None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 8, 10]])
+    bare = AutoModelForCausalLM.from_pretrained(organism_dir, dtype=torch.float32)
+    watch(bare)
+    with torch.no_grad():
+        tail_forward(bare, 2, input_ids=ids)
+    loaded = load(organism_dir).model
+    watch(loaded)
+    with torch.no_grad():
+        tail_forward(loaded, 2, input_ids=ids)
+    assert seen == [False, True]

@@ -293,29 +293,30 @@ def refusal_score(logits: torch.Tensor, refusal_ids: Sequence[int]) -> torch.Ten
 
 def continuation_batches(
     tok: PreTrainedTokenizerBase, prompts: Sequence[str], continuations: Sequence[str], batch_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]]:
-    """(input ids, attention mask, spans) per batch: each row is the chat-templated prompt followed by
-    the continuation's tokens (tokenised apart, so no token straddles the boundary), left-padded;
-    logits at positions [first, end) of a row predict its continuation tokens."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]], list[int]]]:
+    """(input ids, attention mask, spans, rows) per batch: each row is the chat-templated prompt followed
+    by the continuation's tokens (tokenised apart, so no token straddles the boundary), left-padded;
+    logits at positions [first, end) of a row predict its continuation tokens. Rows are batched
+    shortest first (a batch of like lengths computes little padding); `rows` are their input indices."""
     heads = [tok(h, add_special_tokens=False)["input_ids"] for h in render(tok, prompts)]
     bodies = [tok(c, add_special_tokens=False)["input_ids"] for c in continuations]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    order = sorted(range(len(heads)), key=lambda i: len(heads[i]) + len(bodies[i]))
     starts = range(0, len(heads), batch_size)
     for start in tqdm(
         starts, desc="teacher forcing", unit="batch", disable=None if len(starts) > 4 else True, leave=False
     ):
-        rows = [
-            h + b for h, b in zip(heads[start : start + batch_size], bodies[start : start + batch_size], strict=True)
-        ]
-        width = max(len(r) for r in rows)
+        rows = order[start : start + batch_size]
+        width = max(len(heads[i]) + len(bodies[i]) for i in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         spans = []
-        for i, (row, body) in enumerate(zip(rows, bodies[start : start + batch_size], strict=True)):
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
+        for r, i in enumerate(rows):
+            row, body = heads[i] + bodies[i], bodies[i]
+            ids[r, width - len(row) :] = torch.tensor(row)
+            mask[r, width - len(row) :] = 1
             spans.append((width - len(body) - 1, width - 1))
-        yield ids, mask, spans
+        yield ids, mask, spans, rows
 
 
 def kept_tail(width: int, spans: list[tuple[int, int]]) -> tuple[int, list[slice]]:
@@ -340,14 +341,14 @@ def continuation_logprobs(
     batch_size: int = 8,
 ) -> list[torch.Tensor]:
     """Log-probability of every continuation token given its prompt (float64, one tensor per row)."""
-    out = []
-    for ids, mask, spans in continuation_batches(tok, prompts, continuations, batch_size):
+    out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+    for ids, mask, spans, rows in continuation_batches(tok, prompts, continuations, batch_size):
         keep, tails = kept_tail(ids.shape[1], spans)
         logits = _forced(model, ids, mask, keep)
-        for row, ((first, end), at) in enumerate(zip(spans, tails, strict=True)):
+        for row, ((first, end), at, i) in enumerate(zip(spans, tails, rows, strict=True)):
             targets = ids[row, first + 1 : end + 1].to(logits.device)
-            logp = torch.log_softmax(logits[row, at].double(), -1)
-            out.append(logp.gather(-1, targets[:, None])[:, 0].cpu())
+            z = logits[row, at].float()  # the chosen logit less the log-normaliser, without a float64 vocabulary copy
+            out[i] = (z.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(z, -1)).double().cpu()
     return out
 
 
@@ -362,7 +363,7 @@ def teacher_forced_kl(
 ) -> float:
     """Mean per-token KL(base || model) over the base model's own responses (teacher forcing)."""
     total, count = 0.0, 0
-    for ids, mask, spans in continuation_batches(tok, prompts, responses, batch_size):
+    for ids, mask, spans, _ in continuation_batches(tok, prompts, responses, batch_size):
         keep, tails = kept_tail(ids.shape[1], spans)
         zb, zm = _forced(base, ids, mask, keep), _forced(model, ids, mask, keep)
         for row, ((first, end), at) in enumerate(zip(spans, tails, strict=True)):

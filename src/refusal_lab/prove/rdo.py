@@ -16,7 +16,7 @@ import torch
 from refusal_lab.ablate.edit import Ablation, hooked
 from refusal_lab.core.arch import Adapter
 from refusal_lab.core.artifacts import timed
-from refusal_lab.core.generate import encode, tail_logits
+from refusal_lab.core.generate import encode, headed, length_order, prompt_forward
 from refusal_lab.probe.directions import unit
 from refusal_lab.prove.battery import Proposal, Target
 from refusal_lab.prove.directional import hooks, last_token_vectors
@@ -26,12 +26,14 @@ RDO_NOISE = 0.3  # how far the start is perturbed, about its norm: different see
 
 
 def _first_logits(model: torch.nn.Module, tok: object, prompts: list[str]) -> torch.Tensor:
-    batch = encode(tok, prompts, next(model.parameters()).device)
-    return tail_logits(model, 1, **batch)[:, -1, :].float()
+    """Next-token logits of a batch, differentiable: its rows' shared head (the template's system prompt)
+    runs once, as in `last_logits`, which the gradient flows back through like the rest."""
+    batch = headed(encode(tok, prompts, next(model.parameters()).device))
+    return prompt_forward(model, batch, 1).logits[:, -1, :].float()
 
 
 def optimise_direction(
-    t: Target, steps: int, lr: float, batch: int = 16, check_every: int = 10
+    t: Target, steps: int, lr: float, batch: int = 16, check_every: int = 5
 ) -> tuple[torch.Tensor, list[float]]:
     """Train r on the target; returns the unit direction and the loss per step.
 
@@ -72,7 +74,10 @@ def train_direction(
     unlikely on `harmful` while harmless first-token distributions stay put; and the loss per step.
 
     Only the direction trains (every parameter is frozen meanwhile and restored after), from `start`
-    perturbed by RDO_NOISE (drawn with `seed`); `done(v, step)` may end it early."""
+    perturbed by RDO_NOISE (drawn with `seed`); `done(v, step)` may end it early. A step's batch is a
+    window of prompts of like length (each set is sorted by length once), so it computes little padding."""
+    harmful = [harmful[i] for i in length_order(tok, harmful)]
+    harmless = [harmless[i] for i in length_order(tok, harmless)]
     g = torch.Generator().manual_seed(seed)
     start = unit(start.double().cpu())
     start = start + RDO_NOISE * torch.randn(start.shape, generator=g, dtype=start.dtype) / start.numel() ** 0.5
