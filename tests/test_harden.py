@@ -455,3 +455,27 @@ def test_a_second_estimation_pass_adds_directions_found_with_the_first_removed(o
     for a, b in zip(one.per_layer, two.per_layer, strict=True):
         assert b.shape[1] > a.shape[1]  # new directions, not the first pass's again
         torch.testing.assert_close(b @ (b.T @ a), a, atol=1e-6, rtol=0)  # and the first pass's kept
+
+
+def test_a_small_batch_still_estimates_the_subspace_once_per_reestimate_every_steps(organism_dir, tmp_path):
+    """At batch 1 most steps hold no harmful example. An estimate is due at the first step since each
+    multiple of reestimate_every whose batch holds one (not only at the multiples themselves, which
+    would skip every window whose first step is harmless), and exactly once per window."""
+    from refusal_lab.config import load_settings
+    from refusal_lab.core.model import load
+    from refusal_lab.harden import train as T
+    from refusal_lab.harden.stage import harden_inputs
+
+    organism = load(organism_dir, dtype="float32", device="cpu")
+    s = load_settings(**{"cache_dir": tmp_path / "cache"})
+    examples, _, _ = harden_inputs(organism, s, print)
+    harmful = next(e for e in examples if e.kind == "harmful")
+    harmless = next(e for e in examples if e.kind != "harmful")
+    rows = [encode_example(organism.tokenizer, e, 96) for e in (harmless, harmful)]
+    order = [0, 0, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0]  # harmful at steps 2, 7 and 8 (of 2 spec steps, then these)
+    cfg = s.harden.model_copy(update={"reestimate_every": 4})
+    trainer = T.Trainer(organism, cfg, T.make_plan(2, [order], 1, 0), None, rows, ([], []), tmp_path, print)
+    due = [step for step in range(trainer.plan.total) if trainer.estimates_at(step)]
+    # windows [0, 4), [4, 8), [8, 12), [12, 14): the first harmful step in each (the spec steps 0-1 never);
+    # estimating only at multiples of 4 that hold a harmful example would give [4], skipping [8, 12)
+    assert due == [4, 9]

@@ -184,6 +184,19 @@ class Trainer:
     def needs_subspace(self, rows: Sequence[Encoded]) -> bool:
         return self.loss.needs_subspace() and any(r.kind == "harmful" for r in rows)
 
+    def estimates_at(self, step: int) -> bool:
+        """Whether stage-2 step `step` estimates the subspace again: the first step since the last multiple
+        of reestimate_every whose batch holds a harmful example. Read from the plan, not from what ran, so
+        a resumed run estimates where an unbroken one does; and a small batch, which often holds none,
+        still estimates once per reestimate_every steps."""
+        plan, first = self.plan.stage1 + self.plan.stage2, len(self.plan.stage1)
+
+        def needs(i: int) -> bool:
+            return i >= first and self.needs_subspace([self.examples[j] for j in plan[i]])
+
+        mark = step - step % self.cfg.reestimate_every
+        return needs(step) and not any(needs(i) for i in range(mark, step))
+
     def stage2_loss(
         self, rows: Sequence[Encoded], whole: Sequence[Encoded] | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -245,7 +258,7 @@ class Trainer:
                 loss, parts = self.spec_loss(idx)
             else:
                 whole = [self.examples[i] for i in idx]
-                if self.step % self.cfg.reestimate_every == 0 and self.needs_subspace(whole):
+                if self.estimates_at(self.step):
                     self.reestimate()
                 mine = shard(whole, self.acc.process_index, self.acc.num_processes)
                 loss, parts = self.stage2_loss(mine, whole) if self.acc.num_processes > 1 else self.stage2_loss(whole)
