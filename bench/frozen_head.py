@@ -13,34 +13,27 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from refusal_lab.config import load_settings
 from refusal_lab.core.metrics import last_logits
 from refusal_lab.core.model import contiguous_head
-from refusal_lab.core.prompts import load_prompts
-from refusal_lab.organism.build import prompt_sets
-from refusal_lab.organism.source import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from speed_inputs import add_model_options, model_and_prompts
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="organism")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--harmful", type=Path)
-    ap.add_argument("--column", default="prompt")
-    ap.add_argument("--prompts", type=int, default=64)
+    add_model_options(ap)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    m = load_model(load_settings(**{"model.path": args.model, "model.dtype": args.dtype}))
-    if args.harmful:
-        prompts = [p.prompt for p in load_prompts(args.harmful, args.column)][: args.prompts]
-    else:
-        prompts = [p.prompt for p in prompt_sets(m.folder, "eval")["harmful"]][: args.prompts]
+    m, prompts = model_and_prompts(args)
     model, tok = m.model, m.tokenizer
     for p in model.parameters():
         p.requires_grad_(False)

@@ -15,35 +15,28 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
-from refusal_lab.config import load_settings
 from refusal_lab.core.generate import generate_replies
 from refusal_lab.core.metrics import is_refusal
-from refusal_lab.core.prompts import load_prompts
 from refusal_lab.core.sources import Source
-from refusal_lab.organism.build import prompt_sets
-from refusal_lab.organism.source import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from speed_inputs import add_model_options, model_and_prompts
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="organism")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--harmful", type=Path)
-    ap.add_argument("--column", default="prompt")
-    ap.add_argument("--prompts", type=int, default=64)
+    add_model_options(ap)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--sizes", default="16,32")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--opener", default="Sure, here is")
     args = ap.parse_args()
-    m = load_model(load_settings(**{"model.path": args.model, "model.dtype": args.dtype}))
-    if args.harmful:
-        prompts = [p.prompt for p in load_prompts(args.harmful, args.column)][-args.prompts :]
-    else:
-        prompts = [p.prompt for p in prompt_sets(m.folder, "eval")["harmful"]][: args.prompts]
+    m, prompts = model_and_prompts(args, reported=True)
     markers = Source.of(m.source).markers
     sizes = [int(x) for x in args.sizes.split(",")]
     model, tok, n = m.model, m.tokenizer, args.max_new_tokens

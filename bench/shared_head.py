@@ -13,33 +13,26 @@ read takes (`last_logits`) and for greedy replies (`generate`), each way, and wh
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import refusal_lab.core.generate as G
-from refusal_lab.config import load_settings
 from refusal_lab.core.metrics import last_logits
-from refusal_lab.core.prompts import load_prompts
-from refusal_lab.organism.build import prompt_sets
-from refusal_lab.organism.source import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from speed_inputs import add_model_options, model_and_prompts
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="organism")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--harmful", type=Path)
-    ap.add_argument("--column", default="prompt")
-    ap.add_argument("--prompts", type=int, default=64)
+    add_model_options(ap)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--batch-sizes", help="also time both reads at these batch sizes (e.g. 16,32,64), head shared")
     args = ap.parse_args()
-    m = load_model(load_settings(**{"model.path": args.model, "model.dtype": args.dtype}))
-    if args.harmful:
-        prompts = [p.prompt for p in load_prompts(args.harmful, args.column)][: args.prompts]
-    else:
-        prompts = [p.prompt for p in prompt_sets(m.folder, "eval")["harmful"]][: args.prompts]
+    m, prompts = model_and_prompts(args)
     model, tok, bs = m.model, m.tokenizer, args.batch_size
     heads = [
         G.shared_head(G.headed(G.encode(tok, prompts[i : i + bs], model.device))) for i in range(0, len(prompts), bs)
