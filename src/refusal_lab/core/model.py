@@ -257,8 +257,8 @@ def contiguous_head(model: PreTrainedModel) -> torch.utils.hooks.RemovableHandle
     A forward that keeps the last positions' logits only (`logits_to_keep`) projects a strided slice of
     the hidden states. Once the projection's weight is frozen (a LoRA wraps the model, rdo trains a
     direction alone), matmul no longer folds that slice into one matrix product: it copies the whole
-    [vocab, hidden] weight once per row and runs a batched product. Measured on a 150k-word bfloat16
-    model on a CPU, that made a prompt pass about 7 times slower (bench/frozen_head.py)."""
+    [vocab, hidden] weight once per row and runs a batched product. On a 150k-word bfloat16 model on a
+    CPU that made first-token reads about five times slower (bench/frozen_head.py)."""
     head = model.get_output_embeddings()
     if head is None:
         return None
