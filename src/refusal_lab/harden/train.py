@@ -189,10 +189,10 @@ class Trainer:
         of reestimate_every whose batch holds a harmful example. Read from the plan, not from what ran, so
         a resumed run estimates where an unbroken one does; and a small batch, which often holds none,
         still estimates once per reestimate_every steps."""
-        plan, first = self.plan.stage1 + self.plan.stage2, len(self.plan.stage1)
+        first = len(self.plan.stage1)  # steps before it are stage 1's (specification blocks)
 
         def needs(i: int) -> bool:
-            return i >= first and self.needs_subspace([self.examples[j] for j in plan[i]])
+            return i >= first and self.needs_subspace([self.examples[j] for j in self.plan.stage2[i - first]])
 
         mark = step - step % self.cfg.reestimate_every
         return needs(step) and not any(needs(i) for i in range(mark, step))
