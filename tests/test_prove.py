@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +166,29 @@ def test_a_killed_prove_resumes_from_its_finished_attacks(proved, organism_dir):
     other = _prove(organism_dir, tmp, "p", *_imports(organism_dir, tmp), "--phases", "2")
     assert other.returncode == 2 and "other models or settings" in other.stderr  # --force would start again
     assert "settings.prove.phases: 3 -> 2" in other.stderr  # the difference is named
+
+
+@pytest.mark.slow
+def test_over_refusal_is_measured_once_under_the_worst_case_and_resumes(proved, organism_dir):
+    """Only the worst case's headline outcome carries the before/after measures. A proof killed after
+    its attacks but before that measure attacks the worst again (its edit is not on disk) and measures it."""
+    tmp, results = proved
+    m = results.models[0]
+    worst = m.worst["0.1"]
+    full = [n for n, a in m.attacks.items() if (o := a.budgets.get("0.1")) is not None and o.measures.full]
+    assert full == [worst.attack] and worst.outcome.measures.overrefusal_refused is not None
+    path = next((tmp / "p" / ".prove").glob("*/")) / f"{worst.attack}-seed0.json"
+    record = json.loads(path.read_text())
+    for key in ("harmless_refused", "overrefusal_refused", "dcs"):
+        record["budgets"]["0.1"].pop(key)
+    path.write_text(json.dumps(record))
+    run = _prove(organism_dir, tmp, "p", *_imports(organism_dir, tmp))
+    assert run.returncode == 0, run.stderr
+    assert f"{worst.attack} (seed 0)" in run.stderr
+    assert len(re.findall(r"under the worst case .*: \d+ s", run.stderr)) == 1
+    assert "rdo (seed 0)" not in run.stderr or worst.attack == "rdo"  # only the worst attacks again
+    again = ProveResult.from_json(json.loads((tmp / "p" / "results.json").read_text())).models[0]
+    assert again.worst["0.1"] == worst  # the same attack, setting and measures as the uninterrupted proof
 
 
 def test_models_of_two_families_are_refused_by_name():

@@ -38,6 +38,7 @@ from refusal_lab.prove.results import AttackRun, Counts, Measures, ModelProof, P
 from refusal_lab.search.proxy import Proxy
 
 WORK = ".prove"
+Key = tuple[str, int]  # an attack run: (attack name, seed)
 BUDGETED = ("directional", "imported")  # attacks held to the drift budgets; only directional ones make the worst case
 
 
@@ -106,13 +107,16 @@ def attacks_for(
     return chosen + ([ImportedAttack(imported)] if imported and seed == p.seeds[0] else [])
 
 
-def _measures(ev: Evaluator, loaded: Loaded, full: bool, edit: Edit = nullcontext) -> Measures:
+def _measures(
+    ev: Evaluator, loaded: Loaded, full: bool, edit: Edit = nullcontext, capability: dict[str, float] | None = None
+) -> Measures:
     """Capability (and, for the before/after-worst rows, over-refusal and escalation) under `edit`;
-    replies are generated inside it and labelled after, against the unattacked model."""
+    replies are generated inside it and labelled after, against the unattacked model. `capability`:
+    already measured under this edit (the worst case's, measured with its attack), so not again."""
     names = ("harmless", "overrefusal") if full else ()
     prompts = {name: [p.prompt for p in getattr(ev.sets, name)] for name in names}
     with edit():
-        cap = ev.capability(loaded)
+        cap = ev.capability(loaded) if capability is None else capability
         settled = settled_by(ev.scorer)  # only counts are kept: a reply stops once its label is settled
         replies = {name: ev.replies(loaded, prompts[name], name, settled=settled) for name in names}
         esc = ev.escalation(loaded) if full else None
@@ -122,20 +126,17 @@ def _measures(ev: Evaluator, loaded: Loaded, full: bool, edit: Edit = nullcontex
     return Measures(cap, True, refused["harmless"], refused["overrefusal"], esc.summary.overall_dcs if esc else None)
 
 
-def _run_one(attack: Attack, target: Target, ev: Evaluator, s: Settings, lead: Callable[[], int]) -> AttackRun:
+def _run_one(attack: Attack, target: Target, ev: Evaluator, s: Settings, kept: dict[Key, Edit]) -> AttackRun:
     """One attack on the target: within every budget (directional, imported) or row by row.
 
-    Over-refusal and escalation are measured only where the report shows them, after the worst
-    directional attack at the headline budget: for a setting that makes at least as many held-out
-    prompts comply as the most any directional attack so far (`lead`), so the worst case has them."""
+    A directional attack's edit at the headline budget is kept in `kept`, so over-refusal and
+    escalation are measured once, under the worst case, when every attack is done (`_worst_measured`)."""
     loaded = target.loaded
 
     def extra(served: tuple[float, ...], held: Counts, edit: Edit) -> Measures:
-        full = attack.threat == "directional" and s.prove.budget_kl in served and held.complied >= lead()
-        if not full:
-            return _measures(ev, loaded, False, edit)
-        with timed(target.log, f"  {attack.name}: over-refusal, capability and escalation under its setting"):
-            return _measures(ev, loaded, True, edit)
+        if attack.threat == "directional" and s.prove.budget_kl in served:
+            kept[(attack.name, target.seed)] = edit
+        return _measures(ev, loaded, False, edit)
 
     if attack.threat in BUDGETED:
         return run_attack(attack, target, s.prove.budgets, extra)
@@ -155,29 +156,46 @@ def prove_model(
     before, before_measures = _before(ev, loaded, work, log)
     log(f"{name}: refused {before.refused}/{before.n} before any attack")
     attacks: dict[str, list[AttackRun]] = {}
-    headline = str(s.prove.budget_kl)
+    kept: dict[Key, Edit] = {}  # each directional attack's edit at the headline budget, by (attack, seed)
+    target: Target | None = None
 
-    def lead() -> int:
-        """Most held-out prompts any directional attack so far made comply at the headline budget."""
-        done = [r.budgets.get(headline) for runs in attacks.values() for r in runs if r.threat == "directional"]
-        return max((o.counts.complied for o in done if o is not None and o.fits), default=-1)
+    def attack_on(attack: Attack, seed: int) -> AttackRun:
+        nonlocal target
+        if target is None or target.seed != seed:
+            target = build_target(loaded, s, ev, log, seed)
+        with timed(log, f"[{name}] {attack.name} (seed {seed})"):
+            run = _run_one(attack, target, ev, s, kept)
+        write_text_atomic(work / f"{attack.name}-seed{seed}.json", json.dumps(run.to_json(), indent=1, default=str))
+        return run
 
     for seed in s.prove.seeds:
-        target = None
         for attack in attacks_for(s, work, seed, base_state, organism, imported):
             done = work / f"{attack.name}-seed{seed}.json"
-            if done.is_file():
-                attacks.setdefault(attack.name, []).append(AttackRun.from_json(json.loads(done.read_text())))
-                continue
-            target = target or build_target(loaded, s, ev, log, seed)
-            with timed(log, f"[{name}] {attack.name} (seed {seed})"):
-                run = _run_one(attack, target, ev, s, lead)
-            write_text_atomic(done, json.dumps(run.to_json(), indent=1, default=str))
+            run = AttackRun.from_json(json.loads(done.read_text())) if done.is_file() else attack_on(attack, seed)
             attacks.setdefault(attack.name, []).append(run)
-    strongest = {name: _strongest(runs) for name, runs in attacks.items()}
+    headline = str(s.prove.budget_kl)
+    while (w := worst_case(_combined(attacks), before, headline)) is not None and not w.outcome.measures.full:
+        runs = attacks[w.attack]
+        i = next(i for i, r in enumerate(runs) if r.budgets.get(headline) is w.outcome)
+        seed = runs[i].seed
+        if (w.attack, seed) not in kept:  # read back from a proof killed before this measure: attack again
+            again = next(a for a in attacks_for(s, work, seed, base_state, organism, imported) if a.name == w.attack)
+            runs[i] = attack_on(again, seed)
+            continue
+        what = f"[{name}] over-refusal, harmless refusal and escalation under the worst case ({w.attack}, seed {seed})"
+        with timed(log, what):
+            full = _measures(ev, loaded, True, kept[(w.attack, seed)], w.outcome.measures.capability)
+        runs[i] = replace(runs[i], budgets={**runs[i].budgets, headline: replace(w.outcome, measures=full)})
+        write_text_atomic(work / f"{w.attack}-seed{seed}.json", json.dumps(runs[i].to_json(), indent=1, default=str))
+    strongest = _combined(attacks)
     worst = {str(b): worst_case(strongest, before, str(b)) for b in s.prove.budgets}
     source, failed = str(loaded.source), getattr(ev.scorer, "failed", None)
     return ModelProof(name, source, loaded.fingerprint, before, before_measures, strongest, worst, failed)
+
+
+def _combined(attacks: dict[str, list[AttackRun]]) -> dict[str, AttackRun]:
+    """Each attack over its seeds (`_strongest`)."""
+    return {name: _strongest(runs) for name, runs in attacks.items()}
 
 
 def _before(ev: Evaluator, loaded: Loaded, work: Path, log: Log) -> tuple[Counts, Measures]:
