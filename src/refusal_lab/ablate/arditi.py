@@ -88,16 +88,17 @@ class Rules:
     steering: bool = True  # adding the direction must not lower refusal on harmless prompts
 
     def passes(self, c: Candidate, drop: Sequence[str] = ()) -> bool:
-        """Whether `c` meets the constraints, less those in `drop`; an unmeasured value fails."""
-        values = (c.ablation_score, c.kl, c.steering_score if self.steering else 0.0)
-        if not all(v is not None and math.isfinite(v) for v in values):
+        """Whether `c` meets the constraints, less those in `drop`. A value a kept rule reads fails it
+        unmeasured; a measured value that is not finite fails every rule set (a broken edit)."""
+        steering = c.steering_score if self.steering else 0.0
+        if not math.isfinite(c.ablation_score) or any(v is not None and not math.isfinite(v) for v in (c.kl, steering)):
             return False
         rules = {
-            "depth": self.depth_limit is None or c.layer < self.depth_limit,
-            "steering": not self.steering or c.steering_score >= 0,
-            "kl": c.kl <= self.max_kl,
+            "depth": lambda: self.depth_limit is None or c.layer < self.depth_limit,
+            "steering": lambda: not self.steering or (c.steering_score is not None and c.steering_score >= 0),
+            "kl": lambda: c.kl is not None and c.kl <= self.max_kl,
         }
-        return all(ok for name, ok in rules.items() if name not in drop)
+        return all(ok() for name, ok in rules.items() if name not in drop)
 
 
 @dataclass(frozen=True)
@@ -267,35 +268,29 @@ def checked_in_order(
     """The admissible candidates, running the harmless-prompt checks only as far as needed.
 
     The choice is the lowest ablation score among the candidates that pass every check, so the
-    checks (one prompt pass each) run in order of score, the steering check only where KL passed
-    (and only if the rules ask for it), and stop at the first candidate that passes both: the choice
-    checking every candidate would make. Where none passes the KL limit, it is relaxed: with "score"
-    as in `admissible` (the steering checks continue in order of score to the first pass, and only
-    where none passes are all of them run); with "gentlest" the least-KL candidate meeting the other
-    rules is taken (every one was KL-checked by then). Unchecked candidates keep None.
+    checks (one prompt pass each) run in order of score, the KL check only where the steering check
+    passed (if the rules ask for one), and stop at the first candidate that passes both: the choice
+    checking every candidate would make. Where none does, the KL limit is relaxed: with "score" the
+    best-scored candidate that passed steering is taken (every one was steering-checked by then, so
+    this needs no further pass; where none passed, `admissible` relaxes steering too); with
+    "gentlest" the least-KL one meeting the other rules. Unchecked candidates keep None.
     """
     scored = [c for c in candidates if math.isfinite(c.ablation_score)]
     order = sorted(scored, key=lambda c: c.ablation_score)  # sorted() is stable: ties keep their given order
     for c in order:
-        kl(c)
-        if math.isfinite(c.kl) and c.kl <= rules.max_kl:
-            if rules.steering:
-                steering(c)
-            if rules.passes(c):
-                return [c], []
-    if relax == "gentlest":
-        for c in scored:
-            if rules.steering and c.steering_score is None:
-                steering(c)
-        ok = [c for c in scored if rules.passes(c, ("kl",))]
-        if ok:
-            return [min(ok, key=lambda c: c.kl)], ["kl"]
-        return admissible(order, rules)
-    for c in order:
-        if rules.steering and c.steering_score is None:
+        if rules.steering:
             steering(c)
-        if rules.passes(c, ("kl",)):
-            return [c], ["kl"]
+            if not rules.passes(c, ("kl",)):
+                continue
+        kl(c)
+        if rules.passes(c):
+            return [c], []
+    if relax == "gentlest":  # the least KL; ties go to the earlier candidate as given
+        ok = [c for c in scored if rules.passes(c, ("kl",))]  # each one KL-checked above
+        return ([min(ok, key=lambda c: c.kl)], ["kl"]) if ok else admissible(order, rules)
+    ok = [c for c in order if rules.passes(c, ("kl",))]
+    if ok:
+        return [ok[0]], ["kl"]
     return admissible(order, rules)
 
 
