@@ -296,6 +296,25 @@ def test_search_attack_proposes_its_front_within_the_budget(attacked, organism_d
         assert best.counts == Counts(0, 16, 0) and best.kl == pytest.approx(1.07e-4, rel=0.05)
 
 
+def test_the_search_front_carries_what_the_battery_would_measure(attacked):
+    """The front's trials are not measured again by the battery, so what they carry (KL, the proxy,
+    the tuning replies' labels) must be what the battery measures under the same edit."""
+    from dataclasses import replace
+
+    from refusal_lab.prove.search_attack import SearchAttack
+
+    tmp, target, _ = attacked
+    t = replace(target, s=target.s.model_copy(deep=True))
+    t.s.search.methods = "saber"
+    proposals = list(SearchAttack(tmp / "search-carried", trials=2).proposals(t))
+    assert proposals and all(p.measured is not None for p in proposals)
+    for p in proposals:
+        with p.edit():
+            kl, predicted = t.kl(), t.predicted_refused(t.tuning)
+        assert kl == pytest.approx(p.measured.kl, rel=1e-4, abs=1e-8) and predicted == p.measured.predicted
+        assert t.measure(p.edit, t.tuning) == p.measured.counts
+
+
 def test_search_attack_reuses_the_targets_refusal_openers(attacked, monkeypatch):
     """The search attack's proxy reads the refusal openers the target found once per model (finding them
     again costs a generation pass over the extraction prompts); its margin and learning are the search's."""

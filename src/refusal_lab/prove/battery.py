@@ -114,12 +114,23 @@ class Target:
         return AttackRun(attack.name, attack.threat, tuple(tried), outcomes, seconds, self.seed, n, refused)
 
 
+@dataclass(frozen=True)
+class Measured:
+    """What a proposal's maker already measured on the target's KL and tuning prompts, the battery's
+    way (the search's trials): it is not measured again."""
+
+    kl: float
+    predicted: int | None  # the proxy's refused tuning prompts (None: read without one)
+    counts: Counts  # its tuning replies' labels
+
+
 @dataclass
 class Proposal:
     """One setting of an attack: what was tried (JSON) and the edit that applies it (re-enterable)."""
 
     setting: dict[str, Any]
     edit: Edit
+    measured: Measured | None = None
 
 
 class Attack(Protocol):
@@ -197,6 +208,12 @@ def run_attack(attack: Attack, t: Target, budgets: tuple[float, ...], extra: Ext
     loosest = max(budgets)
     seen: list[_Seen] = []
     for prop in attack.proposals(t):
+        if (known := prop.measured) is not None:
+            s = _Seen(prop, known.kl, known.predicted if t.proxied else None, known.counts)
+            seen.append(s)
+            n = len(t.tuning)
+            t.log(f"  {attack.name} {_brief(prop.setting)}: KL {s.kl:.4f}, tuning complied {known.counts.complied}/{n}")
+            continue
         with prop.edit():
             s = _Seen(prop, t.kl())
             if s.kl <= loosest and t.proxied:
