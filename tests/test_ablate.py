@@ -216,6 +216,22 @@ def test_successive_halving_scores_the_best_quarter_on_every_prompt_and_checks_o
     assert run(32)[1][0].screened != run(32)[1][0].screened  # a screen as large as the set is no screen
 
 
+def test_a_choice_with_both_checks_relaxed_still_carries_its_kl():
+    """Where no candidate passes steering, no KL pass is needed to choose; the choice's drift is then
+    measured alone, so every choice carries its KL (an edit's record and log need it)."""
+    from refusal_lab.ablate.arditi import Candidate, Rules, select
+
+    class NeverSteers(_FakeJudge):
+        def steering(self, c, _score) -> None:
+            c.steering_score = -1.0
+
+    table = torch.arange(6, dtype=torch.float64)[:, None].expand(6, 4).contiguous()
+    judge = NeverSteers(table, ["p0", "p1", "p2", "p3"])
+    sel = select([Candidate(i, -1, []) for i in range(6)], judge, lambda x: float(x.mean()), Rules(0.1))
+    assert sel.relaxed == ["kl", "steering"] and sel.chosen.layer == 0
+    assert sel.chosen.kl == 0.05 and judge.checked == [0]  # the choice alone was KL-checked
+
+
 def test_the_gentlest_relaxation_takes_the_least_kl_and_needs_no_steering_check():
     """The search's reading of the selection: no steering check; where no candidate is within the KL
     limit, the least-KL one is taken (not the best-scored one), every candidate having been KL-checked."""

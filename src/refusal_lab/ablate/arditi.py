@@ -165,7 +165,10 @@ def select(
     for c in tqdm(survivors, desc=progress, unit="cand", disable=None if progress else True, leave=False):
         c.ablation_score = score(judge.ablated(c, judge.harmful))
     ok, relaxed = checked_in_order(candidates, judge.kl, lambda c: judge.steering(c, score), rules, relax)
-    return Selection(min(ok, key=lambda c: c.ablation_score), relaxed, candidates)
+    chosen = min(ok, key=lambda c: c.ablation_score)
+    if chosen.kl is None:  # chosen with both checks relaxed: its drift is still recorded (one pass)
+        judge.kl(chosen)
+    return Selection(chosen, relaxed, candidates)
 
 
 def log_odds(refusal_ids: Sequence[int]) -> RefusalScore:
