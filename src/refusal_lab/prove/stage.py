@@ -130,7 +130,7 @@ def _run_one(attack: Attack, target: Target, ev: Evaluator, s: Settings, kept: d
     """One attack on the target: within every budget (directional, imported) or row by row.
 
     A directional attack's edit at the headline budget is kept in `kept`, so over-refusal and
-    escalation are measured once, under the worst case, when every attack is done (`_worst_measured`)."""
+    escalation are measured once, under the worst case, when every attack is done (`prove_model`)."""
     loaded = target.loaded
 
     def extra(served: tuple[float, ...], held: Counts, edit: Edit) -> Measures:
