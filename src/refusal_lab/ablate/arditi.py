@@ -94,11 +94,11 @@ class Rules:
         if not math.isfinite(c.ablation_score) or any(v is not None and not math.isfinite(v) for v in (c.kl, steering)):
             return False
         rules = {
-            "depth": lambda: self.depth_limit is None or c.layer < self.depth_limit,
-            "steering": lambda: not self.steering or (c.steering_score is not None and c.steering_score >= 0),
-            "kl": lambda: c.kl is not None and c.kl <= self.max_kl,
+            "depth": self.depth_limit is None or c.layer < self.depth_limit,
+            "steering": not self.steering or (c.steering_score is not None and c.steering_score >= 0),
+            "kl": c.kl is not None and c.kl <= self.max_kl,
         }
-        return all(ok() for name, ok in rules.items() if name not in drop)
+        return all(ok for name, ok in rules.items() if name not in drop)
 
 
 @dataclass(frozen=True)

@@ -159,18 +159,20 @@ def prove_model(
     kept: dict[Key, Edit] = {}  # each directional attack's edit at the headline budget, by (attack, seed)
     target: Target | None = None
 
+    def kept_on_disk(run: AttackRun) -> AttackRun:
+        write_text_atomic(_run_file(work, run.name, run.seed), json.dumps(run.to_json(), indent=1, default=str))
+        return run
+
     def attack_on(attack: Attack, seed: int) -> AttackRun:
         nonlocal target
         if target is None or target.seed != seed:
             target = build_target(loaded, s, ev, log, seed)
         with timed(log, f"[{name}] {attack.name} (seed {seed})"):
-            run = _run_one(attack, target, ev, s, kept)
-        write_text_atomic(work / f"{attack.name}-seed{seed}.json", json.dumps(run.to_json(), indent=1, default=str))
-        return run
+            return kept_on_disk(_run_one(attack, target, ev, s, kept))
 
     for seed in s.prove.seeds:
         for attack in attacks_for(s, work, seed, base_state, organism, imported):
-            done = work / f"{attack.name}-seed{seed}.json"
+            done = _run_file(work, attack.name, seed)
             run = AttackRun.from_json(json.loads(done.read_text())) if done.is_file() else attack_on(attack, seed)
             attacks.setdefault(attack.name, []).append(run)
     headline = str(s.prove.budget_kl)
@@ -185,12 +187,17 @@ def prove_model(
         what = f"[{name}] over-refusal, harmless refusal and escalation under the worst case ({w.attack}, seed {seed})"
         with timed(log, what):
             full = _measures(ev, loaded, True, kept[(w.attack, seed)], w.outcome.measures.capability)
-        runs[i] = replace(runs[i], budgets={**runs[i].budgets, headline: replace(w.outcome, measures=full)})
-        write_text_atomic(work / f"{w.attack}-seed{seed}.json", json.dumps(runs[i].to_json(), indent=1, default=str))
+        measured = replace(w.outcome, measures=full)
+        runs[i] = kept_on_disk(replace(runs[i], budgets={**runs[i].budgets, headline: measured}))
     strongest = _combined(attacks)
     worst = {str(b): worst_case(strongest, before, str(b)) for b in s.prove.budgets}
     source, failed = str(loaded.source), getattr(ev.scorer, "failed", None)
     return ModelProof(name, source, loaded.fingerprint, before, before_measures, strongest, worst, failed)
+
+
+def _run_file(work: Path, attack: str, seed: int) -> Path:
+    """Where a finished attack run is kept, so a resumed proof reads it instead of attacking again."""
+    return work / f"{attack}-seed{seed}.json"
 
 
 def _combined(attacks: dict[str, list[AttackRun]]) -> dict[str, AttackRun]:
