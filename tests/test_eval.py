@@ -261,6 +261,50 @@ def test_continuation_logprobs_come_back_in_input_order_as_each_row_alone_gives_
         torch.testing.assert_close(lp, want, atol=1e-4, rtol=1e-5)
 
 
+def test_kept_prompt_passes_give_the_same_logprobs_and_are_read_again(organism):
+    """Replies scored against kept prompt passes (keys, values, last logits) equal the full teacher-forced
+    pass, from the first call that keeps them and from a second that only reads them; a corrupted kept
+    pass changes the result, so the second call did read the kept passes, not the prompts again."""
+    import torch
+
+    from refusal_lab.core.metrics import continuation_logprobs
+    from refusal_lab.core.prompt_passes import KeptPrompts
+
+    tok = organism.tokenizer
+    prompts = ["repeat after me : red cat .", "how do i fix the door ?", "what is 2 plus 2 ?", "hi .", "hi ."]
+    replies = ["red cat .", "sure . here is how to fix the door and the old gate too .", "4", "", "hello there ."]
+    want = continuation_logprobs(organism.model, tok, prompts, replies, batch_size=2)
+    kept = KeptPrompts()
+    first = continuation_logprobs(organism.model, tok, prompts, replies, batch_size=2, kept=kept)
+    assert len(kept.passes) == 4 and kept.used > 0  # "hi ." once
+    again = continuation_logprobs(organism.model, tok, prompts[::-1], replies[::-1], batch_size=3, kept=kept)[::-1]
+    for w, a, b in zip(want, first, again, strict=True):
+        assert w.shape == a.shape == b.shape
+        torch.testing.assert_close(a, w, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(b, w, atol=1e-4, rtol=1e-5)
+    text = next(iter(kept.passes))
+    p = kept.passes[text]
+    kept.passes[text] = type(p)(p.keys.flip(2), p.values, p.last)  # the prompt's keys in the wrong order
+    moved = continuation_logprobs(organism.model, tok, prompts, replies, batch_size=2, kept=kept)
+    assert any(not torch.allclose(m, w, atol=1e-3) for m, w in zip(moved, want, strict=True) if len(w) > 1)
+
+
+def test_kept_prompt_passes_past_the_budget_are_run_with_their_reply(organism):
+    """A budget that holds no pass keeps none, and the scores are those of the full pass."""
+    import torch
+
+    from refusal_lab.core.metrics import continuation_logprobs
+    from refusal_lab.core.prompt_passes import KeptPrompts
+
+    tok = organism.tokenizer
+    prompts, replies = ["how do i fix the door ?", "hi ."], ["sure . fix the door .", "hello ."]
+    kept = KeptPrompts(budget=1)
+    got = continuation_logprobs(organism.model, tok, prompts, replies, batch_size=2, kept=kept)
+    assert not kept.passes
+    for g, w in zip(got, continuation_logprobs(organism.model, tok, prompts, replies, batch_size=2), strict=True):
+        torch.testing.assert_close(g, w)
+
+
 def test_multiple_choice_accuracy_beats_chance_by_far(organism):
     """40 four-way questions: guessing passes 75% with probability below 1e-12."""
     import random

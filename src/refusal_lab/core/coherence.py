@@ -10,12 +10,13 @@ its word trigrams repeat. The threshold is calibrated per base model, so it mean
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from refusal_lab.core.metrics import REFUSAL_MARKERS, continuation_logprobs, is_refusal
+from refusal_lab.core.prompt_passes import KeptPrompts
 
 MAX_REPETITION = 0.5  # share of repeated word trigrams above which a reply is a loop, not an answer
 
@@ -27,9 +28,16 @@ def repetition(reply: str) -> float:
     return 1 - len(set(grams)) / len(grams) if len(grams) > 1 else 0.0
 
 
-def mean_logprobs(model: Any, tok: Any, prompts: Sequence[str], replies: Sequence[str], batch_size: int) -> list[float]:
+def mean_logprobs(
+    model: Any,
+    tok: Any,
+    prompts: Sequence[str],
+    replies: Sequence[str],
+    batch_size: int,
+    kept: KeptPrompts | None = None,
+) -> list[float]:
     """Mean token log-likelihood of each reply under `model` (nan for an empty reply)."""
-    lps = continuation_logprobs(model, tok, prompts, replies, batch_size)
+    lps = continuation_logprobs(model, tok, prompts, replies, batch_size, kept)
     return [float(lp.mean()) if len(lp) else float("nan") for lp in lps]
 
 
@@ -53,6 +61,7 @@ class CoherenceScorer:
     markers: tuple[str, ...] = REFUSAL_MARKERS
     batch_size: int = 8
     name: str = "coherence"
+    kept: KeptPrompts = field(default_factory=KeptPrompts, repr=False)  # the base's prompt passes, reused
 
     @classmethod
     def calibrated(
@@ -73,7 +82,12 @@ class CoherenceScorer:
         out: list[float | None] = [None] * len(replies)
         todo = [i for i, r in enumerate(replies) if not is_refusal(r, self.markers)]
         scores = mean_logprobs(
-            self.model, self.tokenizer, [prompts[i] for i in todo], [replies[i] for i in todo], self.batch_size
+            self.model,
+            self.tokenizer,
+            [prompts[i] for i in todo],
+            [replies[i] for i in todo],
+            self.batch_size,
+            self.kept,
         )
         for i, score in zip(todo, scores, strict=True):
             out[i] = score

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_lab.core.generate import encode, generate, headed, length_order, prompt_forward, render
+from refusal_lab.core.prompt_passes import KeptPrompts, from_kept
 from refusal_lab.core.prompts import Prompt
 
 # "as an ai" is not one: on the 300-reply reference and the 0.5B panel, every reply whose only marker
@@ -339,16 +340,25 @@ def continuation_logprobs(
     prompts: Sequence[str],
     continuations: Sequence[str],
     batch_size: int = 8,
+    kept: KeptPrompts | None = None,
 ) -> list[torch.Tensor]:
-    """Log-probability of every continuation token given its prompt (float64, one tensor per row)."""
+    """Log-probability of every continuation token given its prompt (float64, one tensor per row).
+
+    `kept`: the model's prompt passes, kept across calls (see prompt_passes); rows whose prompt has one
+    run their continuation alone."""
     out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
-    for ids, mask, spans, rows in continuation_batches(tok, prompts, continuations, batch_size):
+    done = {} if kept is None else from_kept(model, tok, prompts, continuations, batch_size, kept)
+    for i, lp in done.items():
+        out[i] = lp
+    rest = [i for i in range(len(prompts)) if i not in done]
+    sub_prompts, sub_conts = [prompts[i] for i in rest], [continuations[i] for i in rest]
+    for ids, mask, spans, rows in continuation_batches(tok, sub_prompts, sub_conts, batch_size):
         keep, tails = kept_tail(ids.shape[1], spans)
         logits = _forced(model, ids, mask, keep)
         for row, ((first, end), at, i) in enumerate(zip(spans, tails, rows, strict=True)):
             targets = ids[row, first + 1 : end + 1].to(logits.device)
             z = logits[row, at].float()  # the chosen logit less the log-normaliser, without a float64 vocabulary copy
-            out[i] = (z.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(z, -1)).double().cpu()
+            out[rest[i]] = (z.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(z, -1)).double().cpu()
     return out
 
 
