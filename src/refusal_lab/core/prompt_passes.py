@@ -3,7 +3,7 @@
 The coherence scorer reads each reply's likelihood under the unedited base, and prove labels every
 attack's replies to the same held-out and tuning prompts: teacher forcing ran each prompt again
 for every labelling. Kept, a prompt's KV cache and last logits let the reply's tokens run alone
-(on Qwen2.5-Coder-0.5B's template about 40% of the positions of a 48-token reply's pass).
+(bench/kept_prompts.py measures a read both ways).
 
 A kept pass stands for the model as it was when the pass ran, so it must only serve a model whose
 weights have not changed since: the scorer's base, read outside every edit.
