@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_lab.core.generate import headed, prompt_forward, render
+from refusal_lab.core.generate import encode, headed, length_order, prompt_forward, render
 
 
 @dataclass(frozen=True)
@@ -58,23 +58,27 @@ class KeptPrompts:
     used: int = 0
     usable: bool = True  # False once the model's cache turned out not to be plain keys and values
 
-    def keep(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int) -> None:
-        """Run and keep the passes of the rendered prompts `texts` not kept yet, while the budget lasts."""
-        todo = [t for t in dict.fromkeys(texts) if t not in self.passes]
+    def keep(
+        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int
+    ) -> None:
+        """Run and keep the passes of the prompts not kept yet (by their rendered text), while the budget lasts."""
+        todo = [
+            (t, p) for t, p in dict(zip(render(tok, prompts), prompts, strict=True)).items() if t not in self.passes
+        ]
+        todo = [todo[i] for i in length_order(tok, [p for _, p in todo])]  # like lengths together: little padding
         device = next(model.parameters()).device
-        todo.sort(key=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]))  # little padding
         for start in range(0, len(todo), batch_size):
             if not self.usable or self.used >= self.budget:
                 return
             chunk = todo[start : start + batch_size]
-            batch = headed(encode_rendered(tok, chunk, device))
+            batch = headed(encode(tok, [p for _, p in chunk], device))
             with torch.inference_mode():
                 out = prompt_forward(model, batch, 1)
             kv = plain_kv(out.past_key_values)
             if kv is None:
                 self.usable = False
                 return
-            for row, text in enumerate(chunk):
+            for row, (text, _) in enumerate(chunk):
                 at = batch["attention_mask"][row].nonzero()[:, 0]
                 keys = torch.stack([k[row][:, at] for k, _ in kv]).cpu()
                 values = torch.stack([v[row][:, at] for _, v in kv]).cpu()
@@ -83,15 +87,6 @@ class KeptPrompts:
                     return
                 self.passes[text] = got
                 self.used += got.nbytes
-
-
-def encode_rendered(
-    tok: PreTrainedTokenizerBase, texts: Sequence[str], device: torch.device
-) -> dict[str, torch.Tensor]:
-    """A left-padded batch of already chat-templated prompts (what `encode` makes of raw prompts)."""
-    tok.padding_side = "left"
-    enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
-    return {k: v.to(device) for k, v in enc.items()}
 
 
 def kept_logprobs(
@@ -155,7 +150,7 @@ def from_kept(
     """Each continuation's token log-probabilities (tokenised apart from its prompt, as teacher forcing
     does) for the rows whose prompt pass is kept or could be kept now; the other rows are left out."""
     texts = render(tok, prompts)
-    kept.keep(model, tok, texts, batch_size)
+    kept.keep(model, tok, prompts, batch_size)
     rows = [i for i, t in enumerate(texts) if t in kept.passes]
     bodies = {i: tok(continuations[i], add_special_tokens=False)["input_ids"] for i in rows}
     rows.sort(key=lambda i: len(bodies[i]))  # like lengths together: little padding
