@@ -274,6 +274,23 @@ def test_arditi_attack_grows_with_its_strength_within_the_budget(attacked, organ
         assert all(o.counts == Counts(16, 0, 0) for o in run.budgets.values())
 
 
+def test_saber_attack_edits_in_both_scopes_and_each_is_its_own_edit(attacked):
+    """SABER is tried as local edits and as global ones (every writer and the embedding): at the same
+    passes and strength the two drift differently, so the global proposals are not the local ones again."""
+    from refusal_lab.prove.battery import run_attack
+    from refusal_lab.prove.directional import SaberAttack
+
+    _, target, _ = attacked
+    run = run_attack(SaberAttack(strengths=(1.0,)), target, (0.1, 0.5))
+    _within_budgets(run)
+    kl = {(t.setting["scope"], t.setting["passes"]): t.kl for t in run.tried}
+    assert {scope for scope, _ in kl} == {"local", "global"}
+    assert kl[("global", 1)] != pytest.approx(kl[("local", 1)], rel=1e-3)
+    local = run_attack(SaberAttack(strengths=(1.0,), scopes=("local",)), target, (0.1, 0.5))
+    assert {t.setting["scope"] for t in local.tried} == {"local"}
+    assert {t.setting["passes"]: t.kl for t in local.tried} == {p: k for (sc, p), k in kl.items() if sc == "local"}
+
+
 def test_search_attack_proposes_its_front_within_the_budget(attacked, organism_dir):
     """The search attack (SABER's space, two trials) proposes its front: the first trial is SABER's
     default, so the front holds a setting that makes held-out prompts comply, within the budget."""
@@ -403,6 +420,7 @@ def test_finetune_attack_breaks_the_organism_in_few_steps(attacked, organism_dir
         ("--prune-last", "ablate.arditi.prune_last"),  # read by the adaptive attack
         ("--kl-prune", "search.kl_prune"),  # read by the search attack
         ("--proxy-learn", "search.proxy_learn"),
+        ("--saber-scopes", "prove.saber_scopes"),  # read by the saber attack
     ],
 )
 def test_prove_takes_the_options_its_attacks_read(flag, key):

@@ -267,6 +267,11 @@ class ProveSettings(Section):
     report_kl: float = Field(0.5, gt=0, description="Prove: a looser budget reported beside --budget-kl.")
     attacks: str = Field(",".join(PROVE_ATTACKS), description="Prove: comma-separated attacks of the battery to run.")
     tuning_count: int = Field(16, ge=2, description="Prove: probe-split harmful prompts held back to tune attacks.")
+    saber_scopes: str = Field(
+        "local,global",
+        description="Prove: SABER's edits tried, comma-separated: local (each layer's writers lose that layer's "
+        "directions) and global (every writer and the embedding lose them all).",
+    )
     phases: int = Field(8, ge=1, description="Prove: phases of the adaptive re-extraction attack.")
     subspace_ks: list[int] = Field(
         [1, 2, 4, 8], description="Prove: directions per layer tried by the subspace attack."
@@ -301,6 +306,7 @@ class ProveSettings(Section):
     )(_int_list)
 
     _known = field_validator("attacks")(lambda v: _names(v, PROVE_ATTACKS, "attacks"))
+    _scopes = field_validator("saber_scopes")(lambda v: _names(v, ("local", "global"), "SABER scopes"))
 
     @property
     def attack_list(self) -> tuple[str, ...]:

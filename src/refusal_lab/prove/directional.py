@@ -2,7 +2,9 @@
 
 - arditi: one difference-of-means direction (layer and position chosen on a held-out split), at
   growing strength;
-- saber: SABER's defaults, pass after pass, at full and half strength;
+- saber: SABER's defaults, pass after pass, at full and half strength, as local edits (each layer's
+  writers) and as global ones (every writer and the embedding): which one breaks a hardened copy
+  differs from copy to copy;
 - adaptive: re-extract on the attacked model, ablate, repeat; each phase's direction is the best
   layer's difference of means on the model as attacked so far, made orthogonal to earlier phases;
 - subspace: k directions per layer (SVD), each layer's writers losing that layer's subspace.
@@ -51,20 +53,24 @@ class SaberAttack:
     name: str = "saber"
     threat: str = "directional"
     strengths: tuple[float, ...] = (0.5, 1.0)
+    scopes: tuple[str, ...] = ("local", "global")
 
     def proposals(self, t: Target) -> Iterator[Proposal]:
         m, s, x = t.loaded, t.s, t.extraction
         texts = (x.texts("harmful"), x.texts("harmless"), x.texts("capability"))
-        with timed(t.log, "  saber: directions, entanglement and passes"):
-            res = saber(
-                m.model, m.tokenizer, m.adapter, *texts, s.probe, s.ablate.saber, s.batch_size,
-                capability_vectors=t.capability_vectors,
-            )  # fmt: skip
-        for i, p in enumerate(res.passes, 1):
-            for c in self.strengths:
-                yield Proposal(
-                    {"passes": i, "strength": c}, hooks(t, [ab.scaled(c) for ab in res.ablations[: p.ablations]])
-                )
+        for scope in self.scopes:  # each scope's later passes re-probe the model as that scope edited it
+            cfg = s.ablate.saber.model_copy(update={"scope": scope})
+            with timed(t.log, f"  saber ({scope}): directions, entanglement and passes"):
+                res = saber(
+                    m.model, m.tokenizer, m.adapter, *texts, s.probe, cfg, s.batch_size,
+                    capability_vectors=t.capability_vectors,
+                )  # fmt: skip
+            for i, p in enumerate(res.passes, 1):
+                for c in self.strengths:
+                    yield Proposal(
+                        {"scope": scope, "passes": i, "strength": c},
+                        hooks(t, [ab.scaled(c) for ab in res.ablations[: p.ablations]]),
+                    )
 
 
 def last_token_vectors(t: Target, ablations: list[Ablation]) -> tuple[torch.Tensor, torch.Tensor]:

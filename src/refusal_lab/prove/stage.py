@@ -92,7 +92,7 @@ def attacks_for(
     p = s.prove
     made: dict[str, Callable[[], Attack]] = {
         "arditi": ArditiAttack,
-        "saber": SaberAttack,
+        "saber": lambda: SaberAttack(scopes=tuple(p.saber_scopes.split(","))),
         "adaptive": lambda: AdaptiveAttack(p.phases),
         "subspace": lambda: SubspaceAttack(tuple(p.subspace_ks)),
         "rdo": lambda: RdoAttack(p.rdo_steps, p.rdo_lr),
