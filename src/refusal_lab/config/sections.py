@@ -17,6 +17,7 @@ DEFAULT_CONFIG_NAME = "refusal-lab.toml"
 EXTRACTIONS = ("dom", "projected", "svd", "svd_paired", "lda", "whitened_svd")
 POSITIONS = ("last", "post", "mean")
 ABLATION_METHODS = ("saber", "arditi", "projected", "kernel")
+SABER_SCOPES = ("local", "global")
 SEARCH_METHODS = ("saber", "kernel")
 QUANTIZE = ("none", "4bit", "8bit")  # bitsandbytes on CUDA: NF4 (QLoRA's), LLM.int8
 
@@ -129,7 +130,7 @@ class SaberSettings(Section):
     )
     band_lo: float = Field(0.2, ge=0, le=1, description="SABER: first layer considered, as a fraction of depth.")
     band_hi: float = Field(0.8, ge=0, le=1, description="SABER: last layer considered, as a fraction of depth.")
-    scope: Literal["local", "global"] = Field(
+    scope: Literal[SABER_SCOPES] = Field(
         "local", description="SABER: local edits layer l's writers only; global edits every writer and the embedding."
     )
     components: Literal["both", "attention", "mlp"] = Field(
@@ -268,7 +269,7 @@ class ProveSettings(Section):
     attacks: str = Field(",".join(PROVE_ATTACKS), description="Prove: comma-separated attacks of the battery to run.")
     tuning_count: int = Field(16, ge=2, description="Prove: probe-split harmful prompts held back to tune attacks.")
     saber_scopes: str = Field(
-        "local,global",
+        ",".join(SABER_SCOPES),
         description="Prove: SABER's edits tried, comma-separated: local (each layer's writers lose that layer's "
         "directions) and global (every writer and the embedding lose them all).",
     )
@@ -306,7 +307,7 @@ class ProveSettings(Section):
     )(_int_list)
 
     _known = field_validator("attacks")(lambda v: _names(v, PROVE_ATTACKS, "attacks"))
-    _scopes = field_validator("saber_scopes")(lambda v: _names(v, ("local", "global"), "SABER scopes"))
+    _scopes = field_validator("saber_scopes")(lambda v: _names(v, SABER_SCOPES, "SABER scopes"))
 
     @property
     def attack_list(self) -> tuple[str, ...]:

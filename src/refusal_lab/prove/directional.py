@@ -20,6 +20,7 @@ import torch
 from refusal_lab.ablate.arditi import arditi
 from refusal_lab.ablate.edit import Ablation, hooked
 from refusal_lab.ablate.saber import saber
+from refusal_lab.config import SABER_SCOPES
 from refusal_lab.core.activations import capture
 from refusal_lab.core.artifacts import timed
 from refusal_lab.probe.directions import best_layer_by_fdr, fdr, orthonormal_basis, probe_layers, project_out, unit
@@ -53,7 +54,7 @@ class SaberAttack:
     name: str = "saber"
     threat: str = "directional"
     strengths: tuple[float, ...] = (0.5, 1.0)
-    scopes: tuple[str, ...] = ("local", "global")
+    scopes: tuple[str, ...] = SABER_SCOPES
 
     def proposals(self, t: Target) -> Iterator[Proposal]:
         m, s, x = t.loaded, t.s, t.extraction
