@@ -23,12 +23,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
+# Test files run in parallel, one worker per core (tests/conftest.py splits the threads between them).
+TEST_WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 test: lint
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 # The fast tier: every test that starts no subprocess and trains nothing (marked `slow` otherwise).
 test-fast: lint
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(PYTEST) -m "not slow" -q
 
 # Two search workers on one study in a real PostgreSQL server (Debian's package; needs root).
 test-postgres: $(STAMP)

@@ -15,12 +15,28 @@ import pytest
 from refusal_lab.config import default_cache_dir
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, split the cores between workers: two workers of two OpenMP threads each on
+    two cores wait at every barrier for a preempted thread. Subprocesses inherit the setting."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 @pytest.fixture(scope="session")
 def organism_dir() -> Path:
+    from filelock import FileLock
+
     from refusal_lab.organism.build import OrganismConfig, default_organism
 
     cache = Path(os.environ.get("RLAB_TEST_CACHE", default_cache_dir()))
-    return default_organism(cache, OrganismConfig(), log=lambda _m: None)
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(cache / ".organism.lock"):  # pytest-xdist workers: one builds, the others then reuse
+        return default_organism(cache, OrganismConfig(), log=lambda _m: None)
 
 
 @pytest.fixture(scope="session")
