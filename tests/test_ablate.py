@@ -16,7 +16,7 @@ from refusal_lab.ablate.arditi import arditi
 from refusal_lab.ablate.edit import Ablation, hooked
 from refusal_lab.ablate.saber import saber
 from refusal_lab.ablate.stage import AblationRecord
-from refusal_lab.config import ArditiSettings, ProbeSettings, PromptSettings, SaberSettings
+from refusal_lab.config import SABER_SCOPES, ArditiSettings, ProbeSettings, PromptSettings, SaberSettings
 from refusal_lab.core import activations
 from refusal_lab.core.arch import adapt
 from refusal_lab.core.generate import generate
@@ -84,6 +84,34 @@ def test_saber_defaults_make_the_organism_comply_and_keep_capability(organism, s
     assert 0 < kl < 0.05
     generic, _ = _evaluate(organism, res.ablations, base_eval, scorer=GENERIC)
     assert generic.harmful_refusal <= table.harmful_refusal  # the organism's own words only add refusals
+
+
+def _same_edit(a: list[Ablation], b: list[Ablation]) -> bool:
+    return len(a) == len(b) and all(
+        x.directions.shape == y.directions.shape
+        and torch.allclose(x.directions, y.directions, atol=1e-6)
+        and torch.equal(x.alphas, y.alphas)
+        and (x.layer_scale is None) == (y.layer_scale is None)
+        and x.embedding == y.embedding
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+@pytest.mark.parametrize("scope", SABER_SCOPES)
+def test_saber_from_the_probe_stages_probe_is_saber_probing_itself(organism, sets, tmp_path, scope):
+    """prove and ablate hand SABER the probe stage's probe of the unedited model (cached on disk, one
+    for both scopes and the search): it must be the probe SABER's first pass would take itself, or the
+    edits differ. A probe with other settings gives another edit, so the probe handed in is the one used."""
+    cfg = SaberSettings(scope=scope, passes=2)
+    texts = (sets.texts("harmful"), sets.texts("harmless"), sets.texts("capability"))
+    m, tok, a = organism.model, organism.tokenizer, adapt(organism.model)
+    own = saber(m, tok, a, *texts, ProbeSettings(), cfg)
+    for _ in range(2):  # captured, then read back from the cache
+        first = run_probe(organism, sets, ProbeSettings(), 16, tmp_path, lambda _m: None)
+        given = saber(m, tok, a, *texts, ProbeSettings(), cfg, first_probe=first)
+        assert own.ablations and _same_edit(own.ablations, given.ablations)
+    other = run_probe(organism, sets, ProbeSettings(biproject=False), 16, tmp_path, lambda _m: None)
+    assert not _same_edit(own.ablations, saber(m, tok, a, *texts, ProbeSettings(), cfg, first_probe=other).ablations)
 
 
 @pytest.mark.slow

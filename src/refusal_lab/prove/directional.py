@@ -24,6 +24,7 @@ from refusal_lab.config import SABER_SCOPES
 from refusal_lab.core.activations import capture
 from refusal_lab.core.artifacts import timed
 from refusal_lab.probe.directions import best_layer_by_fdr, fdr, orthonormal_basis, probe_layers, project_out, unit
+from refusal_lab.probe.stage import run_probe
 from refusal_lab.prove.battery import Edit, Proposal, Target
 
 
@@ -59,11 +60,13 @@ class SaberAttack:
     def proposals(self, t: Target) -> Iterator[Proposal]:
         m, s, x = t.loaded, t.s, t.extraction
         texts = (x.texts("harmful"), x.texts("harmless"), x.texts("capability"))
-        for scope in self.scopes:  # each scope's later passes re-probe the model as that scope edited it
+        with timed(t.log, "  saber: directions and entanglement of the unedited model"):
+            first = run_probe(m, x, s.probe, s.batch_size, s.cache_dir / "activations", lambda _m: None)
+        for scope in self.scopes:  # pass 1 is the same probe; later passes re-probe the model as each scope edited it
             cfg = s.ablate.saber.model_copy(update={"scope": scope})
-            with timed(t.log, f"  saber ({scope}): directions, entanglement and passes"):
+            with timed(t.log, f"  saber ({scope}): passes"):
                 res = saber(
-                    m.model, m.tokenizer, m.adapter, *texts, s.probe, cfg, s.batch_size,
+                    m.model, m.tokenizer, m.adapter, *texts, s.probe, cfg, s.batch_size, first,
                     capability_vectors=t.capability_vectors,
                 )  # fmt: skip
             for i, p in enumerate(res.passes, 1):
