@@ -369,16 +369,31 @@ def held_out(model: str, work: Path, exports: dict, scored: dict, args: argparse
     base = res.pop("base")["base"]
     print(
         f"\nheld-out prompts ({len(h)} harmful, {len(b)} harmless; neither tool saw them): base refused "
-        f"{base['refused']}, complied {base['complied']}"
+        f"{base['refused']}, complied {base['complied']} {interval(base['complied'], len(h))}"
     )
-    print("each tool's pick at KL <= 0.1 / 0.2 / 0.5 (chosen on the evaluation slice), complied / held-out KL:")
+    print("each tool's pick at KL <= 0.1 / 0.2 / 0.5 (chosen on the evaluation slice):")
+    print("complied [95% Wilson] (held-out KL)")
     for tool, p in picks.items():
-        cells = [f"{res[tool][p[x]]['complied']:>2} ({res[tool][p[x]]['kl']:.3f})" if x in p else "  -" for x in LIMITS]
+        got = {x: res[tool][p[x]] for x in LIMITS if x in p}
+        cells = [
+            f"{got[x]['complied']:>3} {interval(got[x]['complied'], len(h))} ({got[x]['kl']:.3f})"
+            if x in got
+            else "  -"
+            for x in LIMITS
+        ]
         print(f"  {tool:<12} " + " / ".join(cells))
     return {"base": base, "picks": {t: {str(k): v for k, v in p.items()} for t, p in picks.items()}, "scored": res}
 
 
 LIMITS = (0.1, 0.2, 0.5)
+
+
+def interval(k: int, n: int) -> str:
+    """A count's share of n with its 95% Wilson interval, in percent."""
+    from refusal_lab.core.stats import wilson
+
+    lo, hi = wilson(k, n)
+    return f"[{100 * lo:.1f}-{100 * hi:.1f}%]"
 
 
 def best_at(points: list[dict], limit: float) -> str:
