@@ -191,6 +191,36 @@ def test_over_refusal_is_measured_once_under_the_worst_case_and_resumes(proved, 
     assert again.worst["0.1"] == worst  # the same attack, setting and measures as the uninterrupted proof
 
 
+def test_saved_replies_are_the_worst_cases_as_counted_and_label_reads_them(proved, organism_dir):
+    """--save-replies added to a finished proof attacks only the worst again (its edit is not on disk)
+    and writes its held-out replies. Their labels are the reported counts; read as `refusal-lab label`
+    reads a file and labelled again by the organism's scorer, every row gets its label back. A second
+    resume attacks nothing."""
+    from refusal_lab.core.reasoning import Reply
+    from refusal_lab.core.scoring import label_replies
+    from refusal_lab.core.sources import Source
+    from refusal_lab.evaluate.label import read_replies
+
+    tmp, results = proved
+    m = results.models[0]
+    worst = m.worst["0.1"]
+    run = _prove(organism_dir, tmp, "p", *_imports(organism_dir, tmp), "--save-replies")
+    assert run.returncode == 0, run.stderr
+    assert f"{worst.attack} (seed 0)" in run.stderr and "held-out replies" in run.stderr
+    assert "rdo (seed 0)" not in run.stderr or worst.attack == "rdo"  # only the worst attacks again
+    path = tmp / "p" / "replies" / f"{m.model}.jsonl"
+    assert str(path) in run.stdout
+    rows = read_replies(path)
+    labels = [r.row["label"] for r in rows]
+    assert len(rows) == worst.outcome.counts.n and Counts.of(labels) == worst.outcome.counts
+    assert {r.row["attack"] for r in rows} == {worst.attack} and rows[0].row["kl"] == worst.outcome.kl
+    again = label_replies(Source.of(organism_dir).scorer(), [r.prompt for r in rows], [Reply(r.response) for r in rows])
+    assert again == labels
+    twice = _prove(organism_dir, tmp, "p", *_imports(organism_dir, tmp), "--save-replies")
+    assert twice.returncode == 0, twice.stderr
+    assert not re.search(r"\] \w+ \(seed 0\)", twice.stderr) and "held-out replies" not in twice.stderr
+
+
 def test_models_of_two_families_are_refused_by_name():
     from refusal_lab.core.model import Loaded
     from refusal_lab.prove.stage import check_models

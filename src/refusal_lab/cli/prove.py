@@ -49,7 +49,7 @@ def prove(
     """Attack every model with the battery within a drift budget; worst case, per-attack rows, report."""
     from refusal_lab.core.model import refuse_weight_edits
     from refusal_lab.prove.report import HEAD, headline_rows, prefill_summary
-    from refusal_lab.prove.stage import run_prove
+    from refusal_lab.prove.stage import replies_paths, run_prove
 
     edits = weight_edits(s, base, imported)
     refuse_weight_edits(s.model.quantize, list(edits), "; ".join([*edits.values(), "or drop --quantize"]))
@@ -63,5 +63,8 @@ def prove(
         typer.echo(f"{model}: worst prefill {opener} ({tokens} tokens): {refused} refused, {complied} complied, "
                    f"{broken} broken")  # fmt: skip
     typer.echo(f"wrote {out}/results.json, summary.md, report.html")
+    for path in replies_paths(out.expanduser().resolve(), results) if s.prove.save_replies else []:
+        if path.is_file():
+            typer.echo(f"wrote {path}: the worst case's held-out replies (refusal-lab label reads them)")
     if any(m.judge_failed for m in results.models):
         raise typer.Exit(3)

@@ -301,6 +301,12 @@ class ProveSettings(Section):
     max_new_tokens: int = Field(
         48, ge=1, description="Tokens generated per reply (every reply of a proof, the search attack's trials too)."
     )
+    save_replies: bool = Field(
+        False,
+        description="Prove: write the worst case's held-out replies at --budget-kl, labelled as counted, to "
+        "OUT/replies/MODEL.jsonl: to read, or to relabel with `refusal-lab label` (a finished proof may be resumed "
+        "with it).",
+    )
 
     _lists = field_validator(
         "subspace_ks", "finetune_examples", "finetune_benign", "finetune_attacked", "seeds", mode="before"

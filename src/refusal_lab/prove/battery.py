@@ -52,6 +52,14 @@ class Donor:
     key: tuple[int, int, float] | None = None
 
 
+def held_out_replies(loaded: Loaded, scorer: Scorer, s: Settings, prompts: list[str], opener: str = "") -> list[Reply]:
+    """Greedy replies of the model as it is now (inside an edit: the attacked model), as every count of a
+    proof is made of them; where refusal words decide the label, a reply stops once one appears."""
+    m, settled = loaded, settled_by(scorer)
+    bs = s.generation_batch_size
+    return generate_replies(m.model, m.tokenizer, prompts, s.prove.max_new_tokens, bs, settled=settled, opener=opener)
+
+
 @dataclass
 class Target:
     """One model under attack and what every attack is measured against."""
@@ -73,11 +81,7 @@ class Target:
     base_vectors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # filled on first use
 
     def replies(self, prompts: list[str]) -> list[Reply]:
-        """Greedy replies of the model as it is now (inside an edit: the attacked model); where refusal
-        words decide the label, a reply stops once one appears."""
-        m, settled, n = self.loaded, settled_by(self.scorer), self.s.prove.max_new_tokens
-        bs = self.s.generation_batch_size
-        return generate_replies(m.model, m.tokenizer, prompts, n, bs, settled=settled, opener=self.opener)
+        return held_out_replies(self.loaded, self.scorer, self.s, prompts, self.opener)
 
     def label(self, prompts: list[str], replies: list[Reply]) -> Counts:
         """Replies labelled outside any edit: the coherence scorer reads the unattacked model's likelihoods."""

@@ -33,11 +33,12 @@ from refusal_lab.core.sources import PromptSets, Source
 from refusal_lab.errors import UserError
 from refusal_lab.evaluate.runner import Evaluator, build_evaluator
 from refusal_lab.organism.source import load_model, model_path
-from refusal_lab.prove.battery import Attack, Edit, Target, run_attack, run_rows
+from refusal_lab.prove.battery import Attack, Edit, Target, held_out_replies, run_attack, run_rows
 from refusal_lab.prove.results import AttackRun, Counts, Measures, ModelProof, ProveResult, SeedRun, Worst
 from refusal_lab.search.proxy import Proxy
 
 WORK = ".prove"
+REPLIES = "worst_replies.jsonl"  # in each model's work folder, with --save-replies; copied to OUT/replies/
 Key = tuple[str, int]  # an attack run: (attack name, seed)
 BUDGETED = ("directional", "imported")  # attacks held to the drift budgets; only directional ones make the worst case
 
@@ -176,13 +177,23 @@ def prove_model(
             run = AttackRun.from_json(json.loads(done.read_text())) if done.is_file() else attack_on(attack, seed)
             attacks.setdefault(attack.name, []).append(run)
     headline = str(s.prove.budget_kl)
-    while (w := worst_case(_combined(attacks), before, headline)) is not None and not w.outcome.measures.full:
+    replies = work / REPLIES if s.prove.save_replies else None
+
+    def unfinished(w: Worst) -> bool:
+        return not w.outcome.measures.full or (replies is not None and not replies.is_file())
+
+    while (w := worst_case(_combined(attacks), before, headline)) is not None and unfinished(w):
         runs = attacks[w.attack]
         i = next(i for i, r in enumerate(runs) if r.budgets.get(headline) is w.outcome)
         seed = runs[i].seed
         if (w.attack, seed) not in kept:  # read back from a proof killed before this measure: attack again
             again = next(a for a in attacks_for(s, work, seed, base_state, organism, imported) if a.name == w.attack)
             runs[i] = attack_on(again, seed)
+            continue
+        if replies is not None:
+            with timed(log, f"[{name}] the worst case's held-out replies ({w.attack}, seed {seed})"):
+                _write_replies(replies, ev, loaded, s, kept[(w.attack, seed)], w)
+        if w.outcome.measures.full:
             continue
         what = f"[{name}] over-refusal, harmless refusal and escalation under the worst case ({w.attack}, seed {seed})"
         with timed(log, what):
@@ -193,6 +204,30 @@ def prove_model(
     worst = {str(b): worst_case(strongest, before, str(b)) for b in s.prove.budgets}
     source, failed = str(loaded.source), getattr(ev.scorer, "failed", None)
     return ModelProof(name, source, loaded.fingerprint, before, before_measures, strongest, worst, failed)
+
+
+def _write_replies(path: Path, ev: Evaluator, loaded: Loaded, s: Settings, edit: Edit, w: Worst) -> None:
+    """The worst case's held-out harmful replies, generated as they were counted and labelled by the same
+    scorer: to read before trusting that scorer, or to relabel with `refusal-lab label` and a stronger judge."""
+    prompts = [p.prompt for p in ev.sets.harmful]
+    with edit():
+        replies = held_out_replies(loaded, ev.scorer, s, prompts)
+    labels = label_replies(ev.scorer, prompts, replies)
+    where = {"attack": w.attack, "setting": w.outcome.setting, "kl": w.outcome.kl}
+    rows = [
+        {"prompt": p, "response": r.answer, **({"reasoning": r.reasoning} if r.reasoning else {}), "label": x, **where}
+        for p, r, x in zip(prompts, replies, labels, strict=True)
+    ]
+    write_text_atomic(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+
+
+def replies_paths(out: Path, results: ProveResult) -> list[Path]:
+    """OUT/replies/MODEL.jsonl for each proved model (its fingerprint added where two share a name)."""
+    names = [m.model for m in results.models]
+    return [
+        out / "replies" / f"{m.model if names.count(m.model) == 1 else f'{m.model}-{m.fingerprint[:8]}'}.jsonl"
+        for m in results.models
+    ]
 
 
 def _run_file(work: Path, attack: str, seed: int) -> Path:
@@ -321,6 +356,7 @@ def run_prove(
             if k in ("prompts", "probe", "ablate", "prove", "eval", "search")
         }
     }
+    meta["settings"]["prove"].pop("save_replies")  # what is written, not what is measured: a proof may add it
     paths = [model_path(s, n) for n in names]
     for path in paths:  # a missing or malformed second model is named before the first one is attacked
         check_source(path, s.model.download)
@@ -330,6 +366,7 @@ def run_prove(
     meta["imported"] = [str(f) for f in imported]
     _stamp(work, meta, out, force)
     models: list[ModelProof] = []
+    kept_replies: list[Path] = []
     first = None
     for name in names:
         m = load_model(s, name)
@@ -342,9 +379,15 @@ def run_prove(
         key = work / m.fingerprint[:16]
         key.mkdir(exist_ok=True)
         models.append(prove_model(m, s, key, state, log, imported))
+        kept_replies.append(key / REPLIES)
         if m is not first:
             m.release()
     results = ProveResult(manifest(**meta), tuple(models))
+    if s.prove.save_replies:
+        for path, target in zip(kept_replies, replies_paths(out, results), strict=True):
+            if path.is_file():  # none where no directional attack made a worst case
+                target.parent.mkdir(exist_ok=True)
+                write_text_atomic(target, path.read_text())
     write_text_atomic(out / "results.json", json.dumps(results.to_json(), indent=1, default=str))
     write_text_atomic(out / "summary.md", summary_md(results))
     write_text_atomic(out / "report.html", report_html(results))
