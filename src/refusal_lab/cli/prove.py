@@ -66,5 +66,7 @@ def prove(
     for path in replies_paths(out.expanduser().resolve(), results) if s.prove.save_replies else []:
         if path.is_file():
             typer.echo(f"wrote {path}: the worst case's held-out replies (refusal-lab label reads them)")
+        else:
+            typer.echo(f"no replies for {path.stem}: no directional attack in --attacks made a worst case")
     if any(m.judge_failed for m in results.models):
         raise typer.Exit(3)
