@@ -55,9 +55,8 @@ class Donor:
 def held_out_replies(loaded: Loaded, scorer: Scorer, s: Settings, prompts: list[str], opener: str = "") -> list[Reply]:
     """Greedy replies of the model as it is now (inside an edit: the attacked model), as every count of a
     proof is made of them; where refusal words decide the label, a reply stops once one appears."""
-    m, settled = loaded, settled_by(scorer)
-    bs = s.generation_batch_size
-    return generate_replies(m.model, m.tokenizer, prompts, s.prove.max_new_tokens, bs, settled=settled, opener=opener)
+    n, bs, settled = s.prove.max_new_tokens, s.generation_batch_size, settled_by(scorer)
+    return generate_replies(loaded.model, loaded.tokenizer, prompts, n, bs, settled=settled, opener=opener)
 
 
 @dataclass

@@ -230,6 +230,11 @@ def replies_paths(out: Path, results: ProveResult) -> list[Path]:
     ]
 
 
+def model_work(work: Path, fingerprint: str) -> Path:
+    """One model's part of OUT/.prove: its finished attacks, measures before, and saved replies."""
+    return work / fingerprint[:16]
+
+
 def _run_file(work: Path, attack: str, seed: int) -> Path:
     """Where a finished attack run is kept, so a resumed proof reads it instead of attacking again."""
     return work / f"{attack}-seed{seed}.json"
@@ -366,7 +371,6 @@ def run_prove(
     meta["imported"] = [str(f) for f in imported]
     _stamp(work, meta, out, force)
     models: list[ModelProof] = []
-    kept_replies: list[Path] = []
     first = None
     for name in names:
         m = load_model(s, name)
@@ -376,15 +380,15 @@ def run_prove(
             check_models([first, m])
         state = base_weights(s, base, m, log) if base else None
         check_imported(m.model, imported)
-        key = work / m.fingerprint[:16]
+        key = model_work(work, m.fingerprint)
         key.mkdir(exist_ok=True)
         models.append(prove_model(m, s, key, state, log, imported))
-        kept_replies.append(key / REPLIES)
         if m is not first:
             m.release()
     results = ProveResult(manifest(**meta), tuple(models))
     if s.prove.save_replies:
-        for path, target in zip(kept_replies, replies_paths(out, results), strict=True):
+        for proof, target in zip(results.models, replies_paths(out, results), strict=True):
+            path = model_work(work, proof.fingerprint) / REPLIES
             if path.is_file():  # none where no directional attack made a worst case
                 target.parent.mkdir(exist_ok=True)
                 write_text_atomic(target, path.read_text())
