@@ -203,7 +203,7 @@ def log(message: str) -> None:
 
 
 def pct(r: Rate) -> str:
-    return f"{100 * r.rate:.1f} [{100 * r.low:.1f}, {100 * r.high:.1f}]" if r.n else "-"
+    return f"{100 * r.rate:.1f} [{r.interval}]" if r.n else "-"
 
 
 def table(rows: list[PanelRow], meta: dict) -> str:

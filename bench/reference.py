@@ -12,10 +12,12 @@ agreement (three-way and refused-or-not) with a confusion matrix per scorer and 
     python bench/reference.py check --model qwen0.5b=DIR --model qwen0.5b+projected=DIR2 ... \
         --strongreject .../strongreject_dataset.csv --harmbench .../harmbench_behaviors_text_test.csv
     python bench/reference.py dump ... -o replies-with-text.jsonl     # the replies to read (keep it outside the repo)
-    python bench/reference.py record replies-read.jsonl              # a read dump -> bench/reference/replies.jsonl
+    python bench/reference.py record replies-read.jsonl              # a read dump, added to the reference
 
-A reply whose hash differs was generated differently (another dtype, CPU kind or library version can
-change a greedy token); those rows are counted and left out, never compared.
+A reply whose hash differs was generated differently (another dtype, CPU kind, library version or
+batching can change a greedy bfloat16 token); those rows are counted and left out, never compared. Dump
+them, read them and record them: the reference keeps one reading per reply hash, so a request can carry
+the readings of both versions of its reply.
 """
 
 from __future__ import annotations
@@ -128,17 +130,24 @@ def dump(args: argparse.Namespace) -> None:
 
 
 def record(args: argparse.Namespace) -> None:
-    """A read dump (each row given `reading`, optionally `note`) -> the reference, with no text kept."""
+    """A read dump (each row given `reading`, optionally `note`) -> the reference, with no text kept.
+    Rows are keyed by (model, dataset, row, reply_sha): a reply that regenerates differently elsewhere
+    (another library version or CPU kind) is read and added beside the first reading, never over it."""
     keep = ("model", "base", "dataset", "row", "prompt_sha", "reply_sha", "reading", "note")
     rows = [json.loads(x) for x in args.read.open(encoding="utf-8")]
     missing = [i + 1 for i, r in enumerate(rows) if r.get("reading") not in ("refused", "complied", "broken")]
     if missing:
         sys.exit(f"{args.read}: lines {missing[:10]} have no reading (refused | complied | broken)")
+    old = [json.loads(x) for x in REFERENCE.open(encoding="utf-8")] if REFERENCE.exists() else []
+    key = lambda r: (r["model"], r["dataset"], r["row"], r["reply_sha"])  # noqa: E731
+    merged = {key(r): r for r in old} | {key(r): {k: r[k] for k in keep if k in r} for r in rows}
     REFERENCE.parent.mkdir(exist_ok=True)
-    with REFERENCE.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps({k: r[k] for k in keep if k in r}) + "\n")
-    print(f"wrote {len(rows)} rows to {REFERENCE}")
+    tmp = REFERENCE.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in merged.values():
+            f.write(json.dumps(r) + "\n")
+    tmp.replace(REFERENCE)
+    print(f"{REFERENCE}: {len(merged)} readings ({len(merged) - len(old)} new, {len(rows)} in {args.read})")
 
 
 def scorers(tag: str, base_tag: str, folders: dict[str, Path], args: argparse.Namespace) -> dict:
@@ -173,20 +182,27 @@ def check(args: argparse.Namespace) -> None:
     gen = {k: settings[k] for k in ("dtype", "max_new_tokens", "batch_size")}
     print(f"reference: {len(ref)} rows; generation: {gen}, greedy")
     for tag in folders:
-        rows = [r for r in ref if r["model"] == tag]
-        if not rows:
+        readings_of: dict[tuple[str, int], dict[str, str]] = {}  # request -> reply hash -> reading
+        for r in ref:
+            if r["model"] == tag:
+                readings_of.setdefault((r["dataset"], r["row"]), {})[r["reply_sha"]] = r["reading"]
+        if not readings_of:
             print(f"{tag}: no reference rows (tags: {sorted({r['model'] for r in ref})})")
             continue
-        reqs = [by_key[(r["dataset"], r["row"])] for r in rows]
-        stale = sum(sha(q.text) != r["prompt_sha"] for q, r in zip(reqs, rows, strict=True))
+        keys = list(readings_of)
+        reqs = [by_key[k] for k in keys]
+        mine = [r for r in ref if r["model"] == tag]
+        base_tag = mine[0]["base"]
+        prompt_sha = {(r["dataset"], r["row"]): r["prompt_sha"] for r in mine}
+        stale = sum(sha(by_key[k].text) != h for k, h in prompt_sha.items())
         replies = generate(folders[tag], [q.text for q in reqs], settings)
-        same = [i for i, (reply, r) in enumerate(zip(replies, rows, strict=True)) if sha(reply) == r["reply_sha"]]
-        print(f"\n## {tag}: {len(same)} of {len(rows)} replies match their hash ({stale} requests changed)")
-        if len(same) < len(rows) / 2:
+        same = [i for i, (reply, k) in enumerate(zip(replies, keys, strict=True)) if sha(reply) in readings_of[k]]
+        print(f"\n## {tag}: {len(same)} of {len(keys)} replies match a read reply's hash ({stale} requests changed)")
+        if len(same) < len(keys) / 2:
             print("  most replies differ: another dtype, CPU kind or library version than the reference's")
         prompts, texts = [reqs[i].text for i in same], [replies[i] for i in same]
-        readings = [rows[i]["reading"] for i in same]
-        for name, scorer in scorers(tag, rows[0]["base"], folders, args).items():
+        readings = [readings_of[keys[i]][sha(replies[i])] for i in same]
+        for name, scorer in scorers(tag, base_tag, folders, args).items():
             start = time.perf_counter()
             a = Agreement.of(readings, scorer.labels(prompts, texts))
             took = time.perf_counter() - start

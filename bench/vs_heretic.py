@@ -390,10 +390,9 @@ LIMITS = (0.1, 0.2, 0.5)
 
 def interval(k: int, n: int) -> str:
     """A count's share of n with its 95% Wilson interval, in percent."""
-    from refusal_lab.core.stats import wilson
+    from refusal_lab.core.stats import Rate
 
-    lo, hi = wilson(k, n)
-    return f"[{100 * lo:.1f}-{100 * hi:.1f}%]"
+    return f"[{Rate(k, n).interval}]"
 
 
 def best_at(points: list[dict], limit: float) -> str:

@@ -31,3 +31,8 @@ class Rate:
         object.__setattr__(self, "rate", self.k / self.n if self.n else float("nan"))
         object.__setattr__(self, "low", low)
         object.__setattr__(self, "high", high)
+
+    @property
+    def interval(self) -> str:
+        """The Wilson interval in percent, as every table and log line prints it: "36.1-48.0%"."""
+        return f"{100 * self.low:.1f}-{100 * self.high:.1f}%" if self.n else "-"

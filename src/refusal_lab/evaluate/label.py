@@ -153,7 +153,7 @@ class LabelSummary:
             out += [f"Judge answers that named no option (labelled broken): {self.judge_unparsed}", ""]
         out += ["| label | count | rate | Wilson 95% |", "|---|---|---|---|"]
         for lab, r in self.rates.items():
-            out.append(f"| {lab} | {r.k} | {100 * r.rate:.1f}% | {100 * r.low:.1f}-{100 * r.high:.1f}% |")
+            out.append(f"| {lab} | {r.k} | {100 * r.rate:.1f}% | {r.interval} |")
         a = self.agreement
         if a is not None:
             out += ["", f"Agreement with the reading on {a.n} rows: {100 * a.overall:.1f}% "
