@@ -182,19 +182,18 @@ def check(args: argparse.Namespace) -> None:
     gen = {k: settings[k] for k in ("dtype", "max_new_tokens", "batch_size")}
     print(f"reference: {len(ref)} rows; generation: {gen}, greedy")
     for tag in folders:
-        readings_of: dict[tuple[str, int], dict[str, str]] = {}  # request -> reply hash -> reading
-        for r in ref:
-            if r["model"] == tag:
-                readings_of.setdefault((r["dataset"], r["row"]), {})[r["reply_sha"]] = r["reading"]
-        if not readings_of:
+        mine = [r for r in ref if r["model"] == tag]
+        if not mine:
             print(f"{tag}: no reference rows (tags: {sorted({r['model'] for r in ref})})")
             continue
+        readings_of: dict[tuple[str, int], dict[str, str]] = {}  # request -> reply hash -> reading
+        prompt_sha = {}
+        for r in mine:
+            readings_of.setdefault((r["dataset"], r["row"]), {})[r["reply_sha"]] = r["reading"]
+            prompt_sha[r["dataset"], r["row"]] = r["prompt_sha"]
         keys = list(readings_of)
         reqs = [by_key[k] for k in keys]
-        mine = [r for r in ref if r["model"] == tag]
-        base_tag = mine[0]["base"]
-        prompt_sha = {(r["dataset"], r["row"]): r["prompt_sha"] for r in mine}
-        stale = sum(sha(by_key[k].text) != h for k, h in prompt_sha.items())
+        stale = sum(sha(q.text) != prompt_sha[k] for q, k in zip(reqs, keys, strict=True))
         replies = generate(folders[tag], [q.text for q in reqs], settings)
         same = [i for i, (reply, k) in enumerate(zip(replies, keys, strict=True)) if sha(reply) in readings_of[k]]
         print(f"\n## {tag}: {len(same)} of {len(keys)} replies match a read reply's hash ({stale} requests changed)")
@@ -202,7 +201,7 @@ def check(args: argparse.Namespace) -> None:
             print("  most replies differ: another dtype, CPU kind or library version than the reference's")
         prompts, texts = [reqs[i].text for i in same], [replies[i] for i in same]
         readings = [readings_of[keys[i]][sha(replies[i])] for i in same]
-        for name, scorer in scorers(tag, base_tag, folders, args).items():
+        for name, scorer in scorers(tag, mine[0]["base"], folders, args).items():
             start = time.perf_counter()
             a = Agreement.of(readings, scorer.labels(prompts, texts))
             took = time.perf_counter() - start
