@@ -141,12 +141,10 @@ def record(args: argparse.Namespace) -> None:
     old = [json.loads(x) for x in REFERENCE.open(encoding="utf-8")] if REFERENCE.exists() else []
     key = lambda r: (r["model"], r["dataset"], r["row"], r["reply_sha"])  # noqa: E731
     merged = {key(r): r for r in old} | {key(r): {k: r[k] for k in keep if k in r} for r in rows}
+    from refusal_lab.core.artifacts import write_text_atomic
+
     REFERENCE.parent.mkdir(exist_ok=True)
-    tmp = REFERENCE.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in merged.values():
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(REFERENCE)
+    write_text_atomic(REFERENCE, "".join(json.dumps(r) + "\n" for r in merged.values()))
     print(f"{REFERENCE}: {len(merged)} readings ({len(merged) - len(old)} new, {len(rows)} in {args.read})")
 
 
@@ -198,7 +196,7 @@ def check(args: argparse.Namespace) -> None:
         same = [i for i, (reply, k) in enumerate(zip(replies, keys, strict=True)) if sha(reply) in readings_of[k]]
         print(f"\n## {tag}: {len(same)} of {len(keys)} replies match a read reply's hash ({stale} requests changed)")
         if len(same) < len(keys) / 2:
-            print("  most replies differ: another dtype, CPU kind or library version than the reference's")
+            print("  most replies differ: another dtype, CPU kind, library version or batching than the reference's")
         prompts, texts = [reqs[i].text for i in same], [replies[i] for i in same]
         readings = [readings_of[keys[i]][sha(replies[i])] for i in same]
         for name, scorer in scorers(tag, mine[0]["base"], folders, args).items():
