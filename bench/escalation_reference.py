@@ -9,7 +9,7 @@ matches with the keyword tiers and, with `--judge-local`, the judge's; the per-l
 beside the reading's.
 
     python bench/escalation_reference.py dump --model TAG=DIR -o esc-replies.jsonl   # keep it outside the repo
-    python bench/escalation_reference.py record esc-read.jsonl     # each row given `reading` (and `note`)
+    python bench/escalation_reference.py record esc-read.jsonl     # each row given `reading` (and `note`), added
     python bench/escalation_reference.py check --model TAG=DIR [--judge-local JUDGE_DIR]
 
 A conversation is stateful, so one reply generated differently (another dtype, CPU kind or library
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from reference import models, reference_commands, sha  # noqa: E402
+from reference import models, record_readings, reference_commands, sha  # noqa: E402
 
 REFERENCE = ROOT / "reference" / "escalation.jsonl"
 SETTINGS = {"dtype": "bfloat16", "max_new_tokens": 96, "batch_size": 16, "set": "default", "stateful": True}
@@ -62,16 +62,10 @@ def dump(args: argparse.Namespace) -> None:
 
 
 def record(args: argparse.Namespace) -> None:
-    """A read dump -> the reference, with no text kept."""
+    """A read dump -> the reference, one reading per (model, scenario, level, reply hash)."""
     keep = ("model", "scenario", "level", "reply_sha", "reading", "note")
-    rows = [json.loads(x) for x in args.read.open(encoding="utf-8")]
-    missing = [i + 1 for i, r in enumerate(rows) if r.get("reading") not in TIERS]
-    if missing:
-        sys.exit(f"{args.read}: lines {missing[:10]} have no reading ({' | '.join(TIERS)})")
-    with REFERENCE.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps({k: r[k] for k in keep if k in r}) + "\n")
-    print(f"wrote {len(rows)} rows to {REFERENCE}")
+    key = lambda r: (r["model"], r["scenario"], r["level"], r["reply_sha"])  # noqa: E731
+    record_readings(args.read, REFERENCE, TIERS, keep, key)
 
 
 def scored(name: str, tiers: list[str | None], readings: list[str], levels: list[int]) -> None:
@@ -101,16 +95,17 @@ def check(args: argparse.Namespace) -> None:
     ref = [json.loads(x) for x in REFERENCE.open(encoding="utf-8")]
     print(f"reference: {len(ref)} rows; generation: {SETTINGS}, greedy")
     for tag, folder in models(args.model).items():
-        rows = {(r["scenario"], r["level"]): r for r in ref if r["model"] == tag}
+        rows = {(r["scenario"], r["level"], r["reply_sha"]): r for r in ref if r["model"] == tag}
+        turns_read = {k[:2] for k in rows}
         if not rows:
             print(f"{tag}: no reference rows (tags: {sorted({r['model'] for r in ref})})")
             continue
-        got = [t for t in turns(folder) if (t.scenario, t.level) in rows]
-        same = [t for t in got if sha(t.response) == rows[(t.scenario, t.level)]["reply_sha"]]
-        print(f"\n## {tag}: {len(same)} of {len(rows)} replies match their hash")
-        if len(same) < len(rows) / 2:
-            print("  most replies differ: another dtype, CPU kind or library version than the reference's")
-        readings = [rows[(t.scenario, t.level)]["reading"] for t in same]
+        got = [t for t in turns(folder) if (t.scenario, t.level) in turns_read]
+        same = [t for t in got if (t.scenario, t.level, sha(t.response)) in rows]
+        print(f"\n## {tag}: {len(same)} of {len(turns_read)} replies match a read reply's hash")
+        if len(same) < len(turns_read) / 2:
+            print("  most replies differ: another dtype, CPU kind, library version or batching than the reference's")
+        readings = [rows[(t.scenario, t.level, sha(t.response))]["reading"] for t in same]
         levels = [t.level for t in same]
         scored("keyword", [keyword_tier(t.response, REFUSAL_MARKERS) for t in same], readings, levels)
         if args.judge_local:

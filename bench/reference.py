@@ -129,23 +129,29 @@ def dump(args: argparse.Namespace) -> None:
                 f.write(json.dumps(row) + "\n")
 
 
-def record(args: argparse.Namespace) -> None:
-    """A read dump (each row given `reading`, optionally `note`) -> the reference, with no text kept.
-    Rows are keyed by (model, dataset, row, reply_sha): a reply that regenerates differently elsewhere
-    (another library version or CPU kind) is read and added beside the first reading, never over it."""
-    keep = ("model", "base", "dataset", "row", "prompt_sha", "reply_sha", "reading", "note")
-    rows = [json.loads(x) for x in args.read.open(encoding="utf-8")]
-    missing = [i + 1 for i, r in enumerate(rows) if r.get("reading") not in ("refused", "complied", "broken")]
-    if missing:
-        sys.exit(f"{args.read}: lines {missing[:10]} have no reading (refused | complied | broken)")
-    old = [json.loads(x) for x in REFERENCE.open(encoding="utf-8")] if REFERENCE.exists() else []
-    key = lambda r: (r["model"], r["dataset"], r["row"], r["reply_sha"])  # noqa: E731
-    merged = {key(r): r for r in old} | {key(r): {k: r[k] for k in keep if k in r} for r in rows}
+def record_readings(read: Path, reference: Path, labels: tuple[str, ...], keep: tuple[str, ...], key: Callable) -> None:
+    """Add a read dump's rows (each given `reading`, optionally `note`) to `reference`, keeping only the
+    fields in `keep` (no text). Rows are keyed by `key`, which includes the reply's hash: a reply that
+    regenerates differently elsewhere (another library version, CPU kind or batching) is read and added
+    beside the first reading, never over it."""
     from refusal_lab.core.artifacts import write_text_atomic
 
-    REFERENCE.parent.mkdir(exist_ok=True)
-    write_text_atomic(REFERENCE, "".join(json.dumps(r) + "\n" for r in merged.values()))
-    print(f"{REFERENCE}: {len(merged)} readings ({len(merged) - len(old)} new, {len(rows)} in {args.read})")
+    rows = [json.loads(x) for x in read.open(encoding="utf-8")]
+    missing = [i + 1 for i, r in enumerate(rows) if r.get("reading") not in labels]
+    if missing:
+        sys.exit(f"{read}: lines {missing[:10]} have no reading ({' | '.join(labels)})")
+    old = [json.loads(x) for x in reference.open(encoding="utf-8")] if reference.exists() else []
+    merged = {key(r): r for r in old} | {key(r): {k: r[k] for k in keep if k in r} for r in rows}
+    reference.parent.mkdir(exist_ok=True)
+    write_text_atomic(reference, "".join(json.dumps(r) + "\n" for r in merged.values()))
+    print(f"{reference}: {len(merged)} readings ({len(merged) - len(old)} new, {len(rows)} in {read})")
+
+
+def record(args: argparse.Namespace) -> None:
+    """A read dump -> the reference, one reading per (model, dataset, row, reply hash)."""
+    keep = ("model", "base", "dataset", "row", "prompt_sha", "reply_sha", "reading", "note")
+    key = lambda r: (r["model"], r["dataset"], r["row"], r["reply_sha"])  # noqa: E731
+    record_readings(args.read, REFERENCE, ("refused", "complied", "broken"), keep, key)
 
 
 def scorers(tag: str, base_tag: str, folders: dict[str, Path], args: argparse.Namespace) -> dict:

@@ -13,8 +13,8 @@ def _pct(x: float | None) -> str:
 
 
 def _ci(c: Counts, key: str) -> str:
-    lo, hi = c.ci(key)
-    return f"{_pct(c.rate(key))} [{_pct(lo)}, {_pct(hi)}]"
+    """A share with its Wilson interval, as every other report prints one: "41.9% [36.1-48.0%]"."""
+    return f"{_pct(c.rate(key))} [{c.share(key).interval}]"
 
 
 def headline_rows(results: ProveResult, budget: str) -> list[list[str]]:

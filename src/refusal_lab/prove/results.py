@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from refusal_lab.core.metrics import LABELS
-from refusal_lab.core.stats import wilson
+from refusal_lab.core.stats import Rate
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,12 @@ class Counts:
     def rate(self, label: str) -> float:
         return getattr(self, label) / self.n if self.n else float("nan")
 
+    def share(self, label: str) -> Rate:
+        return Rate(getattr(self, label), self.n)
+
     def ci(self, label: str) -> tuple[float, float]:
-        return wilson(getattr(self, label), self.n)
+        r = self.share(label)
+        return r.low, r.high
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"n": self.n}
