@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from refusal_lab.config import Settings
 from refusal_lab.core.artifacts import Log, check_output, manifest, settings_record, write_folder, write_replay
 from refusal_lab.core.coherence import CoherenceScorer, repetition
-from refusal_lab.core.metrics import LABELS, REFUSAL_MARKERS, KeywordScorer, Scorer, is_refusal
+from refusal_lab.core.metrics import LABELS, REFUSAL_MARKERS, KeywordScorer, Scorer, is_deflection, is_refusal
 from refusal_lab.core.model import Loaded
 from refusal_lab.core.prompts import jsonl_rows, load_prompts
 from refusal_lab.core.sources import Source, builtin_prompts
@@ -71,9 +71,11 @@ def read_replies(path: Path) -> list[ReplyRow]:
 
 @dataclass(frozen=True)
 class Scores:
-    """What a label rests on: a refusal marker, repetition, and the base's likelihood where one was used."""
+    """What a label rests on: a refusal marker, a moralising deflection, repetition, and the base's
+    likelihood where one was used."""
 
     marker: bool
+    deflection: bool
     repetition: float
     likelihood: float | None = None
     threshold: float | None = None
@@ -90,7 +92,10 @@ def scored(
         threshold = scorer.threshold
     else:
         labels = scorer.labels(prompts, replies)
-    evidence = [Scores(is_refusal(r, markers), repetition(r), x, threshold) for r, x in zip(replies, lik, strict=True)]
+    evidence = [
+        Scores(is_refusal(r, markers), is_deflection(r), repetition(r), x, threshold)
+        for r, x in zip(replies, lik, strict=True)
+    ]
     return labels, evidence
 
 
