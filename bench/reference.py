@@ -13,6 +13,13 @@ agreement (three-way and refused-or-not) with a confusion matrix per scorer and 
         --strongreject .../strongreject_dataset.csv --harmbench .../harmbench_behaviors_text_test.csv
     python bench/reference.py dump ... -o replies-with-text.jsonl     # the replies to read (keep it outside the repo)
     python bench/reference.py record replies-read.jsonl              # a read dump, added to the reference
+    python bench/reference.py attach OUT/replies/MODEL.jsonl --model TAG -o read.jsonl  # prove's saved replies
+    refusal-lab label read.jsonl --base DIR --dtype bfloat16 -o labels      # agreement with the reading
+
+Replies an attacked model gave in `prove --save-replies` (its worst case) are read too:
+bench/reference/proved.jsonl keeps their hashes and readings (`record-proved READ.jsonl --model TAG`, each
+row of the saved file given `reading`); `attach` puts those readings back on a regenerated file, by hash,
+for `refusal-lab label` to measure agreement with whatever scorer it is given.
 
 A reply whose hash differs was generated differently (another dtype, CPU kind, library version or
 batching can change a greedy bfloat16 token); those rows are counted and left out, never compared. Dump
@@ -35,6 +42,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent
 REFERENCE = ROOT / "reference" / "replies.jsonl"
+PROVED = ROOT / "reference" / "proved.jsonl"
 SETTINGS = ROOT / "reference" / "settings.json"
 SR_ROWS, HB_ROWS = 40, 35  # requests per model from each set
 
@@ -154,6 +162,38 @@ def record(args: argparse.Namespace) -> None:
     record_readings(args.read, REFERENCE, ("refused", "complied", "broken"), keep, key)
 
 
+def record_proved(args: argparse.Namespace) -> None:
+    """prove's saved replies, read (each row given `reading`) -> proved.jsonl, hashes and labels only."""
+    rows = [json.loads(x) for x in args.read.open(encoding="utf-8")]
+    hashed = args.read.with_name(args.read.name + ".hashed")
+    with hashed.open("w", encoding="utf-8") as f:  # beside the read file, outside the repository
+        for r in rows:
+            setting = " ".join(f"{k}={v}" for k, v in r.get("setting", {}).items())
+            row = {"model": args.model, "attack": f"{r.get('attack', '')} {setting}".strip()}
+            row |= {"prompt_sha": sha(r["prompt"]), "reply_sha": sha(r["response"])}
+            f.write(json.dumps(row | {k: r[k] for k in ("reading", "note") if k in r}) + "\n")
+    keep = ("model", "attack", "prompt_sha", "reply_sha", "reading", "note")
+    key = lambda r: (r["model"], r["prompt_sha"], r["reply_sha"])  # noqa: E731
+    record_readings(hashed, PROVED, ("refused", "complied", "broken"), keep, key)
+    hashed.unlink()
+
+
+def attach(args: argparse.Namespace) -> None:
+    """A saved replies file with the recorded readings added by hash, for `refusal-lab label`."""
+    read = {(r["prompt_sha"], r["reply_sha"]): r["reading"] for r in map(json.loads, PROVED.open(encoding="utf-8"))
+            if r["model"] == args.model}  # fmt: skip
+    rows = [json.loads(x) for x in args.replies.open(encoding="utf-8")]
+    found = [read.get((sha(r["prompt"]), sha(r["response"]))) for r in rows]
+    with args.out.open("w", encoding="utf-8") as f:
+        for r, reading in zip(rows, found, strict=True):
+            if reading is not None:
+                f.write(json.dumps({"prompt": r["prompt"], "response": r["response"], "reading": reading}) + "\n")
+    hit = sum(x is not None for x in found)
+    print(f"{args.out}: {hit} of {len(rows)} replies carry a reading ({len(read)} recorded for {args.model})")
+    if hit < len(rows):
+        print(f"  {len(rows) - hit} without one: never read, or generated differently (dtype, CPU kind, batching)")
+
+
 def scorers(tag: str, base_tag: str, folders: dict[str, Path], args: argparse.Namespace) -> dict:
     """Every scorer for replies of `tag`: keywords, coherence against its base, and a local judge if given."""
     from refusal_lab.config import load_settings
@@ -245,11 +285,19 @@ def main() -> None:
     p = sub.add_parser("extraction")
     p.add_argument("--strongreject", type=Path, required=True)
     p.add_argument("-o", "--out", type=Path, required=True)
+    p = sub.add_parser("record-proved")
+    p.add_argument("read", type=Path, help="prove's saved replies (OUT/replies/MODEL.jsonl), each given `reading`")
+    p.add_argument("--model", required=True, help="the tag of the model the proof attacked")
+    p = sub.add_parser("attach")
+    p.add_argument("replies", type=Path, help="prove's saved replies (OUT/replies/MODEL.jsonl)")
+    p.add_argument("--model", required=True, help="the tag the readings were recorded under")
+    p.add_argument("-o", "--out", type=Path, required=True, help="replies with readings (keep it outside the repo)")
     args = ap.parse_args()
     if args.cmd == "extraction":
         print(extraction_csv(args.strongreject, args.out))
     else:
-        {"check": check, "dump": dump, "record": record}[args.cmd](args)
+        cmds = {"check": check, "dump": dump, "record": record, "record-proved": record_proved, "attach": attach}
+        cmds[args.cmd](args)
 
 
 if __name__ == "__main__":
