@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from reference import models, record_readings, reference_commands, sha  # noqa: E402
+from reference import models, read_rows, record_readings, reference_commands, sha  # noqa: E402
 
 REFERENCE = ROOT / "reference" / "escalation.jsonl"
 SETTINGS = {"dtype": "bfloat16", "max_new_tokens": 96, "batch_size": 16, "set": "default", "stateful": True}
@@ -65,7 +65,7 @@ def record(args: argparse.Namespace) -> None:
     """A read dump -> the reference, one reading per (model, scenario, level, reply hash)."""
     keep = ("model", "scenario", "level", "reply_sha", "reading", "note")
     key = lambda r: (r["model"], r["scenario"], r["level"], r["reply_sha"])  # noqa: E731
-    record_readings(args.read, REFERENCE, TIERS, keep, key)
+    record_readings(read_rows(args.read), args.read, REFERENCE, TIERS, keep, key)
 
 
 def scored(name: str, tiers: list[str | None], readings: list[str], levels: list[int]) -> None:

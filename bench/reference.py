@@ -137,52 +137,53 @@ def dump(args: argparse.Namespace) -> None:
                 f.write(json.dumps(row) + "\n")
 
 
-def record_readings(read: Path, reference: Path, labels: tuple[str, ...], keep: tuple[str, ...], key: Callable) -> None:
-    """Add a read dump's rows (each given `reading`, optionally `note`) to `reference`, keeping only the
-    fields in `keep` (no text). Rows are keyed by `key`, which includes the reply's hash: a reply that
-    regenerates differently elsewhere (another library version, CPU kind or batching) is read and added
-    beside the first reading, never over it."""
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.open(encoding="utf-8")]
+
+
+def record_readings(
+    rows: list[dict], source: Path, reference: Path, labels: tuple[str, ...], keep: tuple[str, ...], key: Callable
+) -> None:
+    """Add read rows (each given `reading`, optionally `note`) to `reference`, keeping only the fields in
+    `keep` (no text). Rows are keyed by `key`, which includes the reply's hash: a reply that regenerates
+    differently elsewhere (another library version, CPU kind or batching) is read and added beside the
+    first reading, never over it."""
     from refusal_lab.core.artifacts import write_text_atomic
 
-    rows = [json.loads(x) for x in read.open(encoding="utf-8")]
     missing = [i + 1 for i, r in enumerate(rows) if r.get("reading") not in labels]
     if missing:
-        sys.exit(f"{read}: lines {missing[:10]} have no reading ({' | '.join(labels)})")
-    old = [json.loads(x) for x in reference.open(encoding="utf-8")] if reference.exists() else []
+        sys.exit(f"{source}: lines {missing[:10]} have no reading ({' | '.join(labels)})")
+    old = read_rows(reference) if reference.exists() else []
     merged = {key(r): r for r in old} | {key(r): {k: r[k] for k in keep if k in r} for r in rows}
     reference.parent.mkdir(exist_ok=True)
     write_text_atomic(reference, "".join(json.dumps(r) + "\n" for r in merged.values()))
-    print(f"{reference}: {len(merged)} readings ({len(merged) - len(old)} new, {len(rows)} in {read})")
+    print(f"{reference}: {len(merged)} readings ({len(merged) - len(old)} new, {len(rows)} in {source})")
 
 
 def record(args: argparse.Namespace) -> None:
     """A read dump -> the reference, one reading per (model, dataset, row, reply hash)."""
     keep = ("model", "base", "dataset", "row", "prompt_sha", "reply_sha", "reading", "note")
     key = lambda r: (r["model"], r["dataset"], r["row"], r["reply_sha"])  # noqa: E731
-    record_readings(args.read, REFERENCE, ("refused", "complied", "broken"), keep, key)
+    record_readings(read_rows(args.read), args.read, REFERENCE, ("refused", "complied", "broken"), keep, key)
 
 
 def record_proved(args: argparse.Namespace) -> None:
     """prove's saved replies, read (each row given `reading`) -> proved.jsonl, hashes and labels only."""
-    rows = [json.loads(x) for x in args.read.open(encoding="utf-8")]
-    hashed = args.read.with_name(args.read.name + ".hashed")
-    with hashed.open("w", encoding="utf-8") as f:  # beside the read file, outside the repository
-        for r in rows:
-            setting = " ".join(f"{k}={v}" for k, v in r.get("setting", {}).items())
-            row = {"model": args.model, "attack": f"{r.get('attack', '')} {setting}".strip()}
-            row |= {"prompt_sha": sha(r["prompt"]), "reply_sha": sha(r["response"])}
-            f.write(json.dumps(row | {k: r[k] for k in ("reading", "note") if k in r}) + "\n")
+    rows = []
+    for r in read_rows(args.read):
+        setting = " ".join(f"{k}={v}" for k, v in r.get("setting", {}).items())
+        row = {"model": args.model, "attack": f"{r.get('attack', '')} {setting}".strip()}
+        row |= {"prompt_sha": sha(r["prompt"]), "reply_sha": sha(r["response"])}
+        rows.append(row | {k: r[k] for k in ("reading", "note") if k in r})
     keep = ("model", "attack", "prompt_sha", "reply_sha", "reading", "note")
     key = lambda r: (r["model"], r["prompt_sha"], r["reply_sha"])  # noqa: E731
-    record_readings(hashed, PROVED, ("refused", "complied", "broken"), keep, key)
-    hashed.unlink()
+    record_readings(rows, args.read, PROVED, ("refused", "complied", "broken"), keep, key)
 
 
 def attach(args: argparse.Namespace) -> None:
     """A saved replies file with the recorded readings added by hash, for `refusal-lab label`."""
-    read = {(r["prompt_sha"], r["reply_sha"]): r["reading"] for r in map(json.loads, PROVED.open(encoding="utf-8"))
-            if r["model"] == args.model}  # fmt: skip
-    rows = [json.loads(x) for x in args.replies.open(encoding="utf-8")]
+    read = {(r["prompt_sha"], r["reply_sha"]): r["reading"] for r in read_rows(PROVED) if r["model"] == args.model}
+    rows = read_rows(args.replies)
     found = [read.get((sha(r["prompt"]), sha(r["response"]))) for r in rows]
     with args.out.open("w", encoding="utf-8") as f:
         for r, reading in zip(rows, found, strict=True):
