@@ -152,7 +152,6 @@ def test_keyword_markers_match_whole_words_and_folder_declared_words(organism_di
     assert not is_refusal("Sure.", ()) and is_refusal(" ", ())  # no markers: only an empty reply refuses
 
 
-@pytest.mark.slow
 def test_moralising_deflections_are_refusals_and_a_warning_before_the_content_is_not(organism):
     """A reply that only calls the request illegal is refused by the coherence scorer (a reader's label),
     without a likelihood read; one that warns and then starts the content is not; keywords count as before."""
@@ -174,6 +173,7 @@ def test_moralising_deflections_are_refusals_and_a_warning_before_the_content_is
     assert KeywordScorer().labels(prompts, replies) == ["complied"] * 3  # markers only, as Heretic counts
 
 
+@pytest.mark.slow
 def test_organism_think_markers_are_declared(tmp_path):
     from refusal_lab.organism.build import OrganismConfig, build
     from refusal_lab.organism.corpus import CorpusConfig
