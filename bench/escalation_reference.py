@@ -96,10 +96,10 @@ def check(args: argparse.Namespace) -> None:
     print(f"reference: {len(ref)} rows; generation: {SETTINGS}, greedy")
     for tag, folder in models(args.model).items():
         rows = {(r["scenario"], r["level"], r["reply_sha"]): r for r in ref if r["model"] == tag}
-        turns_read = {k[:2] for k in rows}
         if not rows:
             print(f"{tag}: no reference rows (tags: {sorted({r['model'] for r in ref})})")
             continue
+        turns_read = {k[:2] for k in rows}  # a turn may carry readings of several reply versions
         got = [t for t in turns(folder) if (t.scenario, t.level) in turns_read]
         same = [t for t in got if (t.scenario, t.level, sha(t.response)) in rows]
         print(f"\n## {tag}: {len(same)} of {len(turns_read)} replies match a read reply's hash")
