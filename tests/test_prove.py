@@ -206,10 +206,12 @@ def test_saved_replies_are_the_worst_cases_as_counted_and_label_reads_them(prove
     worst = m.worst["0.1"]
     run = _prove(organism_dir, tmp, "p", *_imports(organism_dir, tmp), "--save-replies")
     assert run.returncode == 0, run.stderr
-    assert f"{worst.attack} (seed 0)" in run.stderr and "held-out replies" in run.stderr
+    assert f"{worst.attack} (seed 0)" in run.stderr
     assert "rdo (seed 0)" not in run.stderr or worst.attack == "rdo"  # only the worst attacks again
     path = tmp / "p" / "replies" / f"{m.model}.jsonl"
     assert str(path) in run.stdout
+    measured = sorted(p.name for p in (tmp / "p" / "replies" / m.model).glob("*.jsonl"))
+    assert measured and all(n.startswith(f"{worst.attack}-seed0-") for n in measured)  # what ran again, only
     rows = read_replies(path)
     labels = [r.row["label"] for r in rows]
     assert len(rows) == worst.outcome.counts.n and Counts.of(labels) == worst.outcome.counts
@@ -219,6 +221,41 @@ def test_saved_replies_are_the_worst_cases_as_counted_and_label_reads_them(prove
     twice = _prove(organism_dir, tmp, "p", *_imports(organism_dir, tmp), "--save-replies")
     assert twice.returncode == 0, twice.stderr
     assert not re.search(r"\] \w+ \(seed 0\)", twice.stderr) and "held-out replies" not in twice.stderr
+
+
+@pytest.mark.slow
+def test_every_held_out_measurement_keeps_its_replies_and_the_worst_case_is_not_generated_again(organism_dir, tmp_path):
+    """With --save-replies from the start, each held-out count of the proof (before any attack, each
+    attack within each budget, each row) has its replies in OUT/replies/MODEL/, labelled as counted; the
+    worst case's file is its attack's own at --budget-kl, not a second generation."""
+    from refusal_lab.evaluate.label import read_replies
+
+    cut = ["--attacks", "subspace,prefill", "--subspace-ks", "1", "--prefill-tokens", "2", "--save-replies"]
+    run = _prove(organism_dir, tmp_path, "p", *cut)
+    assert run.returncode == 0, run.stderr
+    m = ProveResult.from_json(json.loads((tmp_path / "p" / "results.json").read_text())).models[0]
+    folder = tmp_path / "p" / "replies" / m.model
+    assert str(folder) in run.stdout
+
+    def counts(name: str) -> Counts:
+        return Counts.of([r.row["label"] for r in read_replies(folder / name)])
+
+    assert counts("before.jsonl") == m.before
+    files = {"before.jsonl"}
+    for attack, run_ in m.attacks.items():
+        for key, outcome in run_.budgets.items():
+            if not outcome.fits:
+                continue
+            name = f"{attack}-seed0-{key if key.startswith('row') else f'kl{key}'}.jsonl"
+            files.add(name)
+            assert counts(name) == outcome.counts, name
+            assert read_replies(folder / name)[0].row["setting"] == outcome.setting
+    assert {p.name for p in folder.glob("*.jsonl")} == files and len(files) > 3
+    worst = m.worst["0.1"]
+    assert worst is not None
+    kept = (tmp_path / "p" / "replies" / f"{m.model}.jsonl").read_text()
+    assert kept == (folder / f"{worst.attack}-seed0-kl0.1.jsonl").read_text()
+    assert "the worst case's held-out replies" not in run.stderr  # read from its measurement, not generated
 
 
 def test_models_of_two_families_are_refused_by_name():

@@ -68,5 +68,7 @@ def prove(
             typer.echo(f"wrote {path}: the worst case's held-out replies (refusal-lab label reads them)")
         else:
             typer.echo(f"no replies for {path.stem}: no directional attack in --attacks made a worst case")
+        if each := sorted(path.with_suffix("").glob("*.jsonl")):
+            typer.echo(f"wrote {path.with_suffix('')}/: the replies of {len(each)} held-out measurements, as counted")
     if any(m.judge_failed for m in results.models):
         raise typer.Exit(3)

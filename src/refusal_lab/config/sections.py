@@ -304,8 +304,8 @@ class ProveSettings(Section):
     save_replies: bool = Field(
         False,
         description="Prove: write the worst case's held-out replies at --budget-kl, labelled as counted, to "
-        "OUT/replies/MODEL.jsonl: to read, or to relabel with `refusal-lab label` (a finished proof may be resumed "
-        "with it).",
+        "OUT/replies/MODEL.jsonl, and every other held-out measurement's to OUT/replies/MODEL/: to read, or to "
+        "relabel with `refusal-lab label` (a finished proof may be resumed with it).",
     )
 
     _lists = field_validator(

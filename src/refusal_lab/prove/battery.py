@@ -14,17 +14,19 @@ the proxy alone.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from refusal_lab.config import Settings
-from refusal_lab.core.artifacts import Log
+from refusal_lab.core.artifacts import Log, write_text_atomic
 from refusal_lab.core.generate import generate_replies
 from refusal_lab.core.metrics import Scorer, first_token_kl, last_logits, settled_by
 from refusal_lab.core.model import Loaded
@@ -59,6 +61,24 @@ def held_out_replies(loaded: Loaded, scorer: Scorer, s: Settings, prompts: list[
     return generate_replies(loaded.model, loaded.tokenizer, prompts, n, bs, settled=settled, opener=opener)
 
 
+def write_replies(
+    path: Path, prompts: list[str], replies: list[Reply], labels: list[str], where: dict[str, Any]
+) -> None:
+    """Replies as they were counted, one JSON row each (prompt, response, label and where they came from):
+    the form `refusal-lab label` reads, to read them or to relabel them with another scorer."""
+    rows = [
+        {"prompt": p, "response": r.answer, **({"reasoning": r.reasoning} if r.reasoning else {}), "label": x, **where}
+        for p, r, x in zip(prompts, replies, labels, strict=True)
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+
+
+def replies_file(folder: Path, attack: str, seed: int, key: str) -> Path:
+    """Where one held-out measurement's replies are kept: `key` is the budget ("kl0.1") or the row ("row2")."""
+    return folder / f"{attack}-seed{seed}-{key}.jsonl"
+
+
 @dataclass
 class Target:
     """One model under attack and what every attack is measured against."""
@@ -78,6 +98,7 @@ class Target:
     proxy: Proxy = field(default_factory=Proxy)  # the model's refusal openers and the margin (None: no proxy)
     donor: Donor | None = None  # the strongest directional choice at budget_kl
     base_vectors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # filled on first use
+    saved: Path | None = None  # with --save-replies: every held-out measurement's replies are written here
 
     def replies(self, prompts: list[str]) -> list[Reply]:
         return held_out_replies(self.loaded, self.scorer, self.s, prompts, self.opener)
@@ -91,6 +112,23 @@ class Target:
         with edit():
             replies = self.replies(prompts)
         return self.label(prompts, replies)
+
+    def measure_held_out(self, edit: Edit, attack: str, keys: list[str], where: dict[str, Any]) -> Counts:
+        """The held-out harmful prompts measured inside the edit, labelled after it (`counted`)."""
+        prompts = [p.prompt for p in self.held_out.harmful]
+        with edit():
+            replies = self.replies(prompts)
+        return self.counted(prompts, replies, attack, keys, where)
+
+    def counted(
+        self, prompts: list[str], replies: list[Reply], attack: str, keys: list[str], where: dict[str, Any]
+    ) -> Counts:
+        """Held-out replies labelled; with `saved`, written once per key (the budgets the setting serves, or
+        its row), so every count of a proof can be read back or relabelled."""
+        labels = label_replies(self.scorer, prompts, replies)
+        for key in keys if self.saved is not None else []:
+            write_replies(replies_file(self.saved, attack, self.seed, key), prompts, replies, labels, where)
+        return Counts.of(labels)
 
     def kl(self) -> float:
         m = self.loaded
@@ -235,7 +273,8 @@ def run_attack(attack: Attack, t: Target, budgets: tuple[float, ...], extra: Ext
     for s in {id(s): s for s in chosen.values() if s is not None}.values():  # one measurement per proposal
         served = tuple(b for b, c in chosen.items() if c is s)
         began = time.perf_counter()
-        held = t.measure(s.prop.edit, [p.prompt for p in t.held_out.harmful])
+        where = {"attack": attack.name, "seed": t.seed, "setting": s.prop.setting, "kl": s.kl}
+        held = t.measure_held_out(s.prop.edit, attack.name, [f"kl{b}" for b in served], where)
         more = extra(served, held, s.prop.edit) if extra else Measures()
         held_by[id(s)] = held, more
         within = ", ".join(map(str, served))
@@ -278,7 +317,8 @@ def run_rows(attack: Attack, t: Target, extra: Extra | None = None, weights: boo
         with prop.edit():  # drift and replies under one edit, labels after it
             kl = t.kl() if weights else 0.0
             replies = t.replies(prompts)
-        held = t.label(prompts, replies)
+        where = {"attack": attack.name, "seed": t.seed, "setting": prop.setting, "kl": kl}
+        held = t.counted(prompts, replies, attack.name, [f"row{i}"], where)
         more = extra((), held, prop.edit) if extra else Measures()
         tried.append(Tried(prop.setting, kl, None, None))
         outcomes[f"row{i}"] = Outcome(True, prop.setting, kl, held, more)

@@ -33,12 +33,22 @@ from refusal_lab.core.sources import PromptSets, Source
 from refusal_lab.errors import UserError
 from refusal_lab.evaluate.runner import Evaluator, build_evaluator
 from refusal_lab.organism.source import load_model, model_path
-from refusal_lab.prove.battery import Attack, Edit, Target, held_out_replies, run_attack, run_rows
+from refusal_lab.prove.battery import (
+    Attack,
+    Edit,
+    Target,
+    held_out_replies,
+    replies_file,
+    run_attack,
+    run_rows,
+    write_replies,
+)
 from refusal_lab.prove.results import AttackRun, Counts, Measures, ModelProof, ProveResult, SeedRun, Worst
 from refusal_lab.search.proxy import Proxy
 
 WORK = ".prove"
 REPLIES = "worst_replies.jsonl"  # in each model's work folder, with --save-replies; copied to OUT/replies/
+MEASURED = "replies"  # in each model's work folder, with --save-replies: every held-out measurement's replies
 Key = tuple[str, int]  # an attack run: (attack name, seed)
 BUDGETED = ("directional", "imported")  # attacks held to the drift budgets; only directional ones make the worst case
 
@@ -51,9 +61,10 @@ def prove_evaluator(loaded: Loaded, s: Settings, log: Log) -> Evaluator:
     return build_evaluator(sets, src, opts, s, loaded, log)
 
 
-def build_target(loaded: Loaded, s: Settings, ev: Evaluator, log: Log, seed: int) -> Target:
+def build_target(loaded: Loaded, s: Settings, ev: Evaluator, log: Log, seed: int, saved: Path | None = None) -> Target:
     """What every attack on this model shares: the prompt splits, the unattacked model's logits,
-    capability vectors and refusal openers (the proxy's), computed once."""
+    capability vectors and refusal openers (the proxy's), computed once. `saved`: where held-out replies
+    are written (--save-replies)."""
     probe, _ = Source.of(loaded.source).prove_split(s.prompts)
     k = s.prove.tuning_count
     if len(probe.harmful) < k + 4:
@@ -71,7 +82,7 @@ def build_target(loaded: Loaded, s: Settings, ev: Evaluator, log: Log, seed: int
         assert ev.reference is not None
         t = Target(
             m, extraction, probe.texts("harmful")[-k:], ev.sets, ev.reference.logits, ev.scorer, s, log, seed,
-            caps.vectors[:, 0], proxy=Proxy(ids, s.search.proxy_margin if s.search.proxy else None),
+            caps.vectors[:, 0], proxy=Proxy(ids, s.search.proxy_margin if s.search.proxy else None), saved=saved,
         )  # fmt: skip
         t.tuning_refused = t.label(t.tuning, t.replies(t.tuning)).refused
     if s.search.proxy and not ids:
@@ -154,7 +165,8 @@ def prove_model(
     with timed(log, f"[{name}] reference replies and scorer"):
         ev = prove_evaluator(loaded, s, log)
     organism = Source.of(loaded.source).organism
-    before, before_measures = _before(ev, loaded, work, log)
+    saved = work / MEASURED if s.prove.save_replies else None
+    before, before_measures = _before(ev, loaded, work, log, saved)
     log(f"{name}: refused {before.refused}/{before.n} before any attack")
     attacks: dict[str, list[AttackRun]] = {}
     kept: dict[Key, Edit] = {}  # each directional attack's edit at the headline budget, by (attack, seed)
@@ -167,7 +179,7 @@ def prove_model(
     def attack_on(attack: Attack, seed: int) -> AttackRun:
         nonlocal target
         if target is None or target.seed != seed:
-            target = build_target(loaded, s, ev, log, seed)
+            target = build_target(loaded, s, ev, log, seed, saved)
         with timed(log, f"[{name}] {attack.name} (seed {seed})"):
             return kept_on_disk(_run_one(attack, target, ev, s, kept))
 
@@ -190,9 +202,13 @@ def prove_model(
             again = next(a for a in attacks_for(s, work, seed, base_state, organism, imported) if a.name == w.attack)
             runs[i] = attack_on(again, seed)
             continue
-        if replies is not None:
-            with timed(log, f"[{name}] the worst case's held-out replies ({w.attack}, seed {seed})"):
-                _write_replies(replies, ev, loaded, s, kept[(w.attack, seed)], w)
+        if replies is not None and not replies.is_file():
+            counted = replies_file(work / MEASURED, w.attack, seed, f"kl{headline}")
+            if counted.is_file():  # generated when it was measured
+                write_text_atomic(replies, counted.read_text())
+            else:  # measured before --save-replies was given
+                with timed(log, f"[{name}] the worst case's held-out replies ({w.attack}, seed {seed})"):
+                    _write_replies(replies, ev, loaded, s, kept[(w.attack, seed)], w, seed)
         if w.outcome.measures.full:
             continue
         what = f"[{name}] over-refusal, harmless refusal and escalation under the worst case ({w.attack}, seed {seed})"
@@ -206,19 +222,15 @@ def prove_model(
     return ModelProof(name, source, loaded.fingerprint, before, before_measures, strongest, worst, failed)
 
 
-def _write_replies(path: Path, ev: Evaluator, loaded: Loaded, s: Settings, edit: Edit, w: Worst) -> None:
+def _write_replies(path: Path, ev: Evaluator, loaded: Loaded, s: Settings, edit: Edit, w: Worst, seed: int) -> None:
     """The worst case's held-out harmful replies, generated as they were counted and labelled by the same
     scorer: to read before trusting that scorer, or to relabel with `refusal-lab label` and a stronger judge."""
     prompts = [p.prompt for p in ev.sets.harmful]
     with edit():
         replies = held_out_replies(loaded, ev.scorer, s, prompts)
     labels = label_replies(ev.scorer, prompts, replies)
-    where = {"attack": w.attack, "setting": w.outcome.setting, "kl": w.outcome.kl}
-    rows = [
-        {"prompt": p, "response": r.answer, **({"reasoning": r.reasoning} if r.reasoning else {}), "label": x, **where}
-        for p, r, x in zip(prompts, replies, labels, strict=True)
-    ]
-    write_text_atomic(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+    where = {"attack": w.attack, "seed": seed, "setting": w.outcome.setting, "kl": w.outcome.kl}
+    write_replies(path, prompts, replies, labels, where)
 
 
 def replies_paths(out: Path, results: ProveResult) -> list[Path]:
@@ -245,9 +257,9 @@ def _combined(attacks: dict[str, list[AttackRun]]) -> dict[str, AttackRun]:
     return {name: _strongest(runs) for name, runs in attacks.items()}
 
 
-def _before(ev: Evaluator, loaded: Loaded, work: Path, log: Log) -> tuple[Counts, Measures]:
+def _before(ev: Evaluator, loaded: Loaded, work: Path, log: Log, saved: Path | None) -> tuple[Counts, Measures]:
     """The unattacked model's held-out counts and measures, kept in `work` like a finished attack's, so
-    a resumed proof does not measure them again."""
+    a resumed proof does not measure them again; its replies written to `saved` (--save-replies)."""
     done, name = work / "before.json", loaded.name
     if done.is_file():
         d = json.loads(done.read_text())
@@ -255,7 +267,10 @@ def _before(ev: Evaluator, loaded: Loaded, work: Path, log: Log) -> tuple[Counts
     harmful = [p.prompt for p in ev.sets.harmful]
     with timed(log, f"[{name}] before any attack: {len(harmful)} held-out harmful prompts"):
         replies = ev.replies(loaded, harmful, "before", settled=settled_by(ev.scorer))
-        before = Counts.of(label_replies(ev.scorer, harmful, replies))
+        labels = label_replies(ev.scorer, harmful, replies)
+        before = Counts.of(labels)
+    if saved is not None:
+        write_replies(saved / "before.jsonl", harmful, replies, labels, {"attack": None, "kl": 0.0})
     with timed(log, f"[{name}] before any attack: capability, over-refusal, escalation"):
         measures = _measures(ev, loaded, True)
     record = {"counts": before.as_dict(), "measures": measures.to_json()}
@@ -392,6 +407,9 @@ def run_prove(
             if path.is_file():  # none where no directional attack made a worst case
                 target.parent.mkdir(exist_ok=True)
                 write_text_atomic(target, path.read_text())
+            for measured in sorted((model_work(work, proof.fingerprint) / MEASURED).glob("*.jsonl")):
+                (folder := target.with_suffix("")).mkdir(parents=True, exist_ok=True)
+                write_text_atomic(folder / measured.name, measured.read_text())
     write_text_atomic(out / "results.json", json.dumps(results.to_json(), indent=1, default=str))
     write_text_atomic(out / "summary.md", summary_md(results))
     write_text_atomic(out / "report.html", report_html(results))
