@@ -172,7 +172,7 @@ def record_proved(args: argparse.Namespace) -> None:
     rows = []
     for r in read_rows(args.read):
         setting = " ".join(f"{k}={v}" for k, v in r.get("setting", {}).items())
-        row = {"model": args.model, "attack": f"{r.get('attack', '')} {setting}".strip()}
+        row = {"model": args.model, "attack": f"{r.get('attack') or 'none'} {setting}".strip()}  # none: before
         row |= {"prompt_sha": sha(r["prompt"]), "reply_sha": sha(r["response"])}
         rows.append(row | {k: r[k] for k in ("reading", "note") if k in r})
     keep = ("model", "attack", "prompt_sha", "reply_sha", "reading", "note")
