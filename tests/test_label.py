@@ -120,6 +120,33 @@ def test_label_with_an_organism_base_is_exact_and_matches_eval(organism_dir, tmp
 
 
 @pytest.mark.slow
+def test_a_folder_of_replies_files_is_labelled_file_by_file_with_a_row_each(tmp_path):
+    """prove --save-replies writes a folder of files; label reads it whole: OUT/NAME/ per file with that
+    file's labels and agreement, and OUT/summary.md with a row per file. A folder with no file is named."""
+    no, yes = "I'm sorry, but I cannot help with that.", "Sure, here is a plan: step one, step two."
+    folder = tmp_path / "replies"
+    folder.mkdir()
+    _write(folder / "before.jsonl", [{"prompt": f"p{i}", "response": no, "reading": "refused"} for i in range(3)])
+    rows = [{"prompt": p, "response": r, "reading": "refused"} for p, r in (("p0", no), ("p1", yes))]
+    _write(folder / "rdo-seed0-kl0.1.jsonl", rows)
+    (folder / "notes.txt").write_text("not replies")
+    run = subprocess.run([*CLI, "label", str(folder), "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["before", "rdo-seed0-kl0.1"]
+    got = [json.loads(x)["label"] for x in (out / "rdo-seed0-kl0.1" / "labels.jsonl").open()]
+    assert got == ["refused", "complied"]
+    assert json.loads((out / "rdo-seed0-kl0.1" / "summary.json").read_text())["agreement"]["overall"] == 0.5
+    table = (out / "summary.md").read_text()
+    assert "| before | 3 of 3 | 3 (100.0%" in table and "| rdo-seed0-kl0.1 | 2 of 2 | 1 (50.0%" in table
+    assert "50.0% (50.0%) of 2" in table and table in run.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = subprocess.run([*CLI, "label", str(empty), "-o", str(tmp_path / "o2")], capture_output=True, text=True)
+    assert run.returncode == 2 and "holds no .jsonl files" in run.stderr and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.slow
 def test_a_judge_labels_first_and_an_outage_exits_3_with_what_was_done(tmp_path):
     replies = ["Sorry, no.", "Sure: step one."]
     rows = [{"prompt": f"how do I do thing {i}?", "response": replies[i % 2]} for i in range(40)]

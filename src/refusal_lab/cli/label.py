@@ -24,20 +24,25 @@ from refusal_lab.config import Settings
 )
 def label_cmd(
     s: Settings,
-    replies: Annotated[Path, typer.Argument(help="JSONL: prompt, response (optional reasoning, reading).")],
+    replies: Annotated[
+        Path,
+        typer.Argument(help="JSONL: prompt, response (optional reasoning, reading); or a folder of such files."),
+    ],
     out: OutOpt = Path("label-out"),
     base: Annotated[
         str | None, typer.Option(help="The model the replies' model was made from: coherence instead of keywords.")
     ] = None,
     force: ForceOpt = False,
 ) -> None:
-    """Label replies from any source with the eval scorer: labels.jsonl, summary.json, summary.md."""
+    """Label replies from any source with the eval scorer: labels.jsonl, summary.json, summary.md (per file of
+    a folder, with a summary.md over them)."""
     from refusal_lab.evaluate.label import run_label
 
     quiet()
-    summary = run_label(replies, s, base, out, force, say)
-    typer.echo(summary.markdown())
-    typer.echo(f"wrote {out}/labels.jsonl, summary.json, summary.md")
-    if summary.judge_failed:
-        say(f"refusal-lab: the judge stopped after {summary.n} of {summary.of} replies: {summary.judge_failed}")
+    labels = run_label(replies, s, base, out, force, say)
+    typer.echo(labels.markdown())
+    each = "one folder per file, and summary.md" if replies.is_dir() else "labels.jsonl, summary.json, summary.md"
+    typer.echo(f"wrote {out}/: {each}")
+    if (stopped := labels.failed) is not None:
+        say(f"refusal-lab: the judge stopped after {stopped.n} of {stopped.of} replies: {stopped.judge_failed}")
         raise typer.Exit(3)

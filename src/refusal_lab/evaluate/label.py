@@ -69,6 +69,18 @@ def read_replies(path: Path) -> list[ReplyRow]:
     return rows
 
 
+def reply_files(path: Path) -> list[Path]:
+    """A replies file, or every .jsonl file of a folder (prove --save-replies writes OUT/replies/MODEL/)."""
+    if not path.is_dir():
+        return [path]
+    files = sorted(path.glob("*.jsonl"))
+    if not files:
+        raise UserError(
+            f"{path} holds no .jsonl files", "pass a replies file, or a folder of them (prove's OUT/replies/MODEL/)"
+        )
+    return files
+
+
 @dataclass(frozen=True)
 class Scores:
     """What a label rests on: a refusal marker, a moralising deflection, repetition, and the base's
@@ -172,6 +184,31 @@ class LabelSummary:
 
 
 @dataclass(frozen=True)
+class Labels:
+    """What `label` made: one summary per replies file, in order (a folder of files gives several)."""
+
+    files: tuple[tuple[str, LabelSummary], ...]  # (file name, its summary)
+
+    @property
+    def failed(self) -> LabelSummary | None:
+        """The summary of the file where the judge stopped, if it did (later files were not labelled)."""
+        return next((s for _, s in self.files if s.judge_failed), None)
+
+    def markdown(self) -> str:
+        """The one file's summary; for several, a row per file (rates, Wilson intervals, agreement)."""
+        if len(self.files) == 1:
+            return self.files[0][1].markdown()
+        out = [f"# Labels ({self.files[0][1].scorer})", ""]
+        out += ["| replies | n | refused | complied | broken | agreement (refused or not) |", "|---" * 6 + "|"]
+        for name, s in self.files:
+            cells = [f"{r.k} ({100 * r.rate:.1f}%, {r.interval})" for r in s.rates.values()]
+            a = s.agreement
+            agrees = "-" if a is None else f"{100 * a.overall:.1f}% ({100 * a.refused_or_not:.1f}%) of {a.n}"
+            out.append(f"| {name} | {s.n} of {s.of} | " + " | ".join(cells) + f" | {agrees} |")
+        return "\n".join(out) + "\n"
+
+
+@dataclass(frozen=True)
 class Labelled:
     rows: list[ReplyRow]
     labels: list[str]
@@ -247,18 +284,31 @@ def label_scorer(s: Settings, base: str | None, log: Log) -> tuple[Scorer, tuple
     return JudgeScorer(judge, cache, tuple(markers)), markers, (JudgeUnavailable,)
 
 
-def run_label(path: Path, s: Settings, base: str | None, out: Path, force: bool, log: Log) -> LabelSummary:
-    """`refusal-lab label`: read and check every row, label them, write OUT atomically (also after a judge outage)."""
-    rows = read_replies(path)
+def run_label(path: Path, s: Settings, base: str | None, out: Path, force: bool, log: Log) -> Labels:
+    """`refusal-lab label`: read and check every row of every file, label them, write OUT atomically (also
+    after a judge outage). A folder of replies files (prove's OUT/replies/MODEL/) is labelled file by
+    file with one scorer: OUT/NAME/ per file, and OUT/summary.md with a row per file."""
+    read = [(f, read_replies(f)) for f in reply_files(path)]
     out = check_output(out, force)
     scorer, markers, errors = label_scorer(s, base, log)
-    log(f"labelling {len(rows)} replies with the {scorer.name} scorer")
-    with tqdm(total=len(rows), desc="label", unit="reply", disable=None) as bar:
-        done = label_rows(rows, scorer, markers, errors, bar.update)
-    summary = LabelSummary.of_labels(scorer, done.rows, done.labels, len(rows), done.failed)
+    made: list[tuple[Path, Labelled, LabelSummary]] = []
+    for f, rows in read:
+        log(f"labelling {len(rows)} replies{f' of {f.name}' if path.is_dir() else ''} with the {scorer.name} scorer")
+        with tqdm(total=len(rows), desc="label", unit="reply", disable=None) as bar:
+            done = label_rows(rows, scorer, markers, errors, bar.update)
+        made.append((f, done, LabelSummary.of_labels(scorer, done.rows, done.labels, len(rows), done.failed)))
+        if done.failed:  # the judge stopped: what was labelled is written, the rest waits for a rerun
+            break
+    labels = Labels(tuple((f.stem, summary) for f, _, summary in made))
 
     def fill(tmp: Path) -> None:
-        write_labels(tmp, done, summary)
+        if path.is_dir():
+            for f, done, summary in made:
+                (tmp / f.stem).mkdir()
+                write_labels(tmp / f.stem, done, summary)
+            (tmp / "summary.md").write_text(labels.markdown(), encoding="utf-8")
+        else:
+            write_labels(tmp, *made[0][1:])
         command = f"label {shlex.quote(str(path.resolve()))}" + (f" --base {shlex.quote(base)}" if base else "")
         write_replay(tmp, s, command)
         info = manifest(
@@ -267,4 +317,4 @@ def run_label(path: Path, s: Settings, base: str | None, out: Path, force: bool,
         (tmp / "label.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
     write_folder(out, fill, force)
-    return summary
+    return labels
