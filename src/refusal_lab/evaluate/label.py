@@ -205,6 +205,8 @@ class Labels:
             a = s.agreement
             agrees = "-" if a is None else f"{100 * a.overall:.1f}% ({100 * a.refused_or_not:.1f}%) of {a.n}"
             out.append(f"| {name} | {s.n} of {s.of} | " + " | ".join(cells) + f" | {agrees} |")
+        if (stopped := self.failed) is not None:
+            out += ["", f"The judge stopped answering ({stopped.judge_failed}); later files were not labelled."]
         return "\n".join(out) + "\n"
 
 
