@@ -24,6 +24,7 @@ class Fake:
     held: list[str] = field(default_factory=list)
     s: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(prove=SimpleNamespace(budget_kl=0.1)))
     donor: Donor | None = None
+    seed: int = 0
 
     proxied = Target.proxied
 
@@ -37,13 +38,18 @@ class Fake:
         return self.table[self.active][1]
 
     def measure(self, edit, prompts: list[str]) -> Counts:
+        """Tuning replies: the table's counts."""
+        with edit():
+            active = self.active
+        assert self.active is None and prompts is self.tuning  # labelled outside the edit
+        self.generated.append(active)
+        _, _, complied, refused = self.table[active]
+        return Counts(refused, complied, 16 - complied - refused)
+
+    def measure_held_out(self, edit, attack: str, keys: list[str], where: dict) -> Counts:
         with edit():
             active = self.active
         assert self.active is None  # labelled outside the edit
-        if prompts is self.tuning:
-            self.generated.append(active)
-            _, _, complied, refused = self.table[active]
-            return Counts(refused, complied, 16 - complied - refused)
         self.held.append(active)
         return Counts(0, 1, 0)
 
