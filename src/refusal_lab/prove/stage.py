@@ -407,9 +407,11 @@ def run_prove(
             if path.is_file():  # none where no directional attack made a worst case
                 target.parent.mkdir(exist_ok=True)
                 write_text_atomic(target, path.read_text())
-            for measured in sorted((model_work(work, proof.fingerprint) / MEASURED).glob("*.jsonl")):
-                (folder := target.with_suffix("")).mkdir(parents=True, exist_ok=True)
-                write_text_atomic(folder / measured.name, measured.read_text())
+            measured = sorted((model_work(work, proof.fingerprint) / MEASURED).glob("*.jsonl"))
+            if measured:  # every held-out measurement's replies, in OUT/replies/MODEL/
+                target.with_suffix("").mkdir(parents=True, exist_ok=True)
+            for each in measured:
+                write_text_atomic(target.with_suffix("") / each.name, each.read_text())
     write_text_atomic(out / "results.json", json.dumps(results.to_json(), indent=1, default=str))
     write_text_atomic(out / "summary.md", summary_md(results))
     write_text_atomic(out / "report.html", report_html(results))
