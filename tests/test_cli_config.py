@@ -104,3 +104,48 @@ def test_kernels_are_chosen_from_the_models_a_command_is_given(tmp_path, monkeyp
     (tmp_path / "real").mkdir()
     use_kernels("auto", ["organism", real])
     assert "MKL_CBWR" not in __import__("os").environ  # one real model: native kernels
+
+
+def test_bfloat16_on_a_cpu_that_would_emulate_it_is_named(monkeypatch, capsys):
+    """A run asked for in bfloat16 on a CPU without AVX512-BF16 or AMX says so: it is several times slower."""
+    from typer.testing import CliRunner
+
+    from refusal_lab.cli import (
+        commands,  # noqa: F401  (registers the commands)
+        options,
+    )
+    from refusal_lab.cli.app import app
+    from refusal_lab.core import kernels
+
+    assert kernels.native_bf16("processor\t: 0\nflags\t\t: fpu avx2 fma avx512_bf16\n") is True
+    assert kernels.native_bf16("processor\t: 0\nflags\t\t: fpu avx2 fma avx512f\n") is False
+    assert kernels.native_bf16("processor\t: 0\n") is None  # no flags line: cannot tell, so no note
+
+    monkeypatch.setattr(kernels, "native_bf16", lambda cpuinfo=None: False)
+    for dtype, device, command, noted in [
+        ("bfloat16", "cpu", "prove", True),
+        ("float32", "cpu", "prove", False),
+        ("auto", "cpu", "prove", False),
+        ("bfloat16", "cuda", "prove", False),
+    ]:
+        options.dtype_note(load_settings(**{"model.dtype": dtype, "model.device": device}), command)
+        assert ("bfloat16 asked for" in capsys.readouterr().err) is noted, (dtype, device)
+    harden = load_settings(**{"harden.targets_dtype": "bfloat16", "model.device": "cpu"})
+    options.dtype_note(harden, "harden")
+    assert "emulated" in capsys.readouterr().err
+    options.dtype_note(harden, "prove")  # another command's setting is not this run's
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(kernels, "native_bf16", lambda cpuinfo=None: True)
+    options.dtype_note(load_settings(**{"model.dtype": "bfloat16", "model.device": "cpu"}), "prove")
+    assert capsys.readouterr().err == ""
+
+    seen = []
+
+    def record(s, command):
+        seen.append((s.model.dtype, command))
+        raise SystemExit(0)  # stop before any work
+
+    monkeypatch.setattr(options, "use_kernels", lambda *_a: None)
+    monkeypatch.setattr(options, "dtype_note", record)
+    CliRunner().invoke(app, ["prove", "organism", "--dtype", "bfloat16"])
+    assert seen == [("bfloat16", "prove")]

@@ -20,8 +20,8 @@ import typer
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from refusal_lab.config import describe, load_settings, section_class
-from refusal_lab.core.kernels import use_kernels
+from refusal_lab.config import Settings, describe, load_settings, section_class
+from refusal_lab.core.kernels import emulated_bf16_note, use_kernels
 
 KW = inspect.Parameter.KEYWORD_ONLY
 
@@ -78,6 +78,17 @@ def section_flags(sections: Sequence[str]) -> tuple[list[inspect.Parameter], dic
 ModelArg = Annotated[Optional[str], typer.Argument(help=describe("model.path"), show_default=False)]  # noqa: UP045
 
 
+def dtype_note(s: Settings, command: str) -> None:
+    """Say so where bfloat16 is asked for on a CPU that emulates it (a run several times slower)."""
+    import torch
+
+    on_cpu = s.model.device == "cpu" or (s.model.device == "auto" and not torch.cuda.is_available())
+    dtypes = [s.model.dtype] + ([s.harden.targets_dtype] if command == "harden" else [])
+    note = emulated_bf16_note(dtypes, on_cpu)
+    if note:
+        typer.echo(note, err=True)
+
+
 def stage_command(
     app: typer.Typer,
     name: str,
@@ -110,6 +121,7 @@ def stage_command(
             s = load_settings(config, **overrides)
             given = kwargs.get("models") or ([kwargs["model"]] if isinstance(kwargs.get("model"), str) else [])
             use_kernels(s.model.cpu_kernels, given or [s.model.path])  # before the first tensor operation
+            dtype_note(s, name)
             return fn(s, **kwargs)
 
         params = [p.replace(kind=KW) for p in lead + own + extra + flags]
