@@ -53,6 +53,8 @@ VARIANTS = {
     "passes2-full10": {"aware_passes": 2, "full_ablation": 1.0},
     "passes2-aware-harmful-only": {"aware_passes": 2, "aware_harmless": False},
     "passes3": {"aware_passes": 3},
+    "reest5": {"reestimate_every": 5},
+    "reest5-passes2": {"reestimate_every": 5, "aware_passes": 2},
 }
 ATTACKS = "arditi,saber,adaptive,subspace,rdo,search"
 
