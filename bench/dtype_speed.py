@@ -1,7 +1,7 @@
 """Benchmark: the same passes in float32 and in bfloat16 on this CPU, side by side in one run.
 
 Whether bfloat16 helps depends on the CPU: with native bfloat16 (AVX512-BF16 or AMX) its matmuls run
-in hardware, without it they are emulated. This prints the CPU's flags that decide it, then, for each
+in hardware, without it they are emulated. This prints whether the CPU has it, then, for each
 dtype in alternation (so a neighbour on the machine slows both alike): seconds for the first-token
 logits every KL and proxy read takes, and for greedy replies with prove's stopping rule, and the
 ratio to the first dtype. Use it to choose `--dtype` for a long prove on a CPU.
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from refusal_lab.core.generate import generate_replies
+from refusal_lab.core.kernels import native_bf16
 from refusal_lab.core.metrics import is_refusal, last_logits
 from refusal_lab.core.sources import Source
 
@@ -28,15 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speed_inputs import add_model_options, model_and_prompts
 
-
-def cpu_bf16_flags() -> str:
-    """The /proc/cpuinfo flags that give a CPU native bfloat16 ("none" where it has none)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown (no /proc/cpuinfo)"
-    found = sorted({f for f in flags.split() if f in ("avx512_bf16", "amx_bf16", "amx_tile")})
-    return ", ".join(found) or "none"
+NATIVE = {True: "yes", False: "no", None: "cannot tell"}
 
 
 def main() -> None:
@@ -56,7 +49,8 @@ def main() -> None:
     markers = Source.of(loaded[dtypes[0]][0].source).markers
     print(
         f"model {loaded[dtypes[0]][0].folder}: {len(prompts)} prompts, {args.max_new_tokens} new tokens, "
-        f"batch {args.batch_size}, {torch.get_num_threads()} threads; CPU bfloat16 flags: {cpu_bf16_flags()}"
+        f"batch {args.batch_size}, {torch.get_num_threads()} threads; "
+        f"native bfloat16 (AVX512-BF16 or AMX): {NATIVE[native_bf16()]}"
     )
     reads: dict[str, list[float]] = {d: [] for d in dtypes}
     decodes: dict[str, list[float]] = {d: [] for d in dtypes}

@@ -5,7 +5,8 @@ order (ATen dispatches AVX-512 or AVX2 code by CPU; MKL picks its GEMM code by v
 generation): the same seed trained on two machines gave two organisms that SABER moved by 51% and
 86%. ATen's AVX2 kernels and MKL's COMPATIBLE branch exist on every x86-64 machine with AVX2 and
 sum the same way on all of them, at about 1.8x the time of a matmul. Both are read once, at a
-process's first tensor operation, so they are set in the environment before any.
+process's first tensor operation, so they are set in the environment before any. Also here: whether
+the CPU computes bfloat16 natively, which decides whether bfloat16 is the fast dtype on it or the slow one.
 """
 
 from __future__ import annotations
