@@ -80,11 +80,8 @@ ModelArg = Annotated[Optional[str], typer.Argument(help=describe("model.path"), 
 
 def dtype_note(s: Settings, command: str) -> None:
     """Say so where bfloat16 is asked for on a CPU that emulates it (a run several times slower)."""
-    import torch
-
-    on_cpu = s.model.device == "cpu" or (s.model.device == "auto" and not torch.cuda.is_available())
     dtypes = [s.model.dtype] + ([s.harden.targets_dtype] if command == "harden" else [])
-    note = emulated_bf16_note(dtypes, on_cpu)
+    note = emulated_bf16_note(dtypes, s.model.device)
     if note:
         typer.echo(note, err=True)
 

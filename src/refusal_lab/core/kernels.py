@@ -61,9 +61,17 @@ def native_bf16(cpuinfo: str | None = None) -> bool | None:
     return None if flags is None else any(f in flags for f in BF16_FLAGS)
 
 
-def emulated_bf16_note(dtypes: Sequence[str], on_cpu: bool, cpuinfo: str | None = None) -> str | None:
-    """A one-line note where bfloat16 is asked for on a CPU that would emulate it, else None."""
-    if not on_cpu or "bfloat16" not in dtypes or native_bf16(cpuinfo) is not False:
+def emulated_bf16_note(dtypes: Sequence[str], device: str, cpuinfo: str | None = None) -> str | None:
+    """A one-line note where bfloat16 is asked for on a CPU that would emulate it, else None.
+
+    `device` is the setting (auto runs on the CPU when no CUDA GPU is visible); torch is imported only
+    once bfloat16 is asked for, so other commands start no slower."""
+    if "bfloat16" not in dtypes:
+        return None
+    import torch
+
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if not on_cpu or native_bf16(cpuinfo) is not False:
         return None
     return (
         "note: bfloat16 asked for on a CPU without native bfloat16 (no AVX512-BF16 or AMX): its matmuls are "
