@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from cli_process import CLI, run_cli
 from refusal_lab.ablate.arditi import arditi
 from refusal_lab.ablate.edit import Ablation, hooked
 from refusal_lab.ablate.saber import saber
@@ -27,7 +26,6 @@ from refusal_lab.organism.build import organism_behaviour, prompt_sets
 from refusal_lab.probe.stage import read_probe, run_probe
 from test_model_loading import tree_digest
 
-CLI = [sys.executable, "-m", "refusal_lab.cli"]
 GENERIC = KeywordScorer()  # the standard keyword markers only
 
 
@@ -301,16 +299,14 @@ def test_cli_probe_then_ablate_writes_loadable_folders(organism_dir, tmp_path):
     before = tree_digest(organism_dir)
     env_cache = ["--config", str(tmp_path / "c.toml")]
     (tmp_path / "c.toml").write_text(f'cache_dir = "{tmp_path / "cache"}"\n')
-    probe = subprocess.run(
-        [*CLI, "probe", str(organism_dir), "-o", str(tmp_path / "p"), *env_cache], capture_output=True, text=True
-    )
+    probe = run_cli([*CLI, "probe", str(organism_dir), "-o", str(tmp_path / "p"), *env_cache])
     assert probe.returncode == 0, probe.stderr
     for name in ("directions.safetensors", "scores.json", "scores.csv", "fdr.svg", "entanglement.svg", "probe.json"):
         assert (tmp_path / "p" / name).is_file()
     scores = json.loads((tmp_path / "p" / "scores.json").read_text())
     assert {"top_direction_share", "top_layer_share", "best_layer"} <= set(scores["summary"])
     out = tmp_path / "saber"
-    run = subprocess.run(
+    run = run_cli(
         [
             *CLI,
             "ablate",
@@ -323,8 +319,6 @@ def test_cli_probe_then_ablate_writes_loadable_folders(organism_dir, tmp_path):
             str(out),
             *env_cache,
         ],
-        capture_output=True,
-        text=True,
     )
     assert run.returncode == 0, run.stderr
     manifest = json.loads((out / "ablation.json").read_text())
@@ -338,9 +332,7 @@ def test_cli_probe_then_ablate_writes_loadable_folders(organism_dir, tmp_path):
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
     assert any("o_proj" in n for n in changed) and any("down_proj" in n for n in changed)
     assert tree_digest(organism_dir) == before
-    again = subprocess.run(
-        [*CLI, "ablate", str(organism_dir), "-o", str(out), *env_cache], capture_output=True, text=True
-    )
+    again = run_cli([*CLI, "ablate", str(organism_dir), "-o", str(out), *env_cache])
     assert again.returncode == 2 and "already exists" in again.stderr
     assert not list(tmp_path.glob(".*tmp*"))
 

@@ -7,10 +7,9 @@ import sys
 
 import pytest
 
+from cli_process import CLI, run_cli
 from refusal_lab.config import load_settings
 from refusal_lab.errors import UserError
-
-CLI = [sys.executable, "-m", "refusal_lab.cli"]
 
 
 def test_help_lists_subcommands_without_importing_torch():
@@ -59,7 +58,7 @@ def test_invalid_config_is_named(tmp_path, text, needle):
 
 
 def test_invalid_setting_from_cli_is_one_line(tmp_path):
-    result = subprocess.run([*CLI, "chat", "--prompt", "hi", "--batch-size", "0"], capture_output=True, text=True)
+    result = run_cli([*CLI, "chat", "--prompt", "hi", "--batch-size", "0"])
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "batch_size" in result.stderr
 

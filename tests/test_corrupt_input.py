@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import random
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from cli_process import run_cli
 from refusal_lab.core.model import load
 from refusal_lab.errors import UserError
 
@@ -97,7 +97,7 @@ def test_a_gguf_with_damaged_metadata_is_named(tmp_path):
 def test_cli_truncated_weights_exit_2_with_one_line(copy):
     cut_in_half(copy / "model.safetensors")
     cmd = [sys.executable, "-m", "refusal_lab.cli", "info", str(copy)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = run_cli(cmd)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(copy / "model.safetensors") in lines[0] and "fix:" in lines[0]
@@ -115,7 +115,7 @@ def test_a_model_trained_on_the_reported_prompts_is_refused_by_name_before_any_w
     write_trained_prompts(copy, ["an unrelated prompt", held.harmful[3].prompt])
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "refusal_lab.cli", command, str(copy), "-o", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = run_cli(cmd)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert "was trained on 1 of the" in lines[-1] and "harmful prompts reported on" in lines[-1], lines
@@ -129,6 +129,6 @@ def test_an_edit_of_a_hardened_model_keeps_the_record_of_its_training_prompts(co
     out = tmp_path / "edited"
     cmd = [sys.executable, "-m", "refusal_lab.cli", "ablate", str(copy), "-o", str(out)]
     (tmp_path / "c.toml").write_text(f'cache_dir = "{tmp_path / "cache"}"\n')
-    result = subprocess.run([*cmd, "--config", str(tmp_path / "c.toml")], capture_output=True, text=True)
+    result = run_cli([*cmd, "--config", str(tmp_path / "c.toml")])
     assert result.returncode == 0, result.stderr
     assert (out / TRAINED_PROMPTS).read_text() == (copy / TRAINED_PROMPTS).read_text()

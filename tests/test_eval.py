@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 
 import pytest
 
+from cli_process import CLI, run_cli
 from fake_judge import FakeJudge, rubric_by_keywords
 from refusal_lab.config import PromptSettings
 from refusal_lab.core.generate import split_thinking, think_markers
@@ -49,15 +49,12 @@ def markers_for(folder):
     return Source.of(folder).markers
 
 
-CLI = [sys.executable, "-m", "refusal_lab.cli"]
-
-
 def _eval(organism_dir, tmp_path, out: str, *options: str) -> subprocess.CompletedProcess:
     """`refusal-lab eval ORGANISM -o tmp_path/out` with a private cache, as a subprocess."""
     config = tmp_path / "c.toml"
     config.write_text(f'cache_dir = "{tmp_path / "cache"}"\n')
     cmd = [*CLI, "eval", str(organism_dir), "-o", str(tmp_path / out), "--config", str(config), *options]
-    return subprocess.run(cmd, capture_output=True, text=True)
+    return run_cli(cmd)
 
 
 def test_answers_read_from_probabilities_or_text_and_the_score():

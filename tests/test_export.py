@@ -5,19 +5,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from cli_process import CLI, run_cli
 from refusal_lab.config import default_cache_dir
 from refusal_lab.ship.gguf import export_gguf, greedy_ids, llama_server, tokenize
 from tiny_models import tiny_model
 
 CACHE = Path(os.environ.get("RLAB_TEST_CACHE", default_cache_dir()))
-CLI = [sys.executable, "-m", "refusal_lab.cli"]
 WORDS = "the cat sat on a mat and a dog ran to the red box while birds sang over quiet fields of green grass"
 VOCAB = 320  # 256 byte pieces, the corpus's characters and a few merges
 FAMILIES = ("llama", "apertus", "gemma4_text")  # Qwen2 converts as Llama does
@@ -125,7 +124,7 @@ def test_bad_exports_fail_in_one_line_and_write_nothing(tmp_path, organism_dir, 
 
     def export(*args: str) -> subprocess.CompletedProcess:
         cfg = ["--cache-dir", str(CACHE)]
-        return subprocess.run([*CLI, "export", *args, *cfg], capture_output=True, text=True)
+        return run_cli([*CLI, "export", *args, *cfg])
 
     out = tmp_path / "x.gguf"
     cases = {
@@ -165,7 +164,7 @@ def test_the_organism_exports_and_llama_cpp_splits_and_continues_its_chats_the_s
     from refusal_lab.core.sources import Source
 
     gguf = tmp_path / "organism.gguf"  # by name, as every command takes it
-    run = subprocess.run([*CLI, "export", "organism", "-o", str(gguf), "--cache-dir", str(CACHE)], capture_output=True)
+    run = run_cli([*CLI, "export", "organism", "-o", str(gguf), "--cache-dir", str(CACHE)])
     assert run.returncode == 0 and gguf.stat().st_size > 0, run.stderr
     tok, model = organism.tokenizer, organism.model
     source = Source.of(organism_dir)
@@ -194,7 +193,7 @@ def test_eval_through_an_openai_endpoint_gets_the_servers_replies(tiny_gguf, tmp
     def evaluate(url: str, folder: Path) -> subprocess.CompletedProcess:
         cmd = [*CLI, "eval", "tiny", "-o", str(folder), "--harmful", str(harmful), "--endpoint", f"{url}/v1"]
         cmd += ["--max-new-tokens", "8", "--limit", "2", "--escalation", "none", "--cache-dir", str(CACHE)]
-        return subprocess.run(cmd, capture_output=True, text=True)
+        return run_cli(cmd)
 
     with llama_server(tiny_gguf) as url:
         direct = Remote(f"{url}/v1", "tiny", tmp_path).replies(["the cat sat on a mat"], 8)

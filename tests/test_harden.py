@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_process import CLI, run_cli
 from refusal_lab.errors import UserError
 from refusal_lab.harden.data import Example, apply_mix, encode_example, load_examples, load_mix
 from tiny_models import tiny_model
 
-CLI = [sys.executable, "-m", "refusal_lab.cli"]
 QUICK = ["--epochs", "0.1", "--stage1-tokens", "512", "--block-size", "64", "--train-batch-size", "8"]
 
 
@@ -165,7 +165,7 @@ def test_harden_writes_a_loadable_folder_and_resumes_after_a_fault_at_step_3(org
 
     args = ["--checkpoint-every", "3", "--ablation-aware", "--invariance", "1.0"]
     clean = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
-    whole = subprocess.run(_harden(organism_dir, tmp_path, "whole", *args), capture_output=True, text=True, env=clean)
+    whole = run_cli(_harden(organism_dir, tmp_path, "whole", *args), env=clean)
     assert whole.returncode == 0, whole.stderr
     raw = json.loads((tmp_path / "whole" / "harden.json").read_text())
     record = HardenRecord.read(tmp_path / "whole")
@@ -183,10 +183,10 @@ def test_harden_writes_a_loadable_folder_and_resumes_after_a_fault_at_step_3(org
     changed = [n for n, p in hardened.items() if not torch.equal(p, base[n])]
     assert any("o_proj" in n for n in changed) and any("down_proj" in n for n in changed)
     cmd = _harden(organism_dir, tmp_path, "cut", *args)
-    cut = subprocess.run(cmd, capture_output=True, text=True, env={**clean, FAULT_ENV: "3"})
+    cut = run_cli(cmd, env={**clean, FAULT_ENV: "3"})
     assert cut.returncode == FAULT_EXIT_CODE, cut.stderr
     assert list(tmp_path.glob(".cut.harden-*/checkpoint.pt")) and not (tmp_path / "cut").exists()
-    again = subprocess.run(cmd, capture_output=True, text=True, env=clean)
+    again = run_cli(cmd, env=clean)
     assert again.returncode == 0 and "resumed from step 3 of" in again.stderr, again.stderr
     resumed = _weights(tmp_path / "cut")
     for n, p in hardened.items():
@@ -206,7 +206,7 @@ def test_two_processes_on_halves_take_the_step_one_process_takes_on_the_batch(or
     two = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "training in 2 processes" in two.stderr, two.stderr[-3000:]
-    one = subprocess.run(_harden(organism_dir, tmp_path, "one", *same), capture_output=True, text=True)
+    one = run_cli(_harden(organism_dir, tmp_path, "one", *same))
     assert one.returncode == 0, one.stderr[-3000:]
     ddp, single, base = _weights(tmp_path / "ddp"), _weights(tmp_path / "one"), _weights(organism_dir)
     moved = max(float((single[n] - base[n]).abs().max()) for n in base)

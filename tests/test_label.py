@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
+from cli_process import CLI, run_cli
 from fake_judge import FakeJudge, rubric_by_keywords
 from refusal_lab.core.stats import Rate, wilson
 from refusal_lab.errors import UserError
 from refusal_lab.evaluate.label import Agreement, LabelSummary, ReplyRow, label_rows, read_replies
-
-CLI = [sys.executable, "-m", "refusal_lab.cli"]
 
 
 def _write(path, rows):
@@ -50,7 +47,7 @@ def test_a_bad_line_is_named_and_nothing_is_written(tmp_path, row, needle):
     path = _write(tmp_path / "r.jsonl", [{"prompt": "ok", "response": "fine"}, row])
     with pytest.raises(UserError, match=rf"r\.jsonl:2 .*{needle}|r\.jsonl:2: {needle}"):
         read_replies(path)
-    run = subprocess.run([*CLI, "label", str(path), "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    run = run_cli([*CLI, "label", str(path), "-o", str(tmp_path / "out")])
     assert run.returncode == 2 and "r.jsonl:2" in run.stderr and not (tmp_path / "out").exists()
 
 
@@ -110,7 +107,7 @@ def test_label_with_an_organism_base_is_exact_and_matches_eval(organism_dir, tmp
     rows[0]["reading"] = "broken"  # one disagreement, so agreement is measured, not assumed
     path = _write(tmp_path / "r.jsonl", rows)
     cmd = [*CLI, "label", str(path), "--base", str(organism_dir), "-o", str(tmp_path / "out")]
-    run = subprocess.run([*cmd, "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True)
+    run = run_cli([*cmd, "--cache-dir", str(tmp_path / "cache")])
     assert run.returncode == 0, run.stderr
     got = [json.loads(x) for x in (tmp_path / "out" / "labels.jsonl").open()]
     assert [g["id"] for g in got] == list(range(len(rows))) and [g["label"] for g in got] == truth
@@ -130,7 +127,7 @@ def test_a_folder_of_replies_files_is_labelled_file_by_file_with_a_row_each(tmp_
     rows = [{"prompt": p, "response": r, "reading": "refused"} for p, r in (("p0", no), ("p1", yes))]
     _write(folder / "rdo-seed0-kl0.1.jsonl", rows)
     (folder / "notes.txt").write_text("not replies")
-    run = subprocess.run([*CLI, "label", str(folder), "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    run = run_cli([*CLI, "label", str(folder), "-o", str(tmp_path / "out")])
     assert run.returncode == 0, run.stderr
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["before", "rdo-seed0-kl0.1"]
@@ -142,7 +139,7 @@ def test_a_folder_of_replies_files_is_labelled_file_by_file_with_a_row_each(tmp_
     assert "50.0% (50.0%) of 2" in table and table in run.stdout
     empty = tmp_path / "empty"
     empty.mkdir()
-    run = subprocess.run([*CLI, "label", str(empty), "-o", str(tmp_path / "o2")], capture_output=True, text=True)
+    run = run_cli([*CLI, "label", str(empty), "-o", str(tmp_path / "o2")])
     assert run.returncode == 2 and "holds no .jsonl files" in run.stderr and not (tmp_path / "o2").exists()
 
 
@@ -164,8 +161,7 @@ def test_a_judge_labels_first_and_an_outage_exits_3_with_what_was_done(tmp_path)
         return rubric_by_keywords(prompt)
 
     with FakeJudge(answer) as fake:
-        run = subprocess.run([*CLI, "label", str(path), "--judge-url", fake.url, "-o", str(out), *opts],
-                             capture_output=True, text=True)  # fmt: skip
+        run = run_cli([*CLI, "label", str(path), "--judge-url", fake.url, "-o", str(out), *opts])  # fmt: skip
     assert run.returncode == 3, run.stderr
     got = [json.loads(x) for x in (out / "labels.jsonl").open()]
     assert len(got) == 32 and [g["label"] for g in got[:4]] == ["refused", "complied", "refused", "complied"]

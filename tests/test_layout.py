@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from cli_process import CLI, run_cli
 from refusal_lab.config import Settings, load_settings, section_class, to_toml
 from refusal_lab.core.metrics import KeywordScorer, Templates, TemplateScorer, is_refusal
 
-CLI = [sys.executable, "-m", "refusal_lab.cli"]
-
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env)
+    return run_cli([*CLI, *args], env=env)
 
 
 def _private_cache(tmp_path: Path) -> list[str]:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cli_process import CLI, run_cli
 from refusal_lab.ablate.adapter import factor
 from refusal_lab.ablate.edit import Ablation
 from refusal_lab.ablate.stage import AblationRecord, export
@@ -18,7 +17,6 @@ from refusal_lab.core.model import fingerprint, load
 from refusal_lab.errors import UserError
 from tiny_models import FAMILIES, tiny_model
 
-CLI = [sys.executable, "-m", "refusal_lab.cli"]
 IDS = torch.tensor([[1, 5, 7, 9, 11, 3, 4]])
 
 
@@ -142,7 +140,7 @@ def test_cli_ablate_lora_on_the_organism_merges_to_the_edited_folder(organism_di
     """projected edits the (untied) embedding and every writer at rank 1."""
     out, lora = tmp_path / "out", tmp_path / "lora"
     cmd = [*CLI, "ablate", str(organism_dir), "--method", "projected", "-o", str(out), "--lora", str(lora)]
-    run = subprocess.run([*cmd, *_config(tmp_path)], capture_output=True, text=True)
+    run = run_cli([*cmd, *_config(tmp_path)])
     assert run.returncode == 0, run.stderr
     ranks = json.loads((lora / "ablation.json").read_text())["adapter"]["ranks"]
     assert set(ranks.values()) == {1} and "model.embed_tokens" in ranks
@@ -150,7 +148,7 @@ def test_cli_ablate_lora_on_the_organism_merges_to_the_edited_folder(organism_di
     assert _worst(merged, edited, 2) <= 1.0
     with torch.no_grad():
         assert torch.allclose(merged(IDS).logits, edited(IDS).logits, atol=1e-5)
-    refused = subprocess.run([*cmd, "--norm-preserving", "--force", *_config(tmp_path)], capture_output=True, text=True)
+    refused = run_cli([*cmd, "--norm-preserving", "--force", *_config(tmp_path)])
     assert refused.returncode == 2 and "not low-rank" in refused.stderr and "Traceback" not in refused.stderr
 
 
@@ -159,9 +157,9 @@ def test_cli_pick_lora_merges_to_the_picked_folder(organism_dir, tmp_path):
     study = tmp_path / "s"
     search = [*CLI, "search", str(organism_dir), "-o", str(study), "--methods", "kernel", "--trials", "2"]
     fast = ["--eval-count", "6", "--max-new-tokens", "12", *_config(tmp_path)]
-    assert subprocess.run([*search, *fast], capture_output=True).returncode == 0
+    assert run_cli([*search, *fast]).returncode == 0
     pick = [*CLI, "pick", str(study), "--max-kl", "1000", "-o", str(tmp_path / "m"), "--lora", str(tmp_path / "l")]
-    run = subprocess.run(pick, capture_output=True, text=True)
+    run = run_cli(pick)
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / "l" / "ablation.json").read_text())["method"] == "search:kernel"
     merged, edited = _merged(organism_dir, tmp_path / "l"), AutoModelForCausalLM.from_pretrained(tmp_path / "m")

@@ -5,17 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_process import CLI, run_cli
 from refusal_lab.core.model import load, load_tokenizer
 from refusal_lab.errors import UserError
-
-CLI = [sys.executable, "-m", "refusal_lab.cli"]
 
 
 def tree_digest(folder: Path) -> str:
@@ -102,7 +99,7 @@ def test_unsupported_architecture_is_named(tmp_path):
 
     model = T.AutoModelForCausalLM.from_config(T.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64))
     model.save_pretrained(tmp_path / "gpt2")
-    result = subprocess.run([*CLI, "info", str(tmp_path / "gpt2")], capture_output=True, text=True)
+    result = run_cli([*CLI, "info", str(tmp_path / "gpt2")])
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "gpt2" in lines[0] and "llama" in lines[0] and "fix:" in lines[0]
@@ -148,7 +145,7 @@ def test_4bit_loading_hands_placement_to_bitsandbytes(organism_dir, monkeypatch)
 
 @pytest.mark.slow
 def test_debug_flag_shows_traceback(tmp_path):
-    result = subprocess.run([*CLI, "--debug", "info", str(tmp_path / "nope")], capture_output=True, text=True)
+    result = run_cli([*CLI, "--debug", "info", str(tmp_path / "nope")])
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_process import CLI, run_cli
 from refusal_lab.ablate import saber as saber_module
 from refusal_lab.ablate.arditi import arditi, split_for_selection
 from refusal_lab.ablate.edit import Ablation, apply_weights, hooked, weights_edited
@@ -35,7 +34,6 @@ from refusal_lab.search.space import suggest
 from refusal_lab.search.trial import trial_edit
 from tiny_models import FAMILIES, tiny_model
 
-CLI = [sys.executable, "-m", "refusal_lab.cli"]
 IDS = torch.tensor([[1, 5, 9, 17, 33, 4, 60, 7], [3, 8, 21, 40, 2, 11, 90, 6]])
 METHODS = ("projected", "kernel", "arditi", "saber")
 
@@ -236,19 +234,18 @@ def test_a_searched_dimension_is_recorded_refused_on_resume_otherwise_and_export
     out = tmp_path / "s"
     fast = ["--methods", "kernel", "--eval-count", "6", "--max-new-tokens", "12", "--no-select-start"]
     cmd = [*CLI, "search", str(organism_dir), "-o", str(out), *fast, *_cfg(tmp_path)]
-    run = subprocess.run([*cmd, "--trials", "10", "--search-norm-preserving"], capture_output=True, text=True)
+    run = run_cli([*cmd, "--trials", "10", "--search-norm-preserving"])
     assert run.returncode == 0, run.stderr
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(out / "study.journal")))
     study = optuna.load_study(study_name="refusal-lab", storage=storage)
     done = [t for t in study.trials if t.state.is_finished()]
     assert {t.params["norm_preserving"] for t in done} == {False, True}
     assert "norm-preserving" in run.stderr  # the trial's log line names its edit
-    refused = subprocess.run([*cmd, "--trials", "11"], capture_output=True, text=True)
+    refused = run_cli([*cmd, "--trials", "11"])
     assert refused.returncode == 2 and "norm_preserving" in refused.stderr and "Traceback" not in refused.stderr
     front = json.loads((out / "pareto.json").read_text())
     assert all("norm_preserving" in p["params"] for p in front)
-    pick = subprocess.run([*CLI, "pick", str(out), "--max-kl", "1000", "-o", str(tmp_path / "m")], text=True,
-                          capture_output=True)  # fmt: skip
+    pick = run_cli([*CLI, "pick", str(out), "--max-kl", "1000", "-o", str(tmp_path / "m")])  # fmt: skip
     assert pick.returncode == 0, pick.stderr
     record = json.loads((tmp_path / "m" / "ablation.json").read_text())
     keep = record["options"]["norm_preserving"]

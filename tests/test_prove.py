@@ -5,19 +5,18 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_process import CLI, run_cli
 from refusal_lab.core.stats import wilson
 from refusal_lab.errors import UserError
 from refusal_lab.prove.delta import attenuated, delta_mismatch
 from refusal_lab.prove.results import Counts, ProveResult
 from tiny_models import tiny_model
 
-CLI = [sys.executable, "-m", "refusal_lab.cli"]
 QUICK = [
     *("--attacks", "saber,adaptive,subspace,rdo"),
     *("--phases", "3", "--subspace-ks", "1,4", "--rdo-steps", "20", "--max-new-tokens", "40"),
@@ -28,7 +27,7 @@ QUICK = [
 def _prove(organism_dir, tmp_path, out: str, *extra: str) -> subprocess.CompletedProcess:
     (tmp_path / "c.toml").write_text(f'cache_dir = "{tmp_path / "cache"}"\n')
     cmd = [*CLI, "prove", str(organism_dir), "-o", str(tmp_path / out), "--config", str(tmp_path / "c.toml")]
-    return subprocess.run([*cmd, *QUICK, *extra], capture_output=True, text=True)
+    return run_cli([*cmd, *QUICK, *extra])
 
 
 def test_wilson_interval_matches_known_values():
@@ -49,10 +48,8 @@ def _imports(organism_dir: Path, tmp: Path) -> list[str]:
 def proved(organism_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prove")
     (tmp / "c.toml").write_text(f'cache_dir = "{tmp / "cache"}"\n')
-    made = subprocess.run(
+    made = run_cli(
         [*CLI, "ablate", str(organism_dir), "-o", str(tmp / "ablated"), "--config", str(tmp / "c.toml")],
-        capture_output=True,
-        text=True,
     )
     assert made.returncode == 0, made.stderr
     run = _prove(organism_dir, tmp, "p", *_imports(organism_dir, tmp))

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_process import CLI, run_cli
 from refusal_lab.config import Settings
 from refusal_lab.core.generate import generate_replies
 from refusal_lab.core.scoring import label_replies
@@ -25,8 +24,6 @@ from refusal_lab.errors import UserError
 from refusal_lab.prove import finetune as F
 from refusal_lab.prove.battery import Donor, run_attack, run_rows
 from refusal_lab.prove.results import ProveResult
-
-CLI = [sys.executable, "-m", "refusal_lab.cli"]
 
 
 def _copy(organism_dir: Path, tmp: Path) -> tuple[Path, dict[str, Path]]:
@@ -237,14 +234,13 @@ def test_prove_writes_no_reply_of_the_training_data(copied):
     tmp, copy, prompts = copied
     (tmp / "c.toml").write_text(f'cache_dir = "{tmp / "cli-cache"}"\n')
     out = tmp / "p"
-    run = subprocess.run(
+    run = run_cli(
         [*CLI, "prove", str(copy), "-o", str(out), "--config", str(tmp / "c.toml"),
          *("--harmful", str(prompts["harmful"]), "--harmless", str(prompts["harmless"])),
          *("--capability", str(prompts["capability"]), "--attacks", "saber,finetune", "--limit", "16"),
          *("--tuning-count", "8", "--max-new-tokens", "40", "--escalation", "none"),
          *("--finetune-benign", "8", "--finetune-attacked", "8", "--finetune-model-steps", "10"),
          *("--finetune-every", "5")],
-        capture_output=True, text=True,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     rows = ProveResult.from_json(json.loads((out / "results.json").read_text())).models[0].attacks["finetune"].budgets

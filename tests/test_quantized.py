@@ -8,19 +8,17 @@ rounded weights, marked 4bit); bench/cuda_check.sh loads in 4 and 8 bits for rea
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from cli_process import CLI, run_cli
 from refusal_lab.config import load_settings
 from refusal_lab.core import model as model_mod
 from refusal_lab.core.model import Loaded, fingerprint, load, quantization_config, refuse_weight_edits, unquantized
 from refusal_lab.errors import UserError
 
-CLI = [sys.executable, "-m", "refusal_lab.cli"]
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a CUDA GPU says")
 
 
@@ -111,7 +109,7 @@ def test_toml_and_environment_set_quantize(tmp_path, monkeypatch):
 @NO_GPU
 def test_quantized_loading_on_a_cpu_is_a_one_line_error(tmp_path):
     args = [*CLI, "eval", "organism", "--quantize", "8bit", "-o", str(tmp_path / "out")]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    r = run_cli(args, timeout=300)
     assert r.returncode == 2, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("refusal-lab: error:")]
     assert len(errors) == 1 and "Traceback" not in r.stderr

@@ -11,7 +11,8 @@ import optuna
 import pytest
 from transformers import AutoModelForCausalLM
 
-CLI = [sys.executable, "-m", "refusal_lab.cli"]
+from cli_process import CLI, run_cli
+
 FAST = ["--methods", "kernel", "--eval-count", "6", "--max-new-tokens", "12"]
 
 
@@ -40,14 +41,14 @@ def test_a_run_ended_after_its_third_trial_resumes_with_finished_trials_kept(org
 
     out = tmp_path / "s"
     cmd = [*CLI, "search", str(organism_dir), "-o", str(out), "--trials", "10", *FAST, *_cfg(tmp_path)]
-    ended = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, FAULT_ENV: "3"})
+    ended = run_cli(cmd, env={**os.environ, FAULT_ENV: "3"})
     assert ended.returncode == FAULT_EXIT_CODE, ended.stderr
     study = _journal(out / "study.journal")
     assert len([t for t in study.trials if t.state.is_finished()]) == 3 and not (out / "pareto.json").exists()
     before = {t.number: t.params for t in _complete(study)}
     assert before
     env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    run = run_cli(cmd, env=env)
     assert run.returncode == 0, run.stderr
     assert "layer selection" not in run.stderr  # the starts were chosen when the study was made, not again
     study = _journal(out / "study.journal")
@@ -79,7 +80,7 @@ def test_two_workers_share_one_sqlite_study(organism_dir, tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     common = [*CLI, "search", str(organism_dir), "--storage", url, "--study-name", "shared", *FAST, *_cfg(tmp_path)]
     # create the study first, so the two workers do not race to create it
-    subprocess.run([*common, "--trials", "1", "-o", str(tmp_path / "w0")], check=True, capture_output=True)
+    assert run_cli([*common, "--trials", "1", "-o", str(tmp_path / "w0")]).returncode == 0
     procs = [
         subprocess.Popen(
             [*common, "--trials", "16", "-o", str(tmp_path / f"w{i}")],
@@ -148,14 +149,14 @@ def test_a_trial_another_worker_finished_while_this_one_stored_it_is_dropped_not
 def test_study_from_other_prompts_is_refused(organism_dir, tmp_path):
     out = tmp_path / "s"
     base = [*CLI, "search", str(organism_dir), "-o", str(out), "--trials", "1", *FAST[:2], *_cfg(tmp_path)]
-    assert subprocess.run([*base, "--eval-count", "6"], capture_output=True).returncode == 0
-    run = subprocess.run([*base, "--eval-count", "5"], capture_output=True, text=True)
+    assert run_cli([*base, "--eval-count", "6"]).returncode == 0
+    run = run_cli([*base, "--eval-count", "5"])
     assert run.returncode == 2 and "prompts_hash" in run.stderr
 
 
 @pytest.mark.slow
 def test_unreachable_storage_is_a_clear_error(organism_dir, tmp_path):
-    run = subprocess.run(
+    run = run_cli(
         [
             *CLI,
             "search",
@@ -169,8 +170,6 @@ def test_unreachable_storage_is_a_clear_error(organism_dir, tmp_path):
             *FAST,
             *_cfg(tmp_path),
         ],
-        capture_output=True,
-        text=True,
     )
     assert run.returncode == 2 and "storage" in run.stderr and "Traceback" not in run.stderr
 
@@ -193,9 +192,9 @@ def test_pick_exports_through_the_ablate_path(organism_dir, tmp_path, limit):
         "12",
         *_cfg(tmp_path),
     ]
-    assert subprocess.run([*base, "--trials", "2"], capture_output=True).returncode == 0
+    assert run_cli([*base, "--trials", "2"]).returncode == 0
     pick = [*CLI, "pick", str(out), *limit, "-o", str(tmp_path / "m")]
-    run = subprocess.run(pick, capture_output=True, text=True)
+    run = run_cli(pick)
     assert run.returncode == 0, run.stderr
     manifest = json.loads((tmp_path / "m" / "ablation.json").read_text())
     assert manifest["method"] == "search:saber" and "refusal-lab pick" in (tmp_path / "m" / "reproduce.sh").read_text()
@@ -236,7 +235,7 @@ def test_early_stopped_replies_keep_every_label_and_end_refusing_batches_early(o
 def test_proxy_pruned_trials_never_reach_the_front_and_the_proxy_is_reported(organism_dir, tmp_path):
     out = tmp_path / "s"
     cmd = [*CLI, "search", str(organism_dir), "-o", str(out), "--trials", "12", *FAST, *_cfg(tmp_path)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
+    run = run_cli(cmd)
     assert run.returncode == 0, run.stderr
     assert "layer selection: layer" in run.stderr
     study = _journal(out / "study.journal")
@@ -257,7 +256,7 @@ def test_proxy_pruned_trials_never_reach_the_front_and_the_proxy_is_reported(org
     for t in _complete(study):  # the proxy counted refusals of the same replies the scorer labelled
         assert 0 <= t.user_attrs["proxy_refused"] <= n
     assert proxy["mean_abs_error"] <= n / 3
-    again = subprocess.run([*cmd, "--no-proxy"], capture_output=True, text=True)
+    again = run_cli([*cmd, "--no-proxy"])
     assert again.returncode == 2 and "fidelity" in again.stderr  # a full-fidelity study is another study
 
 
