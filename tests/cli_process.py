@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from collections import Counter
 from pathlib import Path
 
 CLI = [sys.executable, "-m", "refusal_lab.cli"]
@@ -68,6 +69,7 @@ class _Server:
 
 
 _server: _Server | None = None
+COUNTS: Counter[str] = Counter()  # how this process ran its commands: "forked" or "subprocess (why)"
 
 
 def run_cli(
@@ -84,7 +86,15 @@ def run_cli(
     where = None if cwd is None else str(cwd)
     if hasattr(os, "fork") and (_server is None or _server.proc.poll() is not None):
         _server = _Server()
-    if cmd[: len(CLI)] != CLI or timeout is not None or _server is None or not _server.forkable(env):
+    why = (
+        "another program" if cmd[: len(CLI)] != CLI
+        else "a timeout" if timeout is not None
+        else "no fork here" if _server is None
+        else "its environment" if not _server.forkable(env)
+        else None
+    )  # fmt: skip
+    COUNTS["forked" if why is None else f"subprocess ({why})"] += 1
+    if why is not None:
         return subprocess.run(cmd, env=env, cwd=where, capture_output=True, text=True, timeout=timeout)
     return _server.run(cmd[len(CLI) :], env, where)
 

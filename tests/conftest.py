@@ -46,8 +46,30 @@ def organism(organism_dir: Path):
     return load(organism_dir, dtype="float32", device="cpu")
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A pytest-xdist worker hands its count of forked and subprocess commands to the controller."""
+    from cli_process import COUNTS  # imported here: at conftest's import the workers' threads are not yet set
+
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["cli_commands"] = dict(COUNTS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    from cli_process import COUNTS
+
+    COUNTS.update(getattr(node, "workeroutput", {}).get("cli_commands", {}))
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How the tests' commands ran (forked from a parent that imported torch, or as plain subprocesses: a
+    suite whose commands all fall back is correct but about twice as slow), and each cached organism."""
     import json
+
+    from cli_process import COUNTS
+
+    if COUNTS:
+        terminalreporter.write_line("refusal-lab commands: " + ", ".join(f"{n} {k}" for k, n in sorted(COUNTS.items())))
 
     cache = Path(os.environ.get("RLAB_TEST_CACHE", default_cache_dir()))
     for manifest in sorted(cache.glob("organism-*/organism.json")):
