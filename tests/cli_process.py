@@ -37,9 +37,8 @@ class _Server:
     """The forking parent: one per test process, started at its first command."""
 
     def __init__(self) -> None:
-        self.env = BASE_ENV
         self.proc = subprocess.Popen(
-            [sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env
+            [sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=BASE_ENV
         )
         atexit.register(self.close)
 
@@ -48,10 +47,6 @@ class _Server:
             assert self.proc.stdin is not None
             self.proc.stdin.close()
             self.proc.wait(timeout=60)
-
-    def forkable(self, env: dict[str, str]) -> bool:
-        keys = set(env) | set(self.env)
-        return all(env.get(k) == self.env.get(k) or k.startswith(LAZY_ENV) for k in keys)
 
     def run(self, args: list[str], env: dict[str, str], cwd: str | None) -> subprocess.CompletedProcess[str]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -66,6 +61,12 @@ class _Server:
             code = json.loads(answer)["returncode"]
             text = [p.read_text(errors="replace") if p.exists() else "" for p in (out, err)]
         return subprocess.CompletedProcess([*CLI, *args], code, text[0], text[1])
+
+
+def forkable(env: dict[str, str]) -> bool:
+    """Whether a command's environment differs from the forking parent's only in what is read after import."""
+    keys = set(env) | set(BASE_ENV)
+    return all(env.get(k) == BASE_ENV.get(k) or k.startswith(LAZY_ENV) for k in keys)
 
 
 _server: _Server | None = None
@@ -84,18 +85,18 @@ def run_cli(
     cmd = [str(c) for c in cmd]
     env = dict(os.environ if env is None else env)
     where = None if cwd is None else str(cwd)
-    if hasattr(os, "fork") and (_server is None or _server.proc.poll() is not None):
-        _server = _Server()
     why = (
         "another program" if cmd[: len(CLI)] != CLI
         else "a timeout" if timeout is not None
-        else "no fork here" if _server is None
-        else "its environment" if not _server.forkable(env)
+        else "no fork here" if not hasattr(os, "fork")
+        else "its environment" if not forkable(env)
         else None
     )  # fmt: skip
     COUNTS["forked" if why is None else f"subprocess ({why})"] += 1
     if why is not None:
         return subprocess.run(cmd, env=env, cwd=where, capture_output=True, text=True, timeout=timeout)
+    if _server is None or _server.proc.poll() is not None:  # started by the first command it forks
+        _server = _Server()
     return _server.run(cmd[len(CLI) :], env, where)
 
 
@@ -162,11 +163,9 @@ def _check_no_tensor_operation_yet() -> None:
 def _serve() -> None:
     """Import what every command imports, then fork a child per request line and answer its exit code."""
     import peft  # noqa: F401
-    import transformers  # noqa: F401
-    from transformers import AutoModelForCausalLM  # noqa: F401
 
     import refusal_lab.cli.commands
-    import refusal_lab.core.model  # noqa: F401
+    import refusal_lab.core.model  # noqa: F401 - torch and transformers' model classes
 
     _check_no_tensor_operation_yet()
     for line in sys.stdin:

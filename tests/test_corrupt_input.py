@@ -5,13 +5,12 @@ from __future__ import annotations
 import hashlib
 import random
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from cli_process import run_cli
+from cli_process import CLI, run_cli
 from refusal_lab.core.model import load
 from refusal_lab.errors import UserError
 
@@ -96,7 +95,7 @@ def test_a_gguf_with_damaged_metadata_is_named(tmp_path):
 @pytest.mark.slow
 def test_cli_truncated_weights_exit_2_with_one_line(copy):
     cut_in_half(copy / "model.safetensors")
-    cmd = [sys.executable, "-m", "refusal_lab.cli", "info", str(copy)]
+    cmd = [*CLI, "info", str(copy)]
     result = run_cli(cmd)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -114,7 +113,7 @@ def test_a_model_trained_on_the_reported_prompts_is_refused_by_name_before_any_w
     _, held = Source.of(copy).prove_split(load_settings().prompts)
     write_trained_prompts(copy, ["an unrelated prompt", held.harmful[3].prompt])
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "refusal_lab.cli", command, str(copy), "-o", str(out)]
+    cmd = [*CLI, command, str(copy), "-o", str(out)]
     result = run_cli(cmd)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -127,7 +126,7 @@ def test_an_edit_of_a_hardened_model_keeps_the_record_of_its_training_prompts(co
 
     write_trained_prompts(copy, ["a prompt it was hardened on"])
     out = tmp_path / "edited"
-    cmd = [sys.executable, "-m", "refusal_lab.cli", "ablate", str(copy), "-o", str(out)]
+    cmd = [*CLI, "ablate", str(copy), "-o", str(out)]
     (tmp_path / "c.toml").write_text(f'cache_dir = "{tmp_path / "cache"}"\n')
     result = run_cli([*cmd, "--config", str(tmp_path / "c.toml")])
     assert result.returncode == 0, result.stderr

@@ -5,13 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from cli_process import run_cli
+from cli_process import CLI, run_cli
 from refusal_lab.core.hub import is_hub_id, resolve
 from refusal_lab.core.model import load
 from refusal_lab.errors import UserError
@@ -138,7 +137,7 @@ def test_a_failed_download_is_one_line(hub, monkeypatch):
 @pytest.mark.slow
 def test_cli_missing_hub_id_exits_2_with_one_line(tmp_path):
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "refusal_lab.cli", "info", "org/absent"]
+    cmd = [*CLI, "info", "org/absent"]
     result = run_cli(cmd, env=env, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
