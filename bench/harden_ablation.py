@@ -55,6 +55,7 @@ VARIANTS = {
     "passes3": {"aware_passes": 3},
     "reest5": {"reestimate_every": 5},
     "reest5-passes2": {"reestimate_every": 5, "aware_passes": 2},
+    "once": {"reestimate_every": 100_000},  # one estimate, before the first step (DeepRefusal's fixed direction)
 }
 ATTACKS = "arditi,saber,adaptive,subspace,rdo,search"
 
