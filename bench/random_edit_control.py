@@ -18,12 +18,11 @@ import torch
 
 from harden_ablation import overrides  # bench/ is on the path when this script runs
 from refusal_lab.ablate.edit import Ablation, hooked
-from refusal_lab.ablate.saber import saber
-from refusal_lab.config import SABER_SCOPES, load_settings
+from refusal_lab.config import load_settings
 from refusal_lab.core.kernels import use_kernels
 from refusal_lab.organism.source import load_model, model_path
-from refusal_lab.probe.stage import run_probe
 from refusal_lab.prove.battery import Target
+from refusal_lab.prove.directional import SaberAttack
 from refusal_lab.prove.results import Counts
 from refusal_lab.prove.stage import build_target, prove_evaluator
 
@@ -60,30 +59,21 @@ def main() -> None:
     start = time.perf_counter()
     m = load_model(s, str(model_path(s, args.model)))
     t = build_target(m, s, prove_evaluator(m, s, lambda _m: None), lambda _m: None, 0)
-    x = t.extraction
-    first = run_probe(m, x, s.probe, s.batch_size, s.cache_dir / "activations", lambda _m: None)
     hidden, g = m.model.config.hidden_size, torch.Generator().manual_seed(args.seed)
     n = len(t.held_out.harmful)
     print(f"{args.model}: {n} held-out harmful prompts; refused / complied / broken; KL on held-out harmless")
     print("| scope | passes | strength | directions | SABER: KL, r / c / b | random: KL min-max, fewest refused |")
     print("|---|---|---|---|---|---|")
-    for scope in SABER_SCOPES:
-        cfg = s.ablate.saber.model_copy(update={"scope": scope})
-        texts = (x.texts("harmful"), x.texts("harmless"), x.texts("capability"))
-        res = saber(m.model, m.tokenizer, m.adapter, *texts, s.probe, cfg, s.batch_size, first,
-                    capability_vectors=t.capability_vectors)  # fmt: skip
-        for i, p in enumerate(res.passes, 1):
-            for strength in (0.5, 1.0):
-                abls = [ab.scaled(strength) for ab in res.ablations[: p.ablations]]
-                kl, c = measured(t, abls)
-                ctl = [measured(t, random_like(abls, hidden, g)) for _ in range(args.draws)]
-                kls = [k for k, _ in ctl]
-                print(
-                    f"| {scope} | {i} | {strength} | {sum(a.directions.shape[1] for a in abls)} "
-                    f"| {kl:.3f}, {c.refused} / {c.complied} / {c.broken} "
-                    f"| {min(kls):.3f}-{max(kls):.3f}, {min(k.refused for _, k in ctl)} |",
-                    flush=True,
-                )
+    for where, abls in SaberAttack(scopes=tuple(s.prove.saber_scopes.split(","))).edits(t):  # as prove makes it
+        kl, c = measured(t, abls)
+        ctl = [measured(t, random_like(abls, hidden, g)) for _ in range(args.draws)]
+        kls, rank = [k for k, _ in ctl], sum(a.directions.shape[1] for a in abls)
+        print(
+            f"| {where['scope']} | {where['passes']} | {where['strength']} | {rank} "
+            f"| {kl:.3f}, {c.refused} / {c.complied} / {c.broken} "
+            f"| {min(kls):.3f}-{max(kls):.3f}, {min(k.refused for _, k in ctl)} |",
+            flush=True,
+        )
     print(f"{time.perf_counter() - start:.0f} s")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -58,6 +59,11 @@ class SaberAttack:
     scopes: tuple[str, ...] = SABER_SCOPES
 
     def proposals(self, t: Target) -> Iterator[Proposal]:
+        for where, ablations in self.edits(t):
+            yield Proposal(where, hooks(t, ablations))
+
+    def edits(self, t: Target) -> Iterator[tuple[dict[str, Any], list[Ablation]]]:
+        """Each proposal's setting and the ablations it applies (bench/random_edit_control.py reads them too)."""
         m, s, x = t.loaded, t.s, t.extraction
         texts = (x.texts("harmful"), x.texts("harmless"), x.texts("capability"))
         with timed(t.log, "  saber: directions and entanglement of the unedited model"):
@@ -71,10 +77,8 @@ class SaberAttack:
                 )  # fmt: skip
             for i, p in enumerate(res.passes, 1):
                 for c in self.strengths:
-                    yield Proposal(
-                        {"scope": scope, "passes": i, "strength": c},
-                        hooks(t, [ab.scaled(c) for ab in res.ablations[: p.ablations]]),
-                    )
+                    where = {"scope": scope, "passes": i, "strength": c}
+                    yield where, [ab.scaled(c) for ab in res.ablations[: p.ablations]]
 
 
 def last_token_vectors(t: Target, ablations: list[Ablation]) -> tuple[torch.Tensor, torch.Tensor]:
