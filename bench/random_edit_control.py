@@ -17,12 +17,12 @@ import time
 import torch
 
 from harden_ablation import overrides  # bench/ is on the path when this script runs
-from refusal_lab.ablate.edit import Ablation, hooked
+from refusal_lab.ablate.edit import Ablation
 from refusal_lab.config import load_settings
 from refusal_lab.core.kernels import use_kernels
 from refusal_lab.organism.source import load_model, model_path
 from refusal_lab.prove.battery import Target
-from refusal_lab.prove.directional import SaberAttack
+from refusal_lab.prove.directional import SaberAttack, hooks
 from refusal_lab.prove.results import Counts
 from refusal_lab.prove.stage import build_target, prove_evaluator
 
@@ -38,10 +38,7 @@ def random_like(abls: list[Ablation], hidden: int, g: torch.Generator) -> list[A
 
 def measured(t: Target, abls: list[Ablation]) -> tuple[float, Counts]:
     """First-token KL on the held-out harmless prompts and the held-out harmful replies' labels, inside the edit."""
-
-    def edit():  # noqa: ANN202
-        return hooked(t.loaded.adapter, abls)
-
+    edit = hooks(t, abls)  # as prove wraps a proposal's ablations
     with edit():
         kl = t.kl()
     return kl, t.measure(edit, [p.prompt for p in t.held_out.harmful])
